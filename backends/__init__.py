@@ -1,0 +1,1 @@
+"""Model loading, quantized linear layers and generation (calls only into kernels/)."""

@@ -1,0 +1,188 @@
+"""Loading a checkpoint folder into a ready-to-generate model."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from backends.base import Backend, GPTQTensors
+from backends.model import Transformer
+from backends.model_config import ModelArgs, load_model_args
+from backends.quant_config import QuantConfig, load_quant_config
+from backends.registry import resolve_backend
+from backends.weights import WeightsError, WeightStore, find_weight_files
+
+DEFAULT_CONTEXT = 4096
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    backend: str = "auto"
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    dtype: str = "auto"  # "auto" | "float32" | "float16" | "bfloat16"
+    context_length: int | None = None
+    allow_pickle: bool = False
+
+
+@dataclass
+class LoadedModel:
+    path: Path
+    model: Transformer
+    tokenizer: object
+    args: ModelArgs
+    qconfig: QuantConfig | None
+    backend: str
+    device: torch.device
+    dtype: torch.dtype
+    context_length: int
+    # Tokens whose keys and values sit in the KV cache, in order from position 0.
+    cached_tokens: list[int] = field(default_factory=list)
+    generation_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def memory_bytes(self) -> int:
+        tensors = list(self.model.parameters()) + list(self.model.buffers())
+        seen: set[int] = set()
+        total = 0
+        for t in tensors:
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        return total
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("CUDA was asked for but no CUDA GPU is available")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if name not in dtypes:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(dtypes)}")
+    return dtypes[name]
+
+
+class _LinearBuilder:
+    """The model's LinearFactory: each projection built from the stored tensors."""
+
+    def __init__(self, store: WeightStore, qconfig, backend: Backend, args: ModelArgs, dtype, device):
+        self.store, self.qconfig, self.backend = store, qconfig, backend
+        self.args, self.dtype, self.device = args, dtype, device
+
+    def __call__(self, name: str, in_features: int, out_features: int, bias: bool) -> nn.Module:
+        if f"{name}.qweight" in self.store:
+            return self._quantized(name, in_features, out_features)
+        weight_name = f"{name}.weight"
+        if weight_name not in self.store and name == "lm_head" and self.args.tie_word_embeddings:
+            weight_name = "model.embed_tokens.weight"
+        weight = self._checked(weight_name, (out_features, in_features))
+        linear = nn.Linear(in_features, out_features, bias=f"{name}.bias" in self.store, device="meta")
+        linear.weight = nn.Parameter(weight.to(self.device, self.dtype), requires_grad=False)
+        if linear.bias is not None:
+            linear.bias = nn.Parameter(self.store.get(f"{name}.bias").to(self.device, self.dtype), requires_grad=False)
+        return linear
+
+    def _checked(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if name not in self.store:
+            raise WeightsError(f"tensor '{name}' is missing from the weight files")
+        tensor = self.store.get(name)
+        if tuple(tensor.shape) != shape:
+            raise WeightsError(f"tensor '{name}' has shape {tuple(tensor.shape)}, expected {shape}")
+        return tensor
+
+    def _quantized(self, name: str, in_features: int, out_features: int) -> nn.Module:
+        q = self.qconfig
+        if q is None:
+            raise WeightsError(f"'{name}' is GPTQ-quantized but the model has no quantize_config.json")
+        groups = q.group_count(in_features)
+        hint = f" (does quantize_config.json's bits={q.bits}, group_size={q.group_size} match the weights?)"
+        try:
+            tensors = GPTQTensors(
+                name=name,
+                qweight=self._checked(f"{name}.qweight", (in_features * q.bits // 32, out_features)),
+                qzeros=self._checked(f"{name}.qzeros", (groups, out_features * q.bits // 32)),
+                scales=self._checked(f"{name}.scales", (groups, out_features)),
+                g_idx=self._checked(f"{name}.g_idx", (in_features,)) if f"{name}.g_idx" in self.store else None,
+                bias=self._checked(f"{name}.bias", (out_features,)) if f"{name}.bias" in self.store else None,
+                in_features=in_features,
+                out_features=out_features,
+            )
+        except WeightsError as exc:
+            raise WeightsError(f"{exc}{hint}") from exc
+        if tensors.g_idx is not None and int(tensors.g_idx.max()) >= groups:
+            raise WeightsError(f"tensor '{name}.g_idx' names group {int(tensors.g_idx.max())} of {groups}{hint}")
+        return self.backend.make_linear(tensors, q, self.dtype, self.device)
+
+
+def _load_plain(model: Transformer, store: WeightStore, dtype, device) -> None:
+    plain = {"embed_tokens.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+    for i in range(model.args.n_layers):
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            plain[f"layers.{i}.{norm}.weight"] = f"model.layers.{i}.{norm}.weight"
+    for attr, stored in plain.items():
+        module_path, _, param = attr.rpartition(".")
+        module = model.get_submodule(module_path)
+        expected = tuple(getattr(module, param).shape)
+        if stored not in store:
+            raise WeightsError(f"tensor '{stored}' is missing from the weight files")
+        tensor = store.get(stored)
+        if tuple(tensor.shape) != expected:
+            raise WeightsError(f"tensor '{stored}' has shape {tuple(tensor.shape)}, expected {expected}")
+        setattr(module, param, nn.Parameter(tensor.to(device, dtype), requires_grad=False))
+
+
+def build_model(model_dir: Path, options: LoadOptions) -> tuple[Transformer, ModelArgs, QuantConfig | None, str, torch.device, torch.dtype]:
+    args = load_model_args(model_dir)
+    qconfig = load_quant_config(model_dir)
+    device = resolve_device(options.device)
+    dtype = resolve_dtype(options.dtype, device)
+    backend = resolve_backend(options.backend, device, qconfig)
+    store = WeightStore(find_weight_files(model_dir, qconfig, options.allow_pickle))
+    model = Transformer(args, _LinearBuilder(store, qconfig, backend, args, dtype, device))
+    _load_plain(model, store, dtype, device)
+    model.rotary.to(device)
+    model.eval()
+    return model, args, qconfig, backend.name, device, dtype
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    except Exception as exc:
+        raise WeightsError(f"{model_dir.name}: the tokenizer could not be loaded ({exc})") from exc
+
+
+def load_model(model_dir: str | Path, options: LoadOptions = LoadOptions()) -> LoadedModel:
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise WeightsError(f"model folder {model_dir} does not exist")
+    model, args, qconfig, backend, device, dtype = build_model(model_dir, options)
+    context = options.context_length or min(args.max_position_embeddings, DEFAULT_CONTEXT)
+    model.setup_cache(batch=1, max_seq_len=context)
+    return LoadedModel(
+        path=model_dir,
+        model=model,
+        tokenizer=load_tokenizer(model_dir),
+        args=args,
+        qconfig=qconfig,
+        backend=backend,
+        device=device,
+        dtype=dtype,
+        context_length=context,
+    )

@@ -1,0 +1,220 @@
+"""A lean Llama / Mistral decoder with a static KV cache.
+
+The linear layers are not built here: every projection comes from a
+``LinearFactory`` that the backend supplies, so the same model runs the
+reference dequantized path, the Triton kernels or the ExLlama kernels.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from backends.model_config import ModelArgs, RopeScaling
+
+LINEAR_NAMES = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+
+
+class LinearFactory(Protocol):
+    def __call__(self, name: str, in_features: int, out_features: int, bias: bool) -> nn.Module: ...
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device="meta"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * xf).to(x.dtype)
+
+
+def base_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+
+
+def llama3_inv_freq(inv_freq: torch.Tensor, scaling: RopeScaling, max_pos: int) -> torch.Tensor:
+    old_len = scaling.original_max_position or max_pos
+    low_wavelen = old_len / scaling.low_freq_factor
+    high_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding, half-rotation layout, with linear/dynamic/llama3 scaling."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.head_dim = args.head_dim
+        self.theta = args.rope_theta
+        self.scaling = args.rope_scaling
+        self.max_pos = args.max_position_embeddings
+        inv_freq = base_inv_freq(args.head_dim, args.rope_theta)
+        if self.scaling is not None and self.scaling.kind == "linear":
+            inv_freq = inv_freq / self.scaling.factor
+        if self.scaling is not None and self.scaling.kind == "llama3":
+            inv_freq = llama3_inv_freq(inv_freq, self.scaling, self.max_pos)
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+
+    def _dynamic_inv_freq(self, seq_len: torch.Tensor) -> torch.Tensor:
+        # NTK-aware scaling of the base once the sequence outgrows the trained length.
+        d = self.head_dim
+        factor = self.scaling.factor  # type: ignore[union-attr]
+        grow = (factor * seq_len.double() / self.max_pos - (factor - 1)).clamp(min=1.0)
+        base = self.theta * grow ** (d / (d - 2))
+        exponents = torch.arange(0, d, 2, dtype=torch.float64, device=seq_len.device) / d
+        return (1.0 / base ** exponents).float()
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.inv_freq
+        if self.scaling is not None and self.scaling.kind == "dynamic":
+            inv_freq = self._dynamic_inv_freq(positions.max() + 1)
+        freqs = positions.float().unsqueeze(-1) * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, T, D]; cos/sin: [T, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    xf = x.float()
+    return (xf * cos + rotated.float() * sin).to(x.dtype)
+
+
+class KVCache(nn.Module):
+    def __init__(self, batch: int, n_kv_heads: int, max_seq: int, head_dim: int, dtype: torch.dtype, device):
+        super().__init__()
+        shape = (batch, n_kv_heads, max_seq, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        self.k.index_copy_(2, positions, k)
+        self.v.index_copy_(2, positions, v)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, prefix: str, make_linear: LinearFactory):
+        super().__init__()
+        self.n_heads = args.n_heads
+        self.n_kv_heads = args.n_kv_heads
+        self.head_dim = args.head_dim
+        q_out = args.n_heads * args.head_dim
+        kv_out = args.n_kv_heads * args.head_dim
+        b = args.attention_bias
+        self.q_proj = make_linear(f"{prefix}.q_proj", args.hidden_size, q_out, b)
+        self.k_proj = make_linear(f"{prefix}.k_proj", args.hidden_size, kv_out, b)
+        self.v_proj = make_linear(f"{prefix}.v_proj", args.hidden_size, kv_out, b)
+        self.o_proj = make_linear(f"{prefix}.o_proj", q_out, args.hidden_size, False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, positions, mask, kv_len: int) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        q = self.q_proj(x).view(bsz, seqlen, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
+        if self.kv_cache is not None:
+            k_all, v_all = self.kv_cache.update(positions, k, v)
+            k, v = k_all[:, :, :kv_len], v_all[:, :, :kv_len]
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads
+        )
+        out = out.transpose(1, 2).reshape(bsz, seqlen, self.n_heads * self.head_dim)
+        return self.o_proj(out)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs, prefix: str, make_linear: LinearFactory):
+        super().__init__()
+        h, i, b = args.hidden_size, args.intermediate_size, args.mlp_bias
+        self.gate_proj = make_linear(f"{prefix}.gate_proj", h, i, b)
+        self.up_proj = make_linear(f"{prefix}.up_proj", h, i, b)
+        self.down_proj = make_linear(f"{prefix}.down_proj", i, h, b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, index: int, make_linear: LinearFactory):
+        super().__init__()
+        prefix = f"model.layers.{index}"
+        self.self_attn = Attention(args, f"{prefix}.self_attn", make_linear)
+        self.mlp = FeedForward(args, f"{prefix}.mlp", make_linear)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, x, cos, sin, positions, mask, kv_len: int) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, mask, kv_len)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Transformer(nn.Module):
+    """Parameter names follow the Hugging Face checkpoints (``model.layers.N...``)."""
+
+    def __init__(self, args: ModelArgs, make_linear: LinearFactory):
+        super().__init__()
+        self.args = args
+        # Embedding and norms are placeholders until the loader assigns the stored tensors.
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size, device="meta")
+        self.layers = nn.ModuleList(DecoderLayer(args, i, make_linear) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.lm_head = make_linear("lm_head", args.hidden_size, args.vocab_size, False)
+        self.rotary = Rotary(args)
+        self.max_seq_len = 0
+
+    def setup_cache(self, batch: int, max_seq_len: int) -> None:
+        dtype = self.embed_tokens.weight.dtype
+        device = self.embed_tokens.weight.device
+        self.max_seq_len = max_seq_len
+        for layer in self.layers:
+            layer.self_attn.kv_cache = KVCache(
+                batch, self.args.n_kv_heads, max_seq_len, self.args.head_dim, dtype, device
+            )
+
+    def attention_mask(self, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        keys = torch.arange(kv_len, device=positions.device)
+        mask = keys.view(1, -1) <= positions.view(-1, 1)
+        window = self.args.sliding_window
+        if window is not None:
+            mask &= keys.view(1, -1) > positions.view(-1, 1) - window
+        return mask
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """tokens ``[B, T]`` at ``positions`` ``[T]`` -> logits ``[B, T, vocab]`` in fp32."""
+        if self.max_seq_len == 0:
+            raise RuntimeError("call setup_cache() before forward()")
+        kv_len = int(positions[-1]) + 1
+        if kv_len > self.max_seq_len:
+            raise ValueError(f"position {kv_len - 1} is past the context length {self.max_seq_len}")
+        x = self.embed_tokens(tokens)
+        cos, sin = self.rotary(positions)
+        mask = self.attention_mask(positions, kv_len)
+        for layer in self.layers:
+            x = layer(x, cos, sin, positions, mask, kv_len)
+        return self.lm_head(self.norm(x)).float()

@@ -1,0 +1,123 @@
+"""Sampling settings and the logits transformations they describe.
+
+Each transformation matches its Hugging Face transformers counterpart, so a
+preset means the same here as in any other tool.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 512
+    temperature: float = 0.7  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop_strings: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        checks = (
+            ("max_new_tokens", self.max_new_tokens >= 1, "must be at least 1"),
+            ("temperature", self.temperature >= 0, "must be 0 (greedy) or more"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("top_k", self.top_k >= 0, "must be 0 (off) or more"),
+            ("min_p", 0 <= self.min_p <= 1, "must be in [0, 1]"),
+            ("typical_p", 0 < self.typical_p <= 1, "must be in (0, 1]"),
+            ("repetition_penalty", self.repetition_penalty > 0, "must be above 0"),
+        )
+        for name, ok, message in checks:
+            if not ok:
+                raise ValueError(f"sampling parameter '{name}' {message} (got {getattr(self, name)!r})")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "preset") -> "SamplingParams":
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(raw) - set(known))
+        if unknown:
+            raise ValueError(f"{source}: unknown sampling parameter(s): {', '.join(unknown)}")
+        values = dict(raw)
+        for key in ("stop_strings", "stop_token_ids"):
+            if key in values and values[key] is not None:
+                values[key] = tuple(values[key])
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{source}: {exc}") from exc
+
+
+def apply_repetition_penalty(logits: torch.Tensor, previous: torch.Tensor, penalty: float) -> torch.Tensor:
+    if penalty == 1.0 or previous.numel() == 0:
+        return logits
+    score = logits.gather(-1, previous)
+    score = torch.where(score < 0, score * penalty, score / penalty)
+    return logits.scatter(-1, previous, score)
+
+
+def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    threshold = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def apply_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, sorted_idx = torch.sort(logits, descending=False, dim=-1)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove = cumulative <= (1 - top_p)
+    remove[..., -1:] = False  # keep at least one token
+    return logits.masked_fill(remove.scatter(-1, sorted_idx, remove), float("-inf"))
+
+
+def apply_typical_p(logits: torch.Tensor, mass: float) -> torch.Tensor:
+    if mass >= 1.0:
+        return logits
+    log_probs = torch.log_softmax(logits, dim=-1)
+    probs = log_probs.exp()
+    entropy = -(log_probs * probs).nansum(-1, keepdim=True)
+    shifted = (-log_probs - entropy).abs()
+    sorted_scores, sorted_idx = torch.sort(shifted, descending=False)
+    cumulative = logits.gather(-1, sorted_idx).softmax(dim=-1).cumsum(dim=-1)
+    last = (cumulative < mass).sum(dim=-1).clamp(max=logits.shape[-1] - 1)
+    remove = sorted_scores > sorted_scores.gather(-1, last.view(-1, 1))
+    remove[..., :1] = False
+    return logits.masked_fill(remove.scatter(-1, sorted_idx, remove), float("-inf"))
+
+
+def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    if min_p <= 0:
+        return logits
+    probs = logits.softmax(dim=-1)
+    threshold = min_p * probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def next_token(
+    logits: torch.Tensor, previous: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> int:
+    """Choose the next token from fp32 ``logits`` ``[vocab]`` given the ids so far."""
+    logits = apply_repetition_penalty(logits.view(1, -1), previous.view(1, -1), params.repetition_penalty)
+    if params.greedy:
+        return int(torch.argmax(logits, dim=-1))
+    logits = logits / params.temperature
+    logits = apply_top_k(logits, params.top_k)
+    logits = apply_top_p(logits, params.top_p)
+    logits = apply_typical_p(logits, params.typical_p)
+    logits = apply_min_p(logits, params.min_p)
+    probs = logits.softmax(dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))

@@ -1,0 +1,1 @@
+"""Raw compute kernels with their plain-torch references."""
