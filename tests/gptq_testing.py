@@ -140,7 +140,8 @@ def hf_twin(path: Path, bits: int, zero_offset: int = 1) -> torch.nn.Module:
     hf_config._attn_implementation = "eager"
     model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
     state: dict[str, torch.Tensor] = {}
-    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+    weights = next(path.glob("*.safetensors"))
+    with safe_open(str(weights), framework="pt") as f:
         raw = {k: f.get_tensor(k) for k in f.keys()}
     prefixes = {k.rsplit(".", 1)[0] for k in raw if k.endswith(".qweight")}
     for prefix in prefixes:
