@@ -27,9 +27,26 @@ class QuantizedWeight:
         return (self.q.float() - self.zeros.t()[:, g].float()) * self.scales.t()[:, g].float()
 
 
-def find_params(w: torch.Tensor, bits: int, sym: bool, min_zero: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row scale (fp16-representable, as fp32) and integer zero for ``w`` ``[rows, cols]``."""
+def _grid_params(xmin, xmax, bits, sym, min_zero):
     maxq = 2**bits - 1
+    scale = ((xmax - xmin) / maxq).half().float()
+    scale = torch.where(scale == 0, torch.full_like(scale, 2**-14), scale)
+    if sym:
+        zero = torch.full_like(scale, (maxq + 1) // 2)
+    else:
+        zero = torch.round(-xmin / scale).clamp(min_zero, maxq)
+    return scale, zero
+
+
+def find_params(
+    w: torch.Tensor, bits: int, sym: bool, min_zero: int, clip_grid: int = 0, max_shrink: float = 0.8, norm: float = 2.4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row scale (fp16-representable, as fp32) and integer zero for ``w`` ``[rows, cols]``.
+
+    With ``clip_grid`` > 0, the range is also shrunk in ``clip_grid`` steps (down
+    to ``1 - max_shrink``) and the one with the least ``|error|**norm`` kept,
+    as GPTQ's reference quantizer does with ``mse=True``.
+    """
     xmin = w.min(dim=1).values.clamp(max=0)
     xmax = w.max(dim=1).values.clamp(min=0)
     if sym:
@@ -38,12 +55,20 @@ def find_params(w: torch.Tensor, bits: int, sym: bool, min_zero: int) -> tuple[t
     both_zero = (xmin == 0) & (xmax == 0)
     xmin = torch.where(both_zero, torch.full_like(xmin, -1), xmin)
     xmax = torch.where(both_zero, torch.full_like(xmax, 1), xmax)
-    scale = ((xmax - xmin) / maxq).half().float()
-    scale = torch.where(scale == 0, torch.full_like(scale, 2**-14), scale)
-    if sym:
-        zero = torch.full_like(scale, (maxq + 1) // 2)
-    else:
-        zero = torch.round(-xmin / scale).clamp(min_zero, maxq)
+    scale, zero = _grid_params(xmin, xmax, bits, sym, min_zero)
+    if clip_grid <= 0:
+        return scale, zero
+    maxq = 2**bits - 1
+    best = torch.full_like(scale, float("inf"))
+    for i in range(int(max_shrink * clip_grid)):
+        p = 1 - i / clip_grid
+        s1, z1 = _grid_params(p * xmin, p * xmax, bits, sym, min_zero)
+        q = torch.clamp(torch.round(w / s1[:, None]) + z1[:, None], 0, maxq)
+        err = (s1[:, None] * (q - z1[:, None]) - w).abs().pow(norm).sum(dim=1)
+        better = err < best
+        best = torch.where(better, err, best)
+        scale = torch.where(better, s1, scale)
+        zero = torch.where(better, z1, zero)
     return scale, zero
 
 
@@ -61,6 +86,7 @@ def gptq_quantize(
     damp_percent: float = 0.01,
     block_size: int = 128,
     min_zero: int = 0,
+    clip_grid: int = 0,
 ) -> QuantizedWeight:
     """``weight`` ``[out, in]`` fp32; ``hessian`` ``[in, in]`` = 2/n * X^T X.
 
@@ -103,7 +129,7 @@ def gptq_quantize(
             if col % gsize == 0:
                 # Group parameters from the columns as they stand now, error feedback included.
                 block = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, : gsize]
-                scale, zero = find_params(block, bits, sym, min_zero)
+                scale, zero = find_params(block, bits, sym, min_zero, clip_grid)
                 scales[col // gsize], zeros[col // gsize] = scale, zero
             w = W1[:, i]
             q = quantize_column(w, scale, zero, maxq)
