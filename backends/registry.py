@@ -35,6 +35,8 @@ PREFERENCE = ("exllama", "triton", "reference")
 def resolve_backend(name: str, device: torch.device, qconfig: QuantConfig | None) -> Backend:
     backends = all_backends()
     if name == "auto":
+        if device.type != "cuda":
+            return backends["reference"]  # the kernels only emulate on the CPU, far slower
         for candidate in PREFERENCE:
             backend = backends.get(candidate)
             if backend is not None and backend.unavailable_reason(device, qconfig) is None:

@@ -1,0 +1,132 @@
+"""GPTQ Triton kernel on the GPU: correctness at Llama-2 7B/13B shapes, then time
+and effective bandwidth for M = 1, 4, 16, 128, 2048 next to fp16 cuBLAS.
+
+    python benchmarks/triton_matmul.py [--quick]
+
+Effective bandwidth counts the bytes the kernel must read: qweight + scales +
+qzeros (+ g_idx). Weights rotate through enough copies to exceed the L2 cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import triton
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from backends.triton_backend import contiguous_layout  # noqa: E402
+from kernels.gptq_format import reference_matmul  # noqa: E402
+from kernels.triton_gptq import _TUNED, gptq_matmul  # noqa: E402
+from tests.gptq_testing import random_gptq_layer  # noqa: E402
+
+SHAPES = {
+    "7B qkvo": (4096, 4096), "7B gate/up": (4096, 11008), "7B down": (11008, 4096),
+    "13B qkvo": (5120, 5120), "13B gate/up": (5120, 13824), "13B down": (13824, 5120),
+}
+MS = (1, 4, 16, 128, 2048)
+
+
+def copy_bandwidth() -> float:
+    src = torch.empty(2 * 1024**3 // 2, dtype=torch.float16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
+    return 2 * src.numel() * 2 / (ms * 1e-3)
+
+
+def make_layer(k: int, n: int, bits: int, group_size: int, act_order: bool, seed: int) -> dict[str, torch.Tensor]:
+    rng = np.random.default_rng(seed)
+    t = random_gptq_layer(k, n, bits, group_size, act_order, sym=True, rng=rng)
+    return {key: v.cuda() for key, v in t.items()}
+
+
+def check(k: int, n: int, bits: int, group_size: int, act_order: bool) -> float:
+    t = make_layer(k, n, bits, group_size, act_order, seed=k + n)
+    gs = k if group_size == -1 else group_size
+    qweight, perm, kernel_gs = contiguous_layout(t["qweight"], t["g_idx"], bits, gs)
+    worst = 0.0
+    for m in (1, 16, 300):
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        ref = reference_matmul(x.float(), t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits, 1)
+        xp = x[:, perm] if perm is not None else x
+        for grouping in (kernel_gs, 0):  # the regrouped fast path and the g_idx path
+            w, xi = (qweight, xp) if grouping else (t["qweight"], x)
+            out = gptq_matmul(xi.contiguous(), w, t["scales"], t["qzeros"], t["g_idx"], bits, 1, grouping)
+            worst = max(worst, float((out.float() - ref).norm() / ref.norm()))
+    return worst
+
+
+def bench_shape(k: int, n: int, bw: float, l2_bytes: int) -> list[dict]:
+    layer_bytes = k * n // 2 + (k // 128) * n * 2 + (k // 128) * n // 2
+    copies = max(2, int(4 * l2_bytes // layer_bytes) + 1)
+    layers = [make_layer(k, n, 4, 128, False, seed=i) for i in range(copies)]
+    dense = [torch.randn(k, n, device="cuda", dtype=torch.float16) * 0.02 for _ in range(max(2, int(4 * l2_bytes // (k * n * 2)) + 1))]
+    rows = []
+    for m in MS:
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        state = {"i": 0, "j": 0}
+
+        def run_gptq():
+            t = layers[state["i"] % copies]
+            state["i"] += 1
+            return gptq_matmul(x, t["qweight"], t["scales"], t["qzeros"], t["g_idx"], 4, 1, 128)
+
+        def run_dense():
+            w = dense[state["j"] % len(dense)]
+            state["j"] += 1
+            return x @ w
+
+        run_gptq()  # autotune outside the timing
+        ms_q = triton.testing.do_bench(run_gptq, warmup=25, rep=200, return_mode="median")
+        ms_d = triton.testing.do_bench(run_dense, warmup=25, rep=200, return_mode="median")
+        gbs = layer_bytes / (ms_q * 1e-3) / 1e9
+        rows.append({"k": k, "n": n, "m": m, "gptq_us": ms_q * 1e3, "cublas_fp16_us": ms_d * 1e3,
+                     "gptq_GBps": gbs, "of_copy_bw": gbs * 1e9 / bw, "vs_cublas": ms_q / ms_d})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="7B shapes only")
+    opts = parser.parse_args()
+    props = torch.cuda.get_device_properties(0)
+    print(f"{props.name}, {props.multi_processor_count} SMs, L2 {props.L2_cache_size / 2**20:.0f} MB, "
+          f"torch {torch.__version__}, triton {triton.__version__}", flush=True)
+    bw = copy_bandwidth()
+    print(f"device copy bandwidth (read+write): {bw / 1e9:.0f} GB/s", flush=True)
+
+    print("\ncorrectness (relative error vs fp32 dequantized reference, M = 1, 16, 300):")
+    for (name, (k, n)) in list(SHAPES.items())[:3] + ([] if opts.quick else list(SHAPES.items())[3:]):
+        for bits, gs, act in ((4, 128, False), (4, 128, True), (4, 32, True), (8, 128, False), (4, -1, False)):
+            err = check(k, n, bits, gs, act)
+            flag = "ok" if err < 1e-2 else "FAIL"
+            print(f"  {name:12} {bits}-bit g{gs:<4} act={act!s:5} rel.err {err:.2e} {flag}", flush=True)
+
+    rows = []
+    for name, (k, n) in SHAPES.items():
+        if opts.quick and name.startswith("13B"):
+            continue
+        rows += [dict(r, shape=name) for r in bench_shape(k, n, bw, props.L2_cache_size)]
+    print(f"\n4-bit g128, {time.strftime('%Y-%m-%d')}, {props.name}")
+    print(f"| shape | M | GPTQ Triton µs | fp16 cuBLAS µs | GPTQ/cuBLAS | GPTQ GB/s | of copy BW |")
+    print(f"|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['shape']} ({r['k']}x{r['n']}) | {r['m']} | {r['gptq_us']:.1f} | {r['cublas_fp16_us']:.1f} | "
+              f"{r['vs_cublas']:.2f}x | {r['gptq_GBps']:.0f} | {r['of_copy_bw']:.0%} |")
+    out = os.environ.get("OUT")
+    if out:
+        Path(out, "triton_matmul.json").write_text(json.dumps(
+            {"device": props.name, "copy_bw": bw, "rows": rows,
+             "tuned": {str(k): str(v) for k, v in _TUNED.items()}}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

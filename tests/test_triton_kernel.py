@@ -1,0 +1,87 @@
+"""The Triton GPTQ kernel against the plain-torch reference: on a GPU when there
+is one, otherwise under TRITON_INTERPRET=1 on the CPU."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from kernels.gptq_format import reference_matmul  # noqa: E402
+from tests.gptq_testing import random_gptq_layer  # noqa: E402
+
+triton_gptq = pytest.importorskip("kernels.triton_gptq")
+
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
+
+def relative_error(a, b) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128, -1])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_kernel_matches_reference(bits, group_size, act_order):
+    k, n = 256, 96
+    rng = np.random.default_rng(bits * 1000 + group_size + act_order)
+    sym = bool(rng.integers(0, 2))
+    t = {key: v.to(DEVICE) for key, v in random_gptq_layer(k, n, bits, group_size, act_order, sym, rng).items()}
+    for m in (1, 7, 33):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).half().to(DEVICE)
+        expected = reference_matmul(x.float(), t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits, 1)
+        contiguous = 0 if act_order else (k if group_size == -1 else group_size)
+        out = triton_gptq.gptq_matmul(x, t["qweight"], t["scales"], t["qzeros"], t["g_idx"], bits, 1, contiguous)
+        assert out.dtype == torch.float16 and out.shape == (m, n)
+        assert relative_error(out, expected) < 1e-2, (m, relative_error(out, expected))
+
+
+def test_g_idx_path_on_contiguous_groups_and_v2_zeros():
+    rng = np.random.default_rng(11)
+    t = random_gptq_layer(128, 64, 4, 32, False, False, rng)
+    x = torch.randn(3, 128).half()
+    expected = reference_matmul(x.float(), t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, 0)
+    out = triton_gptq.gptq_matmul(x, t["qweight"], t["scales"], t["qzeros"], t["g_idx"], 4, 0, 0)
+    assert relative_error(out, expected) < 1e-2
+
+
+def test_bad_inputs_are_refused():
+    rng = np.random.default_rng(1)
+    t = random_gptq_layer(64, 32, 4, 32, False, True, rng)
+    with pytest.raises(TypeError, match="float16"):
+        triton_gptq.gptq_matmul(torch.randn(1, 64), t["qweight"], t["scales"], t["qzeros"], t["g_idx"], 4, 1, 32)
+    with pytest.raises(ValueError, match="g_idx is needed"):
+        triton_gptq.gptq_matmul(torch.randn(1, 64).half(), t["qweight"], t["scales"], t["qzeros"], None, 4, 1, 0)
+
+
+@pytest.mark.parametrize("bits, group_size, act_order", [(4, 32, True), (8, 64, False), (4, -1, True)])
+def test_triton_backend_model_matches_reference_backend(tmp_path, bits, group_size, act_order):
+    from backends.loader import LoadOptions, build_model
+    from tests.gptq_testing import tiny_config, write_tiny_checkpoint
+
+    path = write_tiny_checkpoint(tmp_path / "m", tiny_config(num_hidden_layers=1), bits, group_size, act_order)
+    tokens = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for backend in ("reference", "triton"):
+        model, _, _, name, *_ = build_model(path, LoadOptions(backend=backend, device=DEVICE, dtype="float32"))
+        assert name == backend
+        model.setup_cache(batch=1, max_seq_len=16)
+        with torch.no_grad():
+            logits[backend] = model(tokens.to(DEVICE), torch.arange(9, device=DEVICE))
+    assert relative_error(logits["triton"], logits["reference"]) < 1e-2
+
+
+def test_act_order_rows_are_regrouped():
+    from backends.triton_backend import contiguous_layout
+    from kernels.gptq_format import unpack_rows
+
+    rng = np.random.default_rng(2)
+    t = random_gptq_layer(128, 32, 4, 32, True, True, rng)
+    qweight, perm, gs = contiguous_layout(t["qweight"], t["g_idx"], 4, 32)
+    assert gs == 32 and perm is not None
+    assert torch.equal(t["g_idx"][perm].long(), torch.arange(128) // 32)
+    assert torch.equal(unpack_rows(qweight, 4), unpack_rows(t["qweight"], 4)[perm])
