@@ -21,15 +21,17 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# GPTQ_TRITON_AUTOTUNE=0 takes the first candidate configuration instead of timing them all.
+AUTOTUNE = os.environ.get("GPTQ_TRITON_AUTOTUNE", "1") != "0"
 
 
 @triton.jit
 def _gptq_matmul_kernel(
     a_ptr, qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, c_ptr,
-    M, N, K,
+    M, N, K, group_size,  # group_size > 0: contiguous groups of that many rows, a multiple of BLOCK_K
     stride_am, stride_ak, stride_cm, stride_cn,
     BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr,
-    GROUP_SIZE: tl.constexpr,  # > 0: contiguous groups of this many rows; 0: read g_idx
+    CONTIGUOUS: tl.constexpr,  # groups are contiguous runs of group_size rows; else read g_idx
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -62,9 +64,9 @@ def _gptq_matmul_kernel(
         words = tl.load(qweight_ptr + (k // PACK)[:, None] * N + offs_n[None, :],
                         mask=mask_k[:, None] & mask_n[None, :], other=0)
         q = (words >> ((k % PACK) * BITS)[:, None]) & MASK
-        if GROUP_SIZE > 0:
-            # BLOCK_K divides GROUP_SIZE: one group for the whole block.
-            g = k0 // GROUP_SIZE
+        if CONTIGUOUS:
+            # BLOCK_K divides group_size: one group for the whole block.
+            g = k0 // group_size
             scale = tl.load(scales_ptr + g * N + offs_n, mask=mask_n, other=0.0)
             zword = tl.load(qzeros_ptr + g * (N // PACK) + offs_n // PACK, mask=mask_n, other=0)
             zero = ((zword >> zero_shift) & MASK) + ZERO_OFFSET
@@ -93,14 +95,14 @@ def _configs(m: int, n: int, k: int, group_size: int) -> list[triton.Config]:
         return group_size <= 0 or group_size % cfg_k == 0
 
     if m <= 16:
-        shapes = [(16, 128, 128, 8), (16, 64, 128, 8), (16, 256, 64, 4), (16, 128, 64, 16), (16, 64, 64, 16),
-                  (16, 128, 128, 4), (16, 256, 128, 2), (16, 32, 128, 16), (16, 128, 32, 16), (16, 256, 32, 8)]
+        shapes = [(16, 128, 64, 8, 2), (16, 128, 128, 8, 4), (16, 64, 128, 8, 2), (16, 256, 64, 4, 4), (16, 128, 64, 16, 4),
+                  (16, 64, 64, 16, 2), (16, 128, 32, 16, 4), (16, 256, 32, 8, 4)]
         cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "GROUP_M": 1},
                               num_warps=4, num_stages=s)
-                for bm, bn, bk, sk in shapes for s in (2, 4) if ok(bk)]
+                for bm, bn, bk, sk, s in shapes if ok(bk)]
     else:
-        shapes = [(128, 128, 32, 4, 8), (128, 256, 32, 8, 3), (64, 128, 32, 4, 4), (128, 128, 64, 8, 3),
-                  (64, 256, 32, 4, 4), (256, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 64, 32, 2, 4)]
+        shapes = [(128, 128, 32, 4, 4), (128, 256, 32, 8, 3), (64, 128, 32, 4, 4), (128, 128, 64, 8, 3),
+                  (256, 128, 32, 8, 3), (64, 64, 32, 2, 4)]
         cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1, "GROUP_M": 8},
                               num_warps=w, num_stages=s)
                 for bm, bn, bk, w, s in shapes if ok(bk)]
@@ -120,9 +122,9 @@ def _launch(cfg: triton.Config, x, qweight, scales, qzeros, g_idx, out, bits, ze
     kw = cfg.kwargs
     grid = (triton.cdiv(m, kw["BLOCK_M"]) * triton.cdiv(n, kw["BLOCK_N"]), kw["SPLIT_K"])
     _gptq_matmul_kernel[grid](
-        x, qweight, scales, qzeros, g_idx, out, m, n, k,
+        x, qweight, scales, qzeros, g_idx, out, m, n, k, group_size,
         x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-        BITS=bits, ZERO_OFFSET=zero_offset, GROUP_SIZE=group_size,
+        BITS=bits, ZERO_OFFSET=zero_offset, CONTIGUOUS=group_size > 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **kw,
     )
 
@@ -145,9 +147,15 @@ def _tuned_config(x, qweight, scales, qzeros, g_idx, bits, zero_offset, group_si
     if key in _TUNED:
         return _TUNED[key]
     candidates = _configs(m, n, k, group_size)
-    if INTERPRET or not x.is_cuda:
-        _TUNED[key] = candidates[0]
-        return candidates[0]
+    if INTERPRET or not x.is_cuda or not AUTOTUNE:
+        for cfg in candidates:  # the first that fits the hardware
+            try:
+                _run(cfg, x, qweight, scales, qzeros, g_idx, bits, zero_offset, group_size)
+            except triton.runtime.errors.OutOfResources:
+                continue
+            _TUNED[key] = cfg
+            return cfg
+        raise RuntimeError(f"no Triton configuration fits this GPU for shape {tuple(x.shape)}x{n}")
     best, best_ms = candidates[0], float("inf")
     for cfg in candidates:
         try:
@@ -155,7 +163,7 @@ def _tuned_config(x, qweight, scales, qzeros, g_idx, bits, zero_offset, group_si
                 lambda: _run(cfg, x, qweight, scales, qzeros, g_idx, bits, zero_offset, group_size),
                 warmup=5, rep=20, return_mode="median",
             )
-        except Exception:  # a config the hardware cannot run (shared memory, registers)
+        except triton.runtime.errors.OutOfResources:
             continue
         if ms < best_ms:
             best, best_ms = cfg, ms
