@@ -17,6 +17,9 @@ from backends.base import GPTQTensors
 from backends.quant_config import QuantConfig
 from kernels.gptq_format import pack_rows, unpack_rows
 
+# The kernel's smallest K block: contiguous groups must be a multiple of it.
+KERNEL_GROUP_MULTIPLE = 32
+
 
 def contiguous_layout(
     qweight: torch.Tensor, g_idx: torch.Tensor, bits: int, group_size: int
@@ -28,6 +31,8 @@ def contiguous_layout(
     """
     in_features = g_idx.numel()
     g = g_idx.long()
+    if group_size % KERNEL_GROUP_MULTIPLE:
+        return qweight, None, 0  # the kernel's K blocks cannot tile these groups: read g_idx
     if torch.equal(g, torch.arange(in_features, device=g.device) // group_size):
         return qweight, None, group_size
     counts = torch.bincount(g)

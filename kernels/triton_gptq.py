@@ -147,6 +147,8 @@ def _tuned_config(x, qweight, scales, qzeros, g_idx, bits, zero_offset, group_si
     if key in _TUNED:
         return _TUNED[key]
     candidates = _configs(m, n, k, group_size)
+    if not candidates:
+        raise ValueError(f"contiguous group size {group_size} is not a multiple of 32; pass group_size=0 and g_idx")
     if INTERPRET or not x.is_cuda or not AUTOTUNE:
         for cfg in candidates:  # the first that fits the hardware
             try:

@@ -242,3 +242,15 @@ def test_cli_reports_bad_ids():
     out = subprocess.run([sys.executable, "-m", "webui.download", "not a repo"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "spaces are not allowed" in out.stderr
+
+
+def test_broken_quantize_config_is_noted_in_the_branch_table(hub, hub_root):
+    branch = hub_root.joinpath(*REPO, "main")
+    original = (branch / "quantize_config.json").read_text()
+    (branch / "quantize_config.json").write_text("{not json")
+    try:
+        info = Hub(endpoint=hub.url).branch_info(RepoSpec(*REPO))
+    finally:
+        (branch / "quantize_config.json").write_text(original)
+    assert info.quant is None
+    assert info.describe_quant() == "unsupported: quantize_config.json: not valid JSON"

@@ -85,3 +85,19 @@ def test_act_order_rows_are_regrouped():
     assert gs == 32 and perm is not None
     assert torch.equal(t["g_idx"][perm].long(), torch.arange(128) // 32)
     assert torch.equal(unpack_rows(qweight, 4), unpack_rows(t["qweight"], 4)[perm])
+
+
+def test_groups_the_kernel_cannot_tile_use_g_idx():
+    from backends.triton_backend import contiguous_layout
+
+    rng = np.random.default_rng(4)
+    t = random_gptq_layer(48, 32, 4, -1, False, True, rng)  # one group of 48 rows
+    qweight, perm, gs = contiguous_layout(t["qweight"], t["g_idx"], 4, 48)
+    assert (gs, perm) == (0, None) and qweight is t["qweight"]
+    x = torch.randn(2, 48).half().to(DEVICE)
+    t = {key: v.to(DEVICE) for key, v in t.items()}
+    expected = reference_matmul(x.float(), t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, 1)
+    out = triton_gptq.gptq_matmul(x, t["qweight"], t["scales"], t["qzeros"], t["g_idx"], 4, 1, gs)
+    assert relative_error(out, expected) < 1e-2
+    with pytest.raises(ValueError, match="not a multiple of 32"):
+        triton_gptq.gptq_matmul(x, t["qweight"], t["scales"], t["qzeros"], t["g_idx"], 4, 1, 48)

@@ -224,25 +224,24 @@ class Hub:
                 raise _friendly(exc, spec) from exc
             try:
                 data = json.loads(Path(path).read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                return {"__invalid__": filename}
-            return data if isinstance(data, dict) else {"__invalid__": filename}
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise QuantConfigError(f"{filename}: not valid JSON") from exc
+            if not isinstance(data, dict):
+                raise QuantConfigError(f"{filename}: expected a JSON object")
+            return data
 
     def branch_info(self, spec: RepoSpec, allow_pickle: bool = False) -> BranchInfo:
         files = self.files(spec)
         names = {f.path for f in files}
-        config = self.read_json(spec, "config.json") if "config.json" in names else None
-        quant, note = None, "not quantized"
-        raw_quant, source = None, ""
-        if "quantize_config.json" in names:
-            raw_quant, source = self.read_json(spec, "quantize_config.json"), "quantize_config.json"
-        elif config and config.get("quantization_config") is not None:
-            raw_quant, source = config["quantization_config"], "config.json: quantization_config"
-        if raw_quant is not None:
-            try:
-                quant = parse_quant_config(raw_quant, source)
-            except QuantConfigError as exc:
-                note = f"unsupported: {exc}"
+        quant, note, config = None, "not quantized", None
+        try:
+            config = self.read_json(spec, "config.json") if "config.json" in names else None
+            if "quantize_config.json" in names:
+                quant = parse_quant_config(self.read_json(spec, "quantize_config.json"), "quantize_config.json")
+            elif config and config.get("quantization_config") is not None:
+                quant = parse_quant_config(config["quantization_config"], "config.json: quantization_config")
+        except QuantConfigError as exc:
+            note = f"unsupported: {exc}"
         selected = [f for f in files if wanted(f.path, allow_pickle)]
         weights = sum(f.size for f in selected if is_weight(f.path))
         return BranchInfo(
@@ -265,8 +264,8 @@ class _Tracker:
         self.current, self.current_name = 0, ""
         self.samples: list[tuple[float, int]] = []
 
-    def start_file(self, name: str, initial: int) -> None:
-        self.current_name, self.current = name, initial
+    def start_file(self, initial: int) -> None:
+        self.current = initial
         self.tick(0)
 
     def finish_file(self, size: int) -> None:
@@ -290,7 +289,7 @@ class _Tracker:
             def __init__(self, *args, **kwargs):
                 kwargs["disable"] = True
                 super().__init__(*args, **kwargs)
-                tracker.start_file(tracker.current_name, kwargs.get("initial", 0) or 0)
+                tracker.start_file(kwargs.get("initial", 0) or 0)
 
             def update(self, n=1):
                 tracker.tick(int(n or 0))
@@ -299,21 +298,21 @@ class _Tracker:
         return Bar
 
 
+def _hash_file(h, path: Path) -> str:
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _git_blob_sha1(path: Path) -> str:
     h = hashlib.sha1()
     h.update(f"blob {path.stat().st_size}\0".encode())
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return _hash_file(h, path)
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return _hash_file(hashlib.sha256(), path)
 
 
 def verified(path: Path, remote: RemoteFile) -> bool:
