@@ -1,79 +1,63 @@
-"""GPTQ Workbench entry point.
+"""GPTQ Workbench: the Gradio app.
 
-The Gradio UI (issue 4) is not built yet; until then this is a terminal chat
-on a local model folder, streaming token by token:
-
-    python app.py --model models/TheBloke_SmolLM2-GPTQ [--backend auto|reference|triton]
+    python app.py [--model NAME] [--backend auto|reference|triton|exllama] [--listen] [--port 7860]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from backends.generation import ContextOverflowError, Generation
-from backends.loader import LoadOptions, load_model
-from backends.sampling import SamplingParams
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home: the app works offline
+
+ROOT = Path(__file__).resolve().parent
 
 
-def pick_model(models_dir: Path) -> Path | None:
-    found = sorted(p for p in models_dir.glob("*") if (p / "config.json").is_file() and not p.name.startswith("."))
-    if not found:
-        return None
-    for i, p in enumerate(found):
-        print(f"  [{i}] {p.name}")
-    choice = input("model number: ").strip()
-    return found[int(choice)] if choice.isdigit() and int(choice) < len(found) else None
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Browser-based chat and model workbench for GPTQ models.")
+    parser.add_argument("--listen", action="store_true", help="serve on all network interfaces (default: 127.0.0.1 only)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--models-dir", type=Path, default=ROOT / "models")
+    parser.add_argument("--presets-dir", type=Path, default=ROOT / "presets")
+    parser.add_argument("--model", help="model folder name in --models-dir to load at start")
+    parser.add_argument("--backend", default=None, help="backend for --model (default: its saved settings, else auto)")
+    parser.add_argument("--context", type=int, default=None, help="context length for --model")
+    parser.add_argument("--gradio-auth", metavar="USER:PASS", help="require this login for the web UI")
+    parser.add_argument("--allow-pickle", action="store_true", help="allow pickled .pt/.bin weights (they can run code)")
+    opts = parser.parse_args(argv)
+    if opts.gradio_auth and ":" not in opts.gradio_auth:
+        parser.error("--gradio-auth takes USER:PASS")
+    return opts
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Chat with a GPTQ model in the terminal.")
-    parser.add_argument("--model", type=Path, help="model folder (default: choose from --models-dir)")
-    parser.add_argument("--models-dir", type=Path, default=Path("models"))
-    parser.add_argument("--backend", default="auto")
-    parser.add_argument("--context", type=int, default=None, help="context length in tokens")
-    parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--max-new-tokens", type=int, default=512)
-    parser.add_argument("--allow-pickle", action="store_true", help="load pickled .pt/.bin weights (unsafe)")
-    opts = parser.parse_args(argv)
-    path = opts.model or pick_model(opts.models_dir)
-    if path is None:
-        print(f"no model found in {opts.models_dir}; download one with: python -m webui.download owner/repo[:branch]")
-        return 1
-    try:
-        loaded = load_model(path, LoadOptions(backend=opts.backend, context_length=opts.context,
-                                              allow_pickle=opts.allow_pickle))
-    except (ValueError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(f"loaded {loaded.name} ({loaded.backend} backend, {loaded.device}, "
-          f"{loaded.memory_bytes() / 2**20:.0f} MB). Empty line or Ctrl-D quits.")
-    history: list[dict[str, str]] = []
-    params = SamplingParams(temperature=opts.temperature, max_new_tokens=opts.max_new_tokens)
-    while True:
+    opts = parse_args(argv)
+    from dataclasses import replace
+
+    from webui.state import AppState
+    from webui.ui import CSS, WorkbenchUI, theme
+
+    state = AppState(models_dir=opts.models_dir, presets_dir=opts.presets_dir, allow_pickle=opts.allow_pickle)
+    if opts.model:
         try:
-            text = input("\nyou> ").strip()
-        except EOFError:
-            return 0
-        if not text:
-            return 0
-        history.append({"role": "user", "content": text})
-        ids = loaded.tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=True,
-                                                   return_dict=True)["input_ids"]
-        try:
-            gen = Generation(loaded, ids, params)
-            print("bot> ", end="", flush=True)
-            for piece in gen:
-                print(piece, end="", flush=True)
-        except ContextOverflowError as exc:
-            print(f"\nerror: {exc}")
-            history.pop()
-            continue
-        except KeyboardInterrupt:
-            gen.cancel.set()
-        print(f"\n[{gen.result.new_tokens} tokens, {gen.result.tokens_per_second:.1f} tok/s]")
-        history.append({"role": "assistant", "content": gen.result.text})
+            settings = state.suggested_settings(opts.model)
+            if opts.backend:
+                settings = replace(settings, backend=opts.backend)
+            if opts.context:
+                settings = replace(settings, context_length=opts.context)
+            print(state.load(opts.model, settings).describe().replace("**", ""), flush=True)
+        except Exception as exc:  # noqa: BLE001 - the UI still starts, so the user can pick another model
+            print(f"could not load {opts.model}: {exc}", file=sys.stderr, flush=True)
+    demo = WorkbenchUI(state).build()
+    demo.queue(default_concurrency_limit=4)
+    auth = tuple(opts.gradio_auth.split(":", 1)) if opts.gradio_auth else None
+    host = "0.0.0.0" if opts.listen else "127.0.0.1"
+    print(f"GPTQ Workbench on http://{host}:{opts.port}", flush=True)
+    demo.launch(server_name=host, server_port=opts.port, auth=auth, theme=theme(), css=CSS,
+                show_error=True, footer_links=[], ssr_mode=False)
+    return 0
 
 
 if __name__ == "__main__":

@@ -48,11 +48,13 @@ class GenerationResult:
 class IncrementalDecoder:
     """Turns a growing list of token ids into text deltas (the TGI/vLLM scheme)."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, context: list[int] = ()):
+        # The last prompt tokens, so the first new token decodes as it reads in context
+        # (a SentencePiece "▁word" keeps its space after an open reply).
         self.tokenizer = tokenizer
-        self.ids: list[int] = []
+        self.ids: list[int] = list(context)
         self.prefix_offset = 0
-        self.read_offset = 0
+        self.read_offset = len(self.ids)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -163,7 +165,7 @@ class Generation:
         device = self.loaded.device
         generator = torch.Generator(device=device).manual_seed(result.seed)
         stops = stop_token_ids(self.loaded, params)
-        decoder = IncrementalDecoder(self.loaded.tokenizer)
+        decoder = IncrementalDecoder(self.loaded.tokenizer, self.prompt_ids[-4:])
         stop_filter = StopStringFilter(params.stop_strings)
         history = torch.tensor(self.prompt_ids, dtype=torch.long, device=device)
 

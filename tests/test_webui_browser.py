@@ -1,0 +1,167 @@
+"""The web UI in headless Chromium, against `python app.py` and a test Hub on 127.0.0.1.
+
+One user story, in order: download a SmolLM2 GPTQ branch, load it, chat and
+watch the answer stream, switch template and preset, save the settings,
+restart the app and find them applied. Screenshots of each tab go to
+test-artifacts/ (WB_ARTIFACTS to move them).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from playwright.sync_api import expect, sync_playwright
+
+from tests.browser import CHROMIUM, CHROMIUM_ARGS, AppProcess, artifacts_dir, chat, choose, open_tab, value_of
+from tests.hub_server import HubServer
+
+REPO = "TheBloke/SmolLM2-135M-Instruct-GPTQ"
+MODEL = "TheBloke_SmolLM2-135M-Instruct-GPTQ"
+QUESTION = "What is the capital of France?"
+
+
+def link_branch(source: Path, target: Path) -> None:
+    """A Hub branch made of symlinks to a cached fixture checkpoint."""
+    target.mkdir(parents=True)
+    for f in source.iterdir():
+        if f.is_file() and not f.name.startswith("."):
+            (target / f.name).symlink_to(f)
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory, smollm2_branch):
+    root = tmp_path_factory.mktemp("hub")
+    link_branch(smollm2_branch("main"), root / REPO / "main")
+    link_branch(smollm2_branch("gptq-4bit-32g-actorder_True"), root / REPO / "gptq-4bit-32g-actorder_True")
+    with HubServer(root) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium package (the README's test command does)")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def new_page(browser, app: AppProcess):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(60_000)
+    page.goto(app.url)
+    page.wait_for_selector("#chatbot")
+    return page
+
+
+def test_download_load_chat_save_restart(hub, browser, tmp_path):
+    models = tmp_path / "models"
+    shots = artifacts_dir()
+    env = {"HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HOME": str(tmp_path / "hf-home")}
+    args = ["--models-dir", str(models)]
+
+    app = AppProcess(args, env, tmp_path / "app.log")
+    try:
+        page = new_page(browser, app)
+
+        # Download: bad input is explained, then the branch table, then a download with progress.
+        open_tab(page, "Download")
+        page.locator("#repo textarea, #repo input").first.fill("not a repo id")
+        page.locator("#get-branches").click()
+        expect(page.locator("#download-status")).to_contain_text("Error")
+        page.locator("#repo textarea, #repo input").first.fill(f"{REPO}:no-such-branch")
+        page.locator("#get-branches").click()
+        expect(page.locator("#download-status")).to_contain_text("no-such-branch")
+        page.locator("#repo textarea, #repo input").first.fill(REPO)
+        page.locator("#get-branches").click()
+        expect(page.locator("#download-status")).to_contain_text("2 branch(es)")
+        expect(page.locator("#branch-table")).to_contain_text("4-bit, group 32, act-order yes")
+        expect(page.locator("#branch-table")).to_contain_text("4-bit, group 128, act-order no")
+        assert value_of(page, "branch") == "main"
+        page.locator("#download").click()
+        expect(page.locator("#download-status")).to_contain_text("Downloaded", timeout=120_000)
+        assert page.locator("#download-progress progress").get_attribute("value") == "1.0000"
+        page.screenshot(path=shots / "download-tab.png", full_page=True)
+        assert (models / MODEL / "model.safetensors").is_file()
+        assert not list(models.glob(".*partial*"))
+
+        # Model: the new model is selected, the CPU suggests the reference backend; load it.
+        open_tab(page, "Model")
+        assert value_of(page, "model-select") == MODEL
+        expect(page.locator("#model-info")).to_contain_text("4-bit GPTQ, group size 128")
+        assert value_of(page, "backend") == "reference"
+        page.locator("#load").click()
+        expect(page.locator("#model-status")).to_contain_text("Loaded", timeout=120_000)
+        expect(page.locator("#model-status")).to_contain_text("reference")
+        expect(page.locator("#model-status")).to_contain_text("MB")
+        page.screenshot(path=shots / "model-tab.png", full_page=True)
+
+        # Text generation: greedy preset, streamed answer.
+        open_tab(page, "Text generation")
+        choose(page, "preset", "Deterministic")
+        expect(page.locator("#temperature input[type=number]")).to_have_value("0")
+        reply, states = chat(page, QUESTION)
+        assert "Paris" in reply
+        growing = [s for s in states if s.strip()]
+        assert len(growing) >= 3, f"the reply did not stream: {states}"
+        assert all(len(a) <= len(b) for a, b in zip(growing, growing[1:])), states
+        expect(page.locator("#gen-stats")).to_contain_text(re.compile(r"\d+ tokens in"))
+        page.screenshot(path=shots / "text-generation-tab.png", full_page=True)
+
+        # Switch template; the Model tab follows, and its settings are saved with a shorter context.
+        choose(page, "template", "ChatML")
+        page.locator("#clear").click()
+        reply, _ = chat(page, QUESTION)
+        assert "Paris" in reply
+        open_tab(page, "Model")
+        assert value_of(page, "model-template") == "ChatML"
+        assert value_of(page, "model-preset") == "Deterministic"
+        page.locator("#context-length input").fill("2048")
+        page.locator("#save-settings").click()
+        expect(page.locator("#model-status")).to_contain_text("saved")
+        saved = yaml.safe_load((models / "config-user.yaml").read_text())
+        assert saved[MODEL] == {"backend": "reference", "context_length": 2048, "template": "ChatML",
+                                "preset": "Deterministic"}
+        page.close()
+    finally:
+        app.stop()
+
+    # Restart: choosing the model shows its saved settings, and loading applies them.
+    app = AppProcess(args, env, tmp_path / "app.log")
+    try:
+        page = new_page(browser, app)
+        open_tab(page, "Model")
+        choose(page, "model-select", MODEL)
+        expect(page.locator("#model-info")).to_contain_text("Saved settings")
+        assert value_of(page, "model-template") == "ChatML"
+        assert value_of(page, "model-preset") == "Deterministic"
+        expect(page.locator("#context-length input")).to_have_value("2048")
+        page.locator("#load").click()
+        expect(page.locator("#model-status")).to_contain_text("context 2048 tokens", timeout=120_000)
+        open_tab(page, "Text generation")
+        assert value_of(page, "template") == "ChatML"
+        assert value_of(page, "preset") == "Deterministic"
+        expect(page.locator("#temperature input[type=number]")).to_have_value("0")
+        reply, _ = chat(page, QUESTION)
+        assert "Paris" in reply
+        page.close()
+    finally:
+        app.stop()
+
+    # Restart with --model: loaded at start with the saved settings.
+    app = AppProcess([*args, "--model", MODEL], env, tmp_path / "app.log")
+    try:
+        page = new_page(browser, app)
+        assert value_of(page, "template") == "ChatML"
+        assert value_of(page, "preset") == "Deterministic"
+        open_tab(page, "Model")
+        expect(page.locator("#model-status")).to_contain_text("context 2048 tokens")
+        page.close()
+    finally:
+        app.stop()
+    assert "Traceback" not in (tmp_path / "app.log").read_text()

@@ -1,0 +1,108 @@
+"""The UI's handlers and app state on a real GPTQ model, without a browser."""
+
+from pathlib import Path
+
+import pytest
+
+from webui.settings import ModelSettings
+from webui.state import AppState
+from webui.ui import WorkbenchUI
+
+ROOT = Path(__file__).resolve().parent.parent
+QUESTION = "What is the capital of France?"
+GREEDY = [64, 0.0, 1.0, 0, 0.0, 1.0, 1.0]  # webui.ui.SAMPLING order
+
+
+def last(stream):
+    out = None
+    for out in stream:
+        pass
+    return out
+
+
+@pytest.fixture(scope="module")
+def ui(tmp_path_factory, smollm2_branch):
+    models = tmp_path_factory.mktemp("models")
+    target = models / "SmolLM2-GPTQ"
+    target.mkdir()
+    for f in smollm2_branch("main").iterdir():
+        if not f.name.startswith("."):
+            (target / f.name).symlink_to(f)
+    (models / "broken").mkdir()
+    (models / "broken" / "config.json").write_text("{}")
+    state = AppState(models_dir=models, presets_dir=ROOT / "presets")
+    return WorkbenchUI(state)
+
+
+def test_nothing_loaded_is_explained(ui):
+    text, history, stats = last(ui.send(QUESTION, [], "", "ChatML", -1, *GREEDY))
+    assert text == QUESTION and history == [] and "no model is loaded" in stats
+
+
+def test_local_models_and_broken_folder(ui):
+    assert ui.state.local_models() == ["broken", "SmolLM2-GPTQ"]
+    info, *_ = ui.select_model("broken")
+    assert info.startswith("**Error:**")
+    info, backend, context, template, preset = ui.select_model("SmolLM2-GPTQ")
+    assert "4-bit GPTQ, group size 128" in info and "model.safetensors" in info
+    assert backend["value"] == "reference"
+
+
+def test_load_chat_continue_regenerate(ui):
+    status, *_ = last(ui.load("SmolLM2-GPTQ", "reference", 512, "Auto (tokenizer)", "Deterministic", False))
+    assert "Loaded" in status and "context 512 tokens" in status, status
+    _, history, stats = last(ui.send(QUESTION, [], "", "Auto (tokenizer)", -1, *GREEDY))
+    assert history[0] == {"role": "user", "content": QUESTION}
+    reply = history[1]["content"]
+    assert "Paris" in reply and "tokens/s" in stats
+
+    _, again, _ = last(ui.regenerate(history, "", "Auto (tokenizer)", -1, *GREEDY))
+    assert again == history, "greedy regeneration repeats the reply"
+
+    cut = [history[0], {"role": "assistant", "content": "The capital of France"}]
+    _, continued, _ = last(ui.continue_reply(cut, "", "Auto (tokenizer)", -1, *GREEDY))
+    assert continued[1]["content"].startswith("The capital of France ")
+    assert "Paris" in continued[1]["content"]
+
+    _, _, stats = last(ui.continue_reply(history[:1], "", "Auto (tokenizer)", -1, *GREEDY))
+    assert "no reply to continue" in stats
+
+
+def test_too_long_a_message_is_given_back(ui):
+    long_text = "word " * 600
+    text, history, stats = last(ui.send(long_text, [], "", "ChatML", -1, *GREEDY))
+    assert text == long_text and history == [] and "context length is 512" in stats
+
+
+def test_bad_sampling_values_are_explained(ui):
+    values = list(GREEDY)
+    values[2] = 0.0  # top_p
+    text, _, stats = last(ui.send(QUESTION, [], "", "ChatML", -1, *values))
+    assert text == QUESTION and "top_p" in stats
+
+
+def test_notebook_continues_raw_text(ui):
+    text, stats = last(ui.notebook("The capital of France is", -1, *[8, *GREEDY[1:]]))
+    assert text.startswith("The capital of France is") and len(text) > len("The capital of France is")
+    assert "8 tokens" in stats or "stopped: eos" in stats
+
+
+def test_stop_cancels_a_running_generation(ui):
+    stream = ui.send("Write a long story about a dragon.", [], "", "ChatML", -1, *[400, *GREEDY[1:]])
+    next(stream)  # the user's message shows
+    next(stream)  # the first piece
+    ui.stop()
+    _, history, stats = last(stream)
+    assert "stopped: cancelled" in stats and history[-1]["role"] == "assistant"
+
+
+def test_save_settings_then_select_shows_them(ui):
+    message = ui.save_settings("SmolLM2-GPTQ", "reference", 1024, "Alpaca", "Precise")
+    assert "saved" in message
+    assert ui.state.settings.get("SmolLM2-GPTQ") == ModelSettings("reference", 1024, "Alpaca", "Precise")
+    info, backend, context, template, preset = ui.select_model("SmolLM2-GPTQ")
+    assert "Saved settings" in info
+    assert (backend["value"], context["value"], template["value"], preset["value"]) == (
+        "reference", 1024, "Alpaca", "Precise")
+    assert ui.unload() == "Unloaded **SmolLM2-GPTQ**."
+    assert ui.unload() == "No model was loaded."

@@ -1,0 +1,77 @@
+"""Chat and notebook turns as streams of UI updates, independent of Gradio."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+from backends.generation import GenerationResult
+from backends.sampling import SamplingParams
+from webui import templates
+from webui.state import AppState
+
+Message = dict  # {"role": ..., "content": str}
+
+
+def message_text(content) -> str:
+    """Gradio may hand back content as a string or as a list of typed parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return str(content.get("text", content.get("value", "")))
+    if isinstance(content, (list, tuple)):
+        return "".join(message_text(part) for part in content)
+    return "" if content is None else str(content)
+
+
+def clean_history(history: list | None) -> list[Message]:
+    return [{"role": m["role"], "content": message_text(m["content"])} for m in history or []]
+
+
+def describe_result(r: GenerationResult) -> str:
+    return (f"{r.new_tokens} tokens in {r.decode_seconds:.1f} s ({r.tokens_per_second:.1f} tokens/s); "
+            f"prompt {r.prompt_tokens} tokens, prefill {r.prefill_seconds:.2f} s; stopped: {r.finish_reason}")
+
+
+@dataclass
+class Turn:
+    history: list[Message]
+    stats: str
+
+
+def chat_turn(state: AppState, history: list[Message], system: str, template: str, params: SamplingParams,
+              continue_last: bool = False) -> Iterator[Turn]:
+    """Streams the assistant's reply to `history` (which ends with the user's message, or with
+    the assistant's reply to extend when `continue_last`)."""
+    loaded = state.require_model()
+    messages = ([{"role": "system", "content": system}] if system.strip() else []) + history
+    ids = templates.prompt_ids(loaded.tokenizer, template, messages, continue_last=continue_last)
+    generation = state.generation(ids, params, template)
+    if continue_last:
+        reply = history[-1]
+        head = reply["content"]
+    else:
+        reply = {"role": "assistant", "content": ""}
+        history = history + [reply]
+        head = ""
+    text = ""
+    for piece in generation:
+        text += piece
+        reply["content"] = head + (text if continue_last else text.lstrip())
+        yield Turn(history, "generating…")
+    reply["content"] = head + (text if continue_last else text.strip())
+    yield Turn(history, describe_result(generation.result))
+
+
+def notebook_turn(state: AppState, prompt: str, params: SamplingParams) -> Iterator[tuple[str, str]]:
+    """Streams the raw prompt followed by its continuation."""
+    loaded = state.require_model()
+    if not prompt:
+        raise ValueError("the prompt is empty")
+    ids = loaded.tokenizer.encode(prompt, add_special_tokens=True)
+    generation = state.generation(ids, params)
+    text = prompt
+    for piece in generation:
+        text += piece
+        yield text, "generating…"
+    yield text, describe_result(generation.result)

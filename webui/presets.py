@@ -1,0 +1,72 @@
+"""Sampling presets: one YAML file per preset in presets/."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import yaml
+
+from backends.sampling import SamplingParams
+from webui.files import atomic_write_text
+
+NAME_PATTERN = re.compile(r"^[\w][\w .+-]{0,63}$")
+# What a preset holds: the sampling knobs, not per-request stops or seeds.
+PRESET_FIELDS = ("temperature", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty", "max_new_tokens")
+
+
+class PresetError(ValueError):
+    """A preset that cannot be read, saved or deleted; the message is for the user."""
+
+
+def check_name(name: str) -> str:
+    name = name.strip()
+    if not NAME_PATTERN.match(name):
+        raise PresetError(f"preset name {name!r} is not allowed: use letters, digits, spaces, '.', '-', '+' or '_'")
+    return name
+
+
+def list_presets(folder: Path) -> list[str]:
+    return sorted((p.stem for p in folder.glob("*.yaml") if not p.name.startswith(".")), key=str.lower)
+
+
+def load_preset(folder: Path, name: str) -> dict:
+    """The preset's values, all fields filled in, validated as SamplingParams."""
+    path = folder / f"{check_name(name)}.yaml"
+    if not path.is_file():
+        raise PresetError(f"preset {name!r} does not exist in {folder}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise PresetError(f"{path.name} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise PresetError(f"{path.name} must be a mapping of sampling parameters")
+    unknown = sorted(set(raw) - set(PRESET_FIELDS))
+    if unknown:
+        raise PresetError(f"{path.name}: unknown setting(s) {', '.join(unknown)}; allowed: {', '.join(PRESET_FIELDS)}")
+    try:
+        params = SamplingParams.from_dict(raw, source=path.name)
+    except ValueError as exc:
+        raise PresetError(str(exc)) from exc
+    values = asdict(params)
+    return {k: values[k] for k in PRESET_FIELDS}
+
+
+def save_preset(folder: Path, name: str, values: dict) -> str:
+    name = check_name(name)
+    known = {f.name for f in fields(SamplingParams)}
+    kept = {k: values[k] for k in PRESET_FIELDS if k in values and k in known}
+    try:
+        SamplingParams.from_dict(kept, source=f"preset {name!r}")
+    except ValueError as exc:
+        raise PresetError(str(exc)) from exc
+    atomic_write_text(folder / f"{name}.yaml", yaml.safe_dump(kept, sort_keys=False))
+    return name
+
+
+def delete_preset(folder: Path, name: str) -> None:
+    path = folder / f"{check_name(name)}.yaml"
+    if not path.is_file():
+        raise PresetError(f"preset {name!r} does not exist")
+    path.unlink()

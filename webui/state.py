@@ -1,0 +1,176 @@
+"""The app's one piece of mutable state: the models folder, the loaded model, running work."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from backends.generation import Generation
+from backends.loader import DEFAULT_CONTEXT, LoadedModel, LoadOptions, load_model, resolve_device
+from backends.model_config import load_model_args
+from backends.quant_config import QuantConfig, QuantConfigError, load_quant_config
+from backends.registry import all_backends, suggested_backend
+from backends.sampling import SamplingParams
+from backends.weights import find_weight_files
+from webui import templates
+from webui.settings import ModelSettings, SettingsStore
+
+
+class ModelNotLoaded(RuntimeError):
+    def __init__(self) -> None:
+        super().__init__("no model is loaded: load one in the Model tab")
+
+
+@dataclass
+class LoadReport:
+    name: str
+    settings: ModelSettings  # what was used, template resolved
+    seconds: float
+    loaded: LoadedModel
+
+    def describe(self) -> str:
+        m = self.loaded
+        quant = describe_quant(m.qconfig)
+        return (
+            f"Loaded **{m.name}** ({quant}) with the **{m.backend}** backend on {m.device}, "
+            f"{str(m.dtype).removeprefix('torch.')}, context {m.context_length} tokens, "
+            f"{m.memory_bytes() / 2**20:.0f} MB of weights and cache{gpu_memory(m.device)}, in {self.seconds:.1f} s."
+        )
+
+
+def describe_quant(q: QuantConfig | None) -> str:
+    if q is None:
+        return "not quantized"
+    group = "no groups" if q.group_size == -1 else f"group size {q.group_size}"
+    return f"{q.bits}-bit GPTQ, {group}, act-order {'on' if q.desc_act else 'off'}, {'sym' if q.sym else 'asym'}"
+
+
+def gpu_memory(device: torch.device) -> str:
+    if device.type != "cuda":
+        return ""
+    return f" ({torch.cuda.memory_allocated(device) / 2**30:.2f} GiB allocated on the GPU)"
+
+
+@dataclass
+class AppState:
+    models_dir: Path
+    presets_dir: Path
+    allow_pickle: bool = False
+    loaded: LoadedModel | None = None
+    template: str = templates.AUTO
+    load_report: LoadReport | None = None
+    _load_lock: threading.Lock = field(default_factory=threading.Lock)
+    _generation_cancel: threading.Event = field(default_factory=threading.Event)
+    download_cancel: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def settings(self) -> SettingsStore:
+        return SettingsStore(self.models_dir)
+
+    def local_models(self) -> list[str]:
+        if not self.models_dir.is_dir():
+            return []
+        return sorted(
+            (p.name for p in self.models_dir.iterdir()
+             if p.is_dir() and not p.name.startswith(".") and (p / "config.json").is_file()),
+            key=str.lower,
+        )
+
+    def model_path(self, name: str) -> Path:
+        if not name or name not in self.local_models():
+            raise ValueError(f"no model named {name!r} in {self.models_dir}; press refresh")
+        return self.models_dir / name
+
+    def describe_folder(self, name: str) -> str:
+        """The quantization and weights of a model folder, or what is wrong with it, before loading."""
+        path = self.model_path(name)
+        try:
+            qconfig = load_quant_config(path)
+            files = find_weight_files(path, qconfig, allow_pickle=True)
+            args = load_model_args(path)
+        except (ValueError, OSError) as exc:
+            return f"**Error:** {exc}"
+        pickled = " — pickled: loading them needs 'Allow pickled weights'" if files.pickled else ""
+        return (f"{describe_quant(qconfig)}; {args.architecture}, {args.n_layers} layers, hidden size {args.hidden_size}, "
+                f"up to {args.max_position_embeddings} tokens; weights: {', '.join(f.name for f in files.files)} "
+                f"({files.total_bytes / 2**20:.0f} MB){pickled}")
+
+    def suggested_settings(self, name: str) -> ModelSettings:
+        """Saved settings if any, else what suits this model on this machine."""
+        saved = self.settings.get(name)
+        if saved is not None:
+            return saved
+        path = self.model_path(name)
+        try:
+            qconfig = load_quant_config(path)
+            backend = suggested_backend(resolve_device("auto"), qconfig)
+            context = min(load_model_args(path).max_position_embeddings, DEFAULT_CONTEXT)
+        except (ValueError, OSError):
+            return ModelSettings()
+        return ModelSettings(backend=backend, context_length=context)
+
+    def backends(self) -> list[str]:
+        return ["auto", *all_backends()]
+
+    def load(self, name: str, settings: ModelSettings, allow_pickle: bool = False) -> LoadReport:
+        path = self.model_path(name)
+        with self._load_lock:
+            self.unload()
+            started = time.perf_counter()
+            options = LoadOptions(backend=settings.backend or "auto", context_length=settings.context_length,
+                                  allow_pickle=allow_pickle or self.allow_pickle)
+            try:
+                loaded = load_model(path, options)
+            except torch.OutOfMemoryError as exc:
+                self._free_memory()
+                raise MemoryError(f"out of memory while loading {name}: try a shorter context or a smaller model "
+                                  f"({str(exc).splitlines()[0]})") from exc
+            template = settings.template if settings.template in templates.template_names() else None
+            template = template or templates.guess_template(name, loaded.tokenizer)
+            self.loaded, self.template = loaded, template
+            used = replace(settings, context_length=loaded.context_length, template=template)
+            self.load_report = LoadReport(name, used, time.perf_counter() - started, loaded)
+            return self.load_report
+
+    def unload(self) -> str | None:
+        loaded, self.loaded, self.load_report = self.loaded, None, None
+        if loaded is None:
+            return None
+        self._generation_cancel.set()
+        with loaded.generation_lock:  # wait for a running generation to see the cancel
+            pass
+        name = loaded.name
+        del loaded
+        self._free_memory()
+        return name
+
+    @staticmethod
+    def _free_memory() -> None:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def require_model(self) -> LoadedModel:
+        if self.loaded is None:
+            raise ModelNotLoaded()
+        return self.loaded
+
+    def generation(self, prompt_ids: list[int], params: SamplingParams, template: str | None = None) -> Generation:
+        loaded = self.require_model()
+        if template is not None:
+            params = replace(
+                params,
+                stop_strings=params.stop_strings + templates.stop_strings(template),
+                stop_token_ids=params.stop_token_ids + templates.stop_token_ids(loaded.tokenizer, template),
+            )
+        cancel = threading.Event()
+        self._generation_cancel = cancel
+        return Generation(loaded, prompt_ids, params, cancel)
+
+    def stop_generation(self) -> None:
+        self._generation_cancel.set()

@@ -1,0 +1,429 @@
+"""The Gradio app: Text generation, Model and Download tabs on one AppState.
+
+Every handler returns a message for the user instead of raising, so a bad
+input or a failed load never leaves a dead page.
+"""
+
+from __future__ import annotations
+
+import html
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import gradio as gr
+
+from backends.generation import ContextOverflowError
+from backends.sampling import SamplingParams
+from webui import presets, templates
+from webui.chat import chat_turn, clean_history, notebook_turn
+from webui.download import DownloadCancelled, DownloadError, DownloadProgress, DownloadRequest, Hub, format_bytes, download
+from webui.repo_spec import RepoSpecError, parse_repo_spec
+from webui.settings import ModelSettings
+from webui.state import AppState, ModelNotLoaded
+from webui.templates import TemplateError
+
+SAMPLING = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty")
+DEFAULT_PRESET = "Default"
+CSS = """
+#gen-stats, #model-status, #download-status { min-height: 1.5em; }
+.dl-progress progress { width: 100%; height: 1.2em; }
+"""
+# Expected failures of user actions; anything else is a bug and is shown with its type.
+USER_ERRORS = (ValueError, RuntimeError, OSError, MemoryError)
+
+
+def error_text(exc: BaseException) -> str:
+    if isinstance(exc, USER_ERRORS) and not type(exc).__module__.startswith("torch"):
+        return f"**Error:** {exc}"
+    return f"**Error:** {type(exc).__name__}: {exc}"
+
+
+def sampling_params(values: list, seed: float | None) -> SamplingParams:
+    raw = dict(zip(SAMPLING, values))
+    raw["max_new_tokens"] = int(raw["max_new_tokens"])
+    raw["top_k"] = int(raw["top_k"])
+    raw["seed"] = None if seed is None or seed < 0 else int(seed)
+    return SamplingParams.from_dict(raw, source="sampling settings")
+
+
+class WorkbenchUI:
+    """Builds the Blocks and holds the handlers, which all act on one AppState."""
+
+    def __init__(self, state: AppState):
+        self.state = state
+
+    # ---- presets -------------------------------------------------------------------------------------------------
+
+    def preset_choices(self) -> list[str]:
+        return presets.list_presets(self.state.presets_dir)
+
+    def preset_values(self, name: str | None) -> list:
+        values = SamplingParams()
+        if name:
+            loaded = presets.load_preset(self.state.presets_dir, name)
+            return [loaded[k] for k in SAMPLING]
+        return [getattr(values, k) for k in SAMPLING]
+
+    def apply_preset(self, name: str):
+        try:
+            return [*self.preset_values(name), f"Preset **{name}** applied."]
+        except presets.PresetError as exc:
+            return [*[gr.update() for _ in SAMPLING], error_text(exc)]
+
+    def save_preset(self, name: str, *values):
+        try:
+            params = sampling_params(list(values), None)
+            saved = presets.save_preset(self.state.presets_dir, name, {k: getattr(params, k) for k in SAMPLING})
+        except (ValueError, OSError) as exc:
+            return gr.update(), gr.update(), error_text(exc)
+        choices = self.preset_choices()
+        return (gr.update(choices=choices, value=saved), gr.update(choices=choices), f"Preset **{saved}** saved.")
+
+    def delete_preset(self, name: str):
+        try:
+            presets.delete_preset(self.state.presets_dir, name)
+        except (ValueError, OSError) as exc:
+            return gr.update(), gr.update(), error_text(exc)
+        choices = self.preset_choices()
+        return (gr.update(choices=choices, value=None), gr.update(choices=choices), f"Preset **{name}** deleted.")
+
+    # ---- text generation -----------------------------------------------------------------------------------------
+
+    def send(self, text: str, history, system: str, template: str, seed, *values):
+        history = clean_history(history)
+        if not text.strip():
+            yield text, history, "**Error:** type a message first"
+            return
+        try:
+            params = sampling_params(list(values), seed)
+            self.state.require_model()
+        except (ValueError, ModelNotLoaded) as exc:
+            yield text, history, error_text(exc)
+            return
+        asked = history + [{"role": "user", "content": text}]
+        yield "", asked, "generating…"
+        yield from self._stream(asked, system, template, params, restore_on_overflow=text)
+
+    def regenerate(self, history, system: str, template: str, seed, *values):
+        history = clean_history(history)
+        while history and history[-1]["role"] == "assistant":
+            history = history[:-1]
+        if not history:
+            yield gr.update(), history, "**Error:** nothing to regenerate"
+            return
+        yield from self._guarded(history, system, template, seed, values)
+
+    def continue_reply(self, history, system: str, template: str, seed, *values):
+        history = clean_history(history)
+        if not history or history[-1]["role"] != "assistant":
+            yield gr.update(), history, "**Error:** there is no reply to continue"
+            return
+        yield from self._guarded(history, system, template, seed, values, continue_last=True)
+
+    def _guarded(self, history, system, template, seed, values, continue_last=False):
+        try:
+            params = sampling_params(list(values), seed)
+        except ValueError as exc:
+            yield gr.update(), history, error_text(exc)
+            return
+        yield from self._stream(history, system, template, params, continue_last=continue_last)
+
+    def _stream(self, history, system, template, params, continue_last=False, restore_on_overflow=None):
+        last = history
+        try:
+            for turn in chat_turn(self.state, history, system or "", template, params, continue_last):
+                last = turn.history
+                yield gr.update(), turn.history, turn.stats
+        except (ContextOverflowError, TemplateError) as exc:
+            if restore_on_overflow is not None:  # give the message back rather than lose it
+                yield restore_on_overflow, history[:-1], error_text(exc)
+            else:
+                yield gr.update(), history, error_text(exc)
+        except Exception as exc:  # noqa: BLE001 - shown to the user, the chat so far is kept
+            yield gr.update(), last, error_text(exc)
+
+    def notebook(self, prompt: str, seed, *values):
+        try:
+            params = sampling_params(list(values), seed)
+            for text, stats in notebook_turn(self.state, prompt, params):
+                yield text, stats
+        except Exception as exc:  # noqa: BLE001 - the prompt stays in the box
+            yield gr.update(), error_text(exc)
+
+    def stop(self) -> str:
+        self.state.stop_generation()
+        return "stopping…"
+
+    # ---- model ---------------------------------------------------------------------------------------------------
+
+    def refresh_models(self, current: str | None = None):
+        choices = self.state.local_models()
+        value = current if current in choices else (choices[0] if choices else None)
+        return gr.update(choices=choices, value=value)
+
+    def select_model(self, name: str | None):
+        """Fills the settings fields: saved settings for this model, else suggestions."""
+        if not name:
+            return "No model selected.", *([gr.update()] * 4)
+        try:
+            info = self.state.describe_folder(name)
+            settings = self.state.suggested_settings(name)
+        except Exception as exc:  # noqa: BLE001 - a broken folder is reported, not fatal
+            return error_text(exc), *([gr.update()] * 4)
+        note = " Saved settings found and filled in." if self.state.settings.get(name) is not None else ""
+        return (
+            info + note,
+            gr.update(value=settings.backend),
+            gr.update(value=settings.context_length),
+            gr.update(value=settings.template or templates.AUTO),
+            gr.update(value=settings.preset if settings.preset in self.preset_choices() else None),
+        )
+
+    def load(self, name, backend, context, template, preset, allow_pickle):
+        outputs = 4 + 2 + len(SAMPLING)
+        if not name:
+            yield "**Error:** choose a model first", *([gr.update()] * outputs)
+            return
+        yield f"Loading **{name}**…", *([gr.update()] * outputs)
+        try:
+            settings = ModelSettings(backend=backend or "auto", context_length=int(context) if context else None,
+                                     template=template or None, preset=preset or None)
+            report = self.state.load(name, settings, allow_pickle=bool(allow_pickle))
+        except Exception as exc:  # noqa: BLE001 - any load failure is the user's to see
+            yield error_text(exc), *([gr.update()] * outputs)
+            return
+        used = report.settings
+        preset_name = used.preset if used.preset in self.preset_choices() else None
+        values = [gr.update()] * len(SAMPLING)
+        if preset_name:
+            try:
+                values = self.preset_values(preset_name)
+            except presets.PresetError:
+                preset_name = None
+        yield (
+            report.describe(),
+            gr.update(value=used.context_length),
+            gr.update(value=used.template), gr.update(value=used.template),  # model tab, text generation tab
+            gr.update(value=preset_name), gr.update(value=preset_name),
+            *values,
+        )
+
+    def unload(self) -> str:
+        name = self.state.unload()
+        return f"Unloaded **{name}**." if name else "No model was loaded."
+
+    def save_settings(self, name, backend, context, template, preset) -> str:
+        if not name:
+            return "**Error:** choose a model first"
+        try:
+            settings = ModelSettings(backend=backend or "auto", context_length=int(context) if context else None,
+                                     template=template or None, preset=preset or None)
+            ModelSettings.from_dict(settings.__dict__, "settings")
+            self.state.settings.save(name, settings)
+        except (ValueError, OSError) as exc:
+            return error_text(exc)
+        return f"Settings for **{name}** saved to {self.state.settings.path}; they apply whenever it is loaded."
+
+    # ---- download ------------------------------------------------------------------------------------------------
+
+    def list_branches(self, repo: str, token: str, allow_pickle: bool):
+        try:
+            spec = parse_repo_spec(repo)
+            hub = Hub(token=token or None)
+            branches = [spec.branch] if spec.branch else hub.branches(spec)
+            infos = [hub.branch_info(replace(spec, branch=b), allow_pickle) for b in branches]
+        except (RepoSpecError, DownloadError) as exc:
+            return gr.update(value=[]), gr.update(choices=[], value=None), error_text(exc)
+        rows = [[i.name, i.describe_quant(), format_bytes(i.download_bytes), format_bytes(i.vram_bytes)] for i in infos]
+        chosen = spec.branch or (branches[0] if branches else None)
+        message = f"{len(infos)} branch(es) in **{spec.owner}/{spec.repo}**. Choose one and press Download."
+        return gr.update(value=rows), gr.update(choices=branches, value=chosen), message
+
+    def download(self, repo: str, branch: str, token: str, allow_pickle: bool):
+        try:
+            spec = parse_repo_spec(repo)
+            if branch:
+                spec = replace(spec, branch=branch)
+        except RepoSpecError as exc:
+            yield "", error_text(exc), gr.update()
+            return
+        progress: list[DownloadProgress] = []
+        outcome: dict = {}
+        self.state.download_cancel = cancel = threading.Event()
+        request = DownloadRequest(spec, self.state.models_dir, allow_pickle=bool(allow_pickle),
+                                  progress=progress.append, cancel=cancel)
+
+        def work() -> None:
+            try:
+                outcome["path"] = download(request, Hub(token=token or None))
+            except Exception as exc:  # noqa: BLE001 - reported below
+                outcome["error"] = exc
+
+        worker = threading.Thread(target=work, name="download", daemon=True)
+        worker.start()
+        yield progress_html(0.0, f"Starting {spec}…"), f"Downloading **{spec}**…", gr.update()
+        while worker.is_alive():
+            worker.join(0.3)
+            if progress:
+                p = progress[-1]
+                yield progress_html(p.fraction, p.describe()), f"Downloading **{spec}**…", gr.update()
+        if "path" in outcome:
+            path: Path = outcome["path"]
+            yield (progress_html(1.0, "done"), f"Downloaded **{spec}** to `{path}`. It is now in the Model tab.",
+                   self.refresh_models(path.name))
+        elif isinstance(outcome.get("error"), DownloadCancelled):
+            yield progress_html(0.0, "cancelled"), "Download cancelled; run it again to resume.", gr.update()
+        else:
+            yield progress_html(0.0, "failed"), error_text(outcome.get("error", RuntimeError("stopped"))), gr.update()
+
+    def cancel_download(self) -> str:
+        self.state.download_cancel.set()
+        return "Cancelling…"
+
+    # ---- layout --------------------------------------------------------------------------------------------------
+
+    def build(self) -> gr.Blocks:
+        state = self.state
+        loaded_name = state.loaded.name if state.loaded else None
+        start = state.suggested_settings(loaded_name) if loaded_name else ModelSettings()
+        preset_choices = self.preset_choices()
+        start_preset = start.preset if start.preset in preset_choices else (
+            DEFAULT_PRESET if DEFAULT_PRESET in preset_choices else None)
+        start_values = self.preset_values(start_preset)
+        template_choices = templates.template_names()
+
+        with gr.Blocks(title="GPTQ Workbench", analytics_enabled=False) as demo:
+            gr.Markdown("## GPTQ Workbench")
+            with gr.Tabs():
+                with gr.Tab("Text generation", id="textgen"):
+                    with gr.Row():
+                        with gr.Column(scale=3):
+                            with gr.Tabs():
+                                with gr.Tab("Chat", id="chat"):
+                                    chatbot = gr.Chatbot(elem_id="chatbot", height=460, label="Chat")
+                                    user_text = gr.Textbox(elem_id="chat-input", placeholder="Type a message…",
+                                                           show_label=False, lines=2)
+                                    with gr.Row():
+                                        send_btn = gr.Button("Send", variant="primary", elem_id="send", min_width=60)
+                                        stop_btn = gr.Button("Stop", elem_id="stop", min_width=60)
+                                        regen_btn = gr.Button("Regenerate", elem_id="regenerate", min_width=60)
+                                        continue_btn = gr.Button("Continue", elem_id="continue", min_width=60)
+                                        clear_btn = gr.Button("Clear", elem_id="clear", min_width=60)
+                                with gr.Tab("Notebook", id="notebook"):
+                                    notebook_text = gr.Textbox(elem_id="notebook-text", lines=18, label="Raw prompt",
+                                                               placeholder="Text the model continues…")
+                                    with gr.Row():
+                                        notebook_btn = gr.Button("Generate", variant="primary", elem_id="notebook-generate")
+                                        notebook_stop = gr.Button("Stop", elem_id="notebook-stop")
+                            gen_stats = gr.Markdown("", elem_id="gen-stats")
+                        with gr.Column(scale=2):
+                            system = gr.Textbox(label="System message", lines=3, elem_id="system-message")
+                            template = gr.Dropdown(template_choices, value=state.template, label="Chat template",
+                                                   elem_id="template")
+                            with gr.Row():
+                                preset = gr.Dropdown(preset_choices, value=start_preset, label="Preset", elem_id="preset")
+                            preset_name = gr.Textbox(label="Save current sampling as preset", elem_id="preset-name",
+                                                     placeholder="preset name")
+                            with gr.Row():
+                                preset_save = gr.Button("Save preset", elem_id="preset-save", min_width=60)
+                                preset_delete = gr.Button("Delete selected preset", elem_id="preset-delete", min_width=60)
+                            sliders = [
+                                gr.Slider(1, 4096, step=1, value=start_values[0], label="max_new_tokens", elem_id="max-new-tokens"),
+                                gr.Slider(0, 2, step=0.01, value=start_values[1], label="temperature (0 = greedy)", elem_id="temperature"),
+                                gr.Slider(0.01, 1, step=0.01, value=start_values[2], label="top_p", elem_id="top-p"),
+                                gr.Slider(0, 200, step=1, value=start_values[3], label="top_k (0 = off)", elem_id="top-k"),
+                                gr.Slider(0, 1, step=0.01, value=start_values[4], label="min_p", elem_id="min-p"),
+                                gr.Slider(0.01, 1, step=0.01, value=start_values[5], label="typical_p", elem_id="typical-p"),
+                                gr.Slider(0.5, 2, step=0.01, value=start_values[6], label="repetition_penalty", elem_id="repetition-penalty"),
+                            ]
+                            seed = gr.Number(value=-1, precision=0, label="seed (-1 = random)", elem_id="seed")
+
+                with gr.Tab("Model", id="model"):
+                    with gr.Row():
+                        model_select = gr.Dropdown(state.local_models(), value=loaded_name, label="Model",
+                                                   elem_id="model-select", scale=4)
+                        refresh_btn = gr.Button("Refresh", elem_id="refresh-models", scale=1)
+                    model_info = gr.Markdown("", elem_id="model-info")
+                    with gr.Row():
+                        backend = gr.Dropdown(state.backends(), value=start.backend, label="Backend", elem_id="backend")
+                        context = gr.Number(value=start.context_length, precision=0, label="Context length (tokens)",
+                                            elem_id="context-length")
+                        model_template = gr.Dropdown(template_choices, value=state.template, label="Chat template",
+                                                     elem_id="model-template")
+                        model_preset = gr.Dropdown(preset_choices, value=start_preset, label="Preset",
+                                                   elem_id="model-preset")
+                    allow_pickle = gr.Checkbox(state.allow_pickle, label="Allow pickled .pt/.bin weights (can run code; only for files you trust)")
+                    with gr.Row():
+                        load_btn = gr.Button("Load", variant="primary", elem_id="load")
+                        unload_btn = gr.Button("Unload", elem_id="unload")
+                        reload_btn = gr.Button("Reload", elem_id="reload")
+                        save_btn = gr.Button("Save settings for this model", elem_id="save-settings")
+                    model_status = gr.Markdown(
+                        state.load_report.describe() if state.load_report else "No model loaded.", elem_id="model-status")
+
+                with gr.Tab("Download", id="download"):
+                    with gr.Row():
+                        repo = gr.Textbox(label="Model on the Hub", placeholder="owner/repo or owner/repo:branch",
+                                          elem_id="repo", scale=4)
+                        list_btn = gr.Button("Get branches", elem_id="get-branches", scale=1)
+                    with gr.Row():
+                        token = gr.Textbox(label="Access token (gated repos)", type="password", elem_id="hub-token")
+                        dl_pickle = gr.Checkbox(False, label="Allow pickled .pt/.bin weights")
+                    branch_table = gr.Dataframe(headers=["branch", "quantization", "download", "VRAM estimate"],
+                                                interactive=False, elem_id="branch-table")
+                    branch = gr.Dropdown([], label="Branch", elem_id="branch")
+                    with gr.Row():
+                        dl_btn = gr.Button("Download", variant="primary", elem_id="download")
+                        dl_cancel = gr.Button("Cancel", elem_id="cancel-download")
+                    dl_progress = gr.HTML(progress_html(0.0, ""), elem_id="download-progress")
+                    dl_status = gr.Markdown("", elem_id="download-status")
+
+            # text generation
+            chat_inputs = [system, template, seed, *sliders]
+            chat_outputs = [user_text, chatbot, gen_stats]
+            send_btn.click(self.send, [user_text, chatbot, *chat_inputs], chat_outputs)
+            user_text.submit(self.send, [user_text, chatbot, *chat_inputs], chat_outputs)
+            regen_btn.click(self.regenerate, [chatbot, *chat_inputs], chat_outputs)
+            continue_btn.click(self.continue_reply, [chatbot, *chat_inputs], chat_outputs)
+            clear_btn.click(lambda: ([], ""), None, [chatbot, gen_stats], queue=False)
+            stop_btn.click(self.stop, None, gen_stats, queue=False)
+            notebook_btn.click(self.notebook, [notebook_text, seed, *sliders], [notebook_text, gen_stats])
+            notebook_stop.click(self.stop, None, gen_stats, queue=False)
+            preset.input(self.apply_preset, preset, [*sliders, gen_stats]).then(lambda p: p, preset, model_preset)
+            template.input(lambda t: t, template, model_template)
+            preset_save.click(self.save_preset, [preset_name, *sliders], [preset, model_preset, gen_stats])
+            preset_delete.click(self.delete_preset, preset, [preset, model_preset, gen_stats])
+
+            # model
+            refresh_btn.click(self.refresh_models, model_select, model_select)
+            model_select.change(self.select_model, model_select, [model_info, backend, context, model_template, model_preset])
+            model_template.input(lambda t: t, model_template, template)
+            model_preset.input(lambda p: p, model_preset, preset).then(self.apply_preset, model_preset, [*sliders, gen_stats])
+            load_inputs = [model_select, backend, context, model_template, model_preset, allow_pickle]
+            load_outputs = [model_status, context, model_template, template, model_preset, preset, *sliders]
+            load_btn.click(self.load, load_inputs, load_outputs)
+            reload_btn.click(self.load, load_inputs, load_outputs)
+            unload_btn.click(self.unload, None, model_status)
+            save_btn.click(self.save_settings, [model_select, backend, context, model_template, model_preset], model_status)
+
+            # download
+            list_btn.click(self.list_branches, [repo, token, dl_pickle], [branch_table, branch, dl_status])
+            repo.submit(self.list_branches, [repo, token, dl_pickle], [branch_table, branch, dl_status])
+            dl_btn.click(self.download, [repo, branch, token, dl_pickle], [dl_progress, dl_status, model_select])
+            dl_cancel.click(self.cancel_download, None, dl_status, queue=False)
+
+            demo.load(self.select_model, model_select, [model_info, backend, context, model_template, model_preset])
+        return demo
+
+
+def progress_html(fraction: float, text: str) -> str:
+    return (f'<div class="dl-progress"><progress max="1" value="{fraction:.4f}"></progress>'
+            f'<div class="dl-progress-text">{html.escape(text)}</div></div>')
+
+
+def theme() -> gr.themes.Base:
+    # System fonts only: the default theme would fetch web fonts, and the app must work offline.
+    return gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                             font_mono=["ui-monospace", "Consolas", "monospace"])
+
