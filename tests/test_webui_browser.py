@@ -90,9 +90,28 @@ def test_download_load_chat_save_restart(hub, browser, tmp_path):
         assert (models / MODEL / "model.safetensors").is_file()
         assert not list(models.glob(".*partial*"))
 
+        # A slow download of the other branch: cancel half-way, nothing shows up; again, it resumes.
+        hub.state.throttle_bytes_per_second = 20e6
+        choose(page, "branch", "gptq-4bit-32g-actorder_True")
+        page.locator("#download").click()
+        page.wait_for_function("""() => {
+            const bar = document.querySelector('#download-progress progress');
+            return bar.value > 0.05 && bar.value < 0.9 && bar.parentNode.innerText.includes('.safetensors');
+        }""")
+        page.locator("#cancel-download").click()
+        expect(page.locator("#download-status")).to_contain_text("cancelled")
+        assert not (models / f"{MODEL}_gptq-4bit-32g-actorder_True").exists()
+        hub.state.throttle_bytes_per_second = None
+        ranges_before = sum(1 for r in hub.state.requests if r[2])
+        page.locator("#download").click()
+        expect(page.locator("#download-status")).to_contain_text("Downloaded", timeout=120_000)
+        assert sum(1 for r in hub.state.requests if r[2]) > ranges_before, "the second download resumed"
+        assert (models / f"{MODEL}_gptq-4bit-32g-actorder_True" / "gptq_model-4bit-32g.safetensors").is_file()
+
         # Model: the new model is selected, the CPU suggests the reference backend; load it.
         open_tab(page, "Model")
-        assert value_of(page, "model-select") == MODEL
+        expect(page.locator("#model-select input")).to_have_value(f"{MODEL}_gptq-4bit-32g-actorder_True")
+        choose(page, "model-select", MODEL)
         expect(page.locator("#model-info")).to_contain_text("4-bit GPTQ, group size 128")
         assert value_of(page, "backend") == "reference"
         page.locator("#load").click()
@@ -136,6 +155,7 @@ def test_download_load_chat_save_restart(hub, browser, tmp_path):
     try:
         page = new_page(browser, app)
         open_tab(page, "Model")
+        assert value_of(page, "model-select") == "", "nothing is loaded after a restart without --model"
         choose(page, "model-select", MODEL)
         expect(page.locator("#model-info")).to_contain_text("Saved settings")
         assert value_of(page, "model-template") == "ChatML"

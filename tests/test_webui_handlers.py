@@ -30,7 +30,10 @@ def ui(tmp_path_factory, smollm2_branch):
             (target / f.name).symlink_to(f)
     (models / "broken").mkdir()
     (models / "broken" / "config.json").write_text("{}")
-    state = AppState(models_dir=models, presets_dir=ROOT / "presets")
+    presets = tmp_path_factory.mktemp("presets")
+    for f in (ROOT / "presets").glob("*.yaml"):
+        (presets / f.name).write_bytes(f.read_bytes())
+    state = AppState(models_dir=models, presets_dir=presets)
     return WorkbenchUI(state)
 
 
@@ -106,3 +109,17 @@ def test_save_settings_then_select_shows_them(ui):
         "reference", 1024, "Alpaca", "Precise")
     assert ui.unload() == "Unloaded **SmolLM2-GPTQ**."
     assert ui.unload() == "No model was loaded."
+
+
+def test_presets_apply_save_delete(ui):
+    *values, message = ui.apply_preset("Deterministic")
+    assert values[1] == 0 and "applied" in message
+    choice, _, message = ui.save_preset("Mine", 99, 0.4, 0.9, 12, 0.0, 1.0, 1.1)
+    assert choice["value"] == "Mine" and "Mine" in choice["choices"] and "saved" in message
+    assert ui.preset_values("Mine") == [99, 0.4, 0.9, 12, 0.0, 1.0, 1.1]
+    _, _, message = ui.save_preset("../x", *GREEDY)
+    assert message.startswith("**Error:**")
+    choice, _, message = ui.delete_preset("Mine")
+    assert "Mine" not in choice["choices"] and "deleted" in message
+    *_, message = ui.apply_preset("Mine")
+    assert "does not exist" in message

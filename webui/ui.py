@@ -241,12 +241,13 @@ class WorkbenchUI:
         return gr.update(value=rows), gr.update(choices=branches, value=chosen), message
 
     def download(self, repo: str, branch: str, token: str, allow_pickle: bool):
+        """Streams (progress bar, status, folder name once done)."""
         try:
             spec = parse_repo_spec(repo)
             if branch:
                 spec = replace(spec, branch=branch)
         except RepoSpecError as exc:
-            yield "", error_text(exc), gr.update()
+            yield "", error_text(exc), None
             return
         progress: list[DownloadProgress] = []
         outcome: dict = {}
@@ -262,20 +263,23 @@ class WorkbenchUI:
 
         worker = threading.Thread(target=work, name="download", daemon=True)
         worker.start()
-        yield progress_html(0.0, f"Starting {spec}…"), f"Downloading **{spec}**…", gr.update()
+        yield progress_html(0.0, f"Starting {spec}…"), f"Downloading **{spec}**…", None
         while worker.is_alive():
             worker.join(0.3)
             if progress:
                 p = progress[-1]
-                yield progress_html(p.fraction, p.describe()), f"Downloading **{spec}**…", gr.update()
+                yield progress_html(p.fraction, p.describe()), f"Downloading **{spec}**…", None
         if "path" in outcome:
             path: Path = outcome["path"]
             yield (progress_html(1.0, "done"), f"Downloaded **{spec}** to `{path}`. It is now in the Model tab.",
-                   self.refresh_models(path.name))
+                   path.name)
         elif isinstance(outcome.get("error"), DownloadCancelled):
-            yield progress_html(0.0, "cancelled"), "Download cancelled; run it again to resume.", gr.update()
+            yield progress_html(0.0, "cancelled"), "Download cancelled; run it again to resume.", None
         else:
-            yield progress_html(0.0, "failed"), error_text(outcome.get("error", RuntimeError("stopped"))), gr.update()
+            yield progress_html(0.0, "failed"), error_text(outcome.get("error", RuntimeError("stopped"))), None
+
+    def show_downloaded(self, name: str | None, current: str | None):
+        return self.refresh_models(name or current)
 
     def cancel_download(self) -> str:
         self.state.download_cancel.set()
@@ -382,13 +386,15 @@ class WorkbenchUI:
             # text generation
             chat_inputs = [system, template, seed, *sliders]
             chat_outputs = [user_text, chatbot, gen_stats]
-            send_btn.click(self.send, [user_text, chatbot, *chat_inputs], chat_outputs)
-            user_text.submit(self.send, [user_text, chatbot, *chat_inputs], chat_outputs)
-            regen_btn.click(self.regenerate, [chatbot, *chat_inputs], chat_outputs)
-            continue_btn.click(self.continue_reply, [chatbot, *chat_inputs], chat_outputs)
+            # Streams show their own progress (the growing reply, the stats line, the download bar).
+            quiet = {"show_progress": "hidden"}
+            send_btn.click(self.send, [user_text, chatbot, *chat_inputs], chat_outputs, **quiet)
+            user_text.submit(self.send, [user_text, chatbot, *chat_inputs], chat_outputs, **quiet)
+            regen_btn.click(self.regenerate, [chatbot, *chat_inputs], chat_outputs, **quiet)
+            continue_btn.click(self.continue_reply, [chatbot, *chat_inputs], chat_outputs, **quiet)
             clear_btn.click(lambda: ([], ""), None, [chatbot, gen_stats], queue=False)
             stop_btn.click(self.stop, None, gen_stats, queue=False)
-            notebook_btn.click(self.notebook, [notebook_text, seed, *sliders], [notebook_text, gen_stats])
+            notebook_btn.click(self.notebook, [notebook_text, seed, *sliders], [notebook_text, gen_stats], **quiet)
             notebook_stop.click(self.stop, None, gen_stats, queue=False)
             preset.input(self.apply_preset, preset, [*sliders, gen_stats]).then(lambda p: p, preset, model_preset)
             template.input(lambda t: t, template, model_template)
@@ -410,7 +416,9 @@ class WorkbenchUI:
             # download
             list_btn.click(self.list_branches, [repo, token, dl_pickle], [branch_table, branch, dl_status])
             repo.submit(self.list_branches, [repo, token, dl_pickle], [branch_table, branch, dl_status])
-            dl_btn.click(self.download, [repo, branch, token, dl_pickle], [dl_progress, dl_status, model_select])
+            downloaded = gr.State(None)
+            dl_btn.click(self.download, [repo, branch, token, dl_pickle], [dl_progress, dl_status, downloaded], **quiet
+                         ).then(self.show_downloaded, [downloaded, model_select], model_select)
             dl_cancel.click(self.cancel_download, None, dl_status, queue=False)
 
             demo.load(self.select_model, model_select, [model_info, backend, context, model_template, model_preset])
