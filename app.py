@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -26,6 +27,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--context", type=int, default=None, help="context length for --model")
     parser.add_argument("--gradio-auth", metavar="USER:PASS", help="require this login for the web UI")
     parser.add_argument("--allow-pickle", action="store_true", help="allow pickled .pt/.bin weights (they can run code)")
+    parser.add_argument("--api", action="store_true", help="also serve an OpenAI-compatible API")
+    parser.add_argument("--api-port", type=int, default=5000)
+    parser.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                        help="require 'Authorization: Bearer KEY' on the API (repeat for several keys)")
     opts = parser.parse_args(argv)
     if opts.gradio_auth and ":" not in opts.gradio_auth:
         parser.error("--gradio-auth takes USER:PASS")
@@ -34,6 +39,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
+    logger = logging.getLogger("gptq_workbench")
+    logger.setLevel(logging.INFO)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
     from dataclasses import replace
 
     from webui.state import AppState
@@ -50,10 +60,16 @@ def main(argv: list[str] | None = None) -> int:
             print(state.load(opts.model, settings).describe().replace("**", ""), flush=True)
         except Exception as exc:  # noqa: BLE001 - the UI still starts, so the user can pick another model
             print(f"could not load {opts.model}: {exc}", file=sys.stderr, flush=True)
+    host = "0.0.0.0" if opts.listen else "127.0.0.1"
+    if opts.api:
+        from webui.api import build_api, serve_in_background
+
+        serve_in_background(build_api(state, opts.api_key), host, opts.api_port)
+        lock = "" if opts.api_key else " (no --api-key: anyone who can reach it may use it)"
+        print(f"OpenAI-compatible API on http://{host}:{opts.api_port}/v1{lock}", flush=True)
     demo = WorkbenchUI(state).build()
     demo.queue(default_concurrency_limit=4)
     auth = tuple(opts.gradio_auth.split(":", 1)) if opts.gradio_auth else None
-    host = "0.0.0.0" if opts.listen else "127.0.0.1"
     print(f"GPTQ Workbench on http://{host}:{opts.port}", flush=True)
     demo.launch(server_name=host, server_port=opts.port, auth=auth, theme=theme(), css=CSS,
                 show_error=True, footer_links=[], ssr_mode=False)

@@ -134,9 +134,14 @@ class Generation:
         self.result = GenerationResult(prompt_tokens=len(prompt_ids), seed=seed)
 
     def __iter__(self) -> Iterator[str]:
-        lock: threading.Lock = self.loaded.generation_lock
-        with lock:
+        lock = self.loaded.generation_lock
+        if not lock.acquire(self.cancel):
+            self.result.finish_reason = "cancelled"  # given up while waiting for its turn
+            return
+        try:
             yield from self._run()
+        finally:
+            lock.release()
 
     def _forward(self, tokens: list[int], start: int) -> torch.Tensor:
         device = self.loaded.device

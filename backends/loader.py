@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import torch
 from torch import nn
 
 from backends.base import Backend, GPTQTensors
+from backends.fair_lock import FairLock
 from backends.model import Transformer
 from backends.model_config import ModelArgs, load_model_args
 from backends.quant_config import QuantConfig, load_quant_config
@@ -41,7 +41,8 @@ class LoadedModel:
     context_length: int
     # Tokens whose keys and values sit in the KV cache, in order from position 0.
     cached_tokens: list[int] = field(default_factory=list)
-    generation_lock: threading.Lock = field(default_factory=threading.Lock)
+    # Held while generating: the UI and the API take turns in arrival order.
+    generation_lock: FairLock = field(default_factory=FairLock)
 
     @property
     def name(self) -> str:

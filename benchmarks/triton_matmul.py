@@ -5,6 +5,10 @@ and effective bandwidth for M = 1, 4, 16, 128, 2048 next to fp16 cuBLAS.
 
 Effective bandwidth counts the bytes the kernel must read: qweight + scales +
 qzeros (+ g_idx). Weights rotate through enough copies to exceed the L2 cache.
+Times are per call, replayed from a CUDA graph of 20 calls (how the decode
+loop runs them, without Python launch overhead); "eager" is the same call
+from Python. For M >= 128 the fused kernel's time is shown next to the
+dequantize + cuBLAS path that gptq_matmul takes there.
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ def check(k: int, n: int, bits: int, group_size: int, act_order: bool) -> float:
     gs = k if group_size == -1 else group_size
     qweight, perm, kernel_gs = contiguous_layout(t["qweight"], t["g_idx"], bits, gs)
     worst = 0.0
-    for m in (1, 16, 300):
+    for m in (1, 16, 300):  # GEMV (contiguous) or fused, fused split-K, dequantize + cuBLAS
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         ref = reference_matmul(x.float(), t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits, 1)
         xp = x[:, perm] if perm is not None else x
@@ -63,6 +67,24 @@ def check(k: int, n: int, bits: int, group_size: int, act_order: bool) -> float:
             out = gptq_matmul(xi.contiguous(), w, t["scales"], t["qzeros"], t["g_idx"], bits, 1, grouping)
             worst = max(worst, float((out.float() - ref).norm() / ref.norm()))
     return worst
+
+
+def graph_us(fn, calls: int = 20) -> float:
+    """Microseconds per call of `fn`, `calls` of them captured in one CUDA graph and replayed."""
+    fn()
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    ms = triton.testing.do_bench(graph.replay, warmup=5, rep=100, return_mode="median")
+    return ms * 1e3 / calls
 
 
 def bench_shape(k: int, n: int, bw: float, l2_bytes: int) -> list[dict]:
@@ -80,17 +102,25 @@ def bench_shape(k: int, n: int, bw: float, l2_bytes: int) -> list[dict]:
             state["i"] += 1
             return gptq_matmul(x, t["qweight"], t["scales"], t["qzeros"], t["g_idx"], 4, 1, 128)
 
+        def run_fused():
+            t = layers[state["i"] % copies]
+            state["i"] += 1
+            cfg = triton_gptq._tuned_config(x, t["qweight"], t["scales"], t["qzeros"], t["qweight"], 4, 1, 128)
+            return triton_gptq._run(cfg, x, t["qweight"], t["scales"], t["qzeros"], t["qweight"], 4, 1, 128)
+
         def run_dense():
             w = dense[state["j"] % len(dense)]
             state["j"] += 1
             return x @ w
 
         run_gptq()  # autotune outside the timing
-        ms_q = triton.testing.do_bench(run_gptq, warmup=25, rep=200, return_mode="median")
-        ms_d = triton.testing.do_bench(run_dense, warmup=25, rep=200, return_mode="median")
-        gbs = layer_bytes / (ms_q * 1e-3) / 1e9
-        rows.append({"k": k, "n": n, "m": m, "gptq_us": ms_q * 1e3, "cublas_fp16_us": ms_d * 1e3,
-                     "gptq_GBps": gbs, "of_copy_bw": gbs * 1e9 / bw, "vs_cublas": ms_q / ms_d})
+        us_q = graph_us(run_gptq)
+        us_eager = triton.testing.do_bench(run_gptq, warmup=25, rep=200, return_mode="median") * 1e3
+        us_d = graph_us(run_dense)
+        us_fused = graph_us(run_fused) if m >= triton_gptq.DEQUANT_MIN_M else None
+        gbs = layer_bytes / (us_q * 1e-6) / 1e9
+        rows.append({"k": k, "n": n, "m": m, "gptq_us": us_q, "eager_us": us_eager, "cublas_fp16_us": us_d,
+                     "fused_us": us_fused, "gptq_GBps": gbs, "of_copy_bw": gbs * 1e9 / bw, "vs_cublas": us_q / us_d})
     return rows
 
 
@@ -124,11 +154,12 @@ def main() -> None:
         rows += [dict(r, shape=name) for r in bench_shape(k, n, bw, props.L2_cache_size)]
         print(f"  timed {name} ({time.time() - t0:.0f} s)", flush=True)
     print(f"\n4-bit g128, {time.strftime('%Y-%m-%d')}, {props.name}")
-    print(f"| shape | M | GPTQ Triton µs | fp16 cuBLAS µs | GPTQ/cuBLAS | GPTQ GB/s | of copy BW |")
-    print(f"|---|---|---|---|---|---|---|")
+    print("| shape | M | GPTQ µs (graph) | eager µs | fused-kernel µs | fp16 cuBLAS µs | GPTQ/cuBLAS | GPTQ GB/s | of copy BW |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['shape']} ({r['k']}x{r['n']}) | {r['m']} | {r['gptq_us']:.1f} | {r['cublas_fp16_us']:.1f} | "
-              f"{r['vs_cublas']:.2f}x | {r['gptq_GBps']:.0f} | {r['of_copy_bw']:.0%} |")
+        fused = f"{r['fused_us']:.1f}" if r["fused_us"] is not None else "-"
+        print(f"| {r['shape']} ({r['k']}x{r['n']}) | {r['m']} | {r['gptq_us']:.1f} | {r['eager_us']:.1f} | {fused} | "
+              f"{r['cublas_fp16_us']:.1f} | {r['vs_cublas']:.2f}x | {r['gptq_GBps']:.0f} | {r['of_copy_bw']:.0%} |")
     out = os.environ.get("OUT")
     if out:
         Path(out, "triton_matmul.json").write_text(json.dumps(

@@ -5,11 +5,16 @@
 group, groups either contiguous runs of ``group_size`` rows or given row by
 row through ``g_idx`` (act-order).
 
-One kernel serves decode and prefill. Small M (decode) splits K across
-programs so that enough of them stream the weights, and sums the partial
-results with atomics into an fp32 buffer; large M is a tiled matmul. The
-launcher picks the configuration by shape; on a GPU it is autotuned once per
-(M bucket, N, K) and cached.
+Three paths, chosen by M:
+- M = 1 with contiguous groups (decode): a GEMV kernel that reads each packed
+  word once, expands it in registers, and keeps per-lane partial products
+  so that it reduces over K once, at the end.
+- small M, or act-order groups read through g_idx: the fused tiled kernel
+  (tl.dot); small M splits K across programs and sums with atomics.
+- M >= DEQUANT_MIN_M: dequantize into an fp16 scratch matrix with a Triton
+  kernel, then fp16 cuBLAS; the dequantization is a small part of a long GEMM.
+The launcher picks the configuration by shape; on a GPU it is autotuned once
+per (M bucket, N, K) and cached.
 """
 
 from __future__ import annotations
@@ -89,6 +94,82 @@ def _gptq_matmul_kernel(
         tl.atomic_add(c_ptrs, acc, mask=c_mask)
 
 
+@triton.jit
+def _expand(words, BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[BLOCK_K // PACK, BLOCK_N] packed words -> [BLOCK_K, BLOCK_N] integers, row k = word k // PACK."""
+    PACK: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    shifts = tl.arange(0, PACK) * BITS
+    q = (words[:, None, :] >> shifts[None, :, None]) & MASK
+    return tl.reshape(q, (BLOCK_K, BLOCK_N))
+
+
+@triton.jit
+def _gptq_gemv_kernel(
+    x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, out_ptr,
+    N, K, group_size,  # contiguous groups; BLOCK_K divides group_size
+    BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    PACK: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    rows = tl.arange(0, BLOCK_K // PACK)
+    lanes = tl.arange(0, PACK)
+    zero_shift = (offs_n % PACK) * BITS
+    # Weights stay [word row, position in word, column]: no reshape, so no layout shuffle. Partial
+    # products stay per lane; one reduction at the end, none inside the loop.
+    acc3 = tl.zeros((BLOCK_K // PACK, PACK, BLOCK_N), dtype=tl.float32)
+    per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_begin = pid_k * per_split
+    k_end = tl.minimum(k_begin + per_split, K)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        words = tl.load(qweight_ptr + (k0 // PACK + rows)[:, None] * N + offs_n[None, :],
+                        mask=mask_n[None, :], other=0)
+        q = (words[:, None, :] >> (lanes * BITS)[None, :, None]) & MASK
+        x = tl.load(x_ptr + k0 + rows[:, None] * PACK + lanes[None, :]).to(tl.float32)
+        g = k0 // group_size
+        scale = tl.load(scales_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        zword = tl.load(qzeros_ptr + g * (N // PACK) + offs_n // PACK, mask=mask_n, other=0)
+        zero = ((zword >> zero_shift) & MASK) + ZERO_OFFSET
+        acc3 += x[:, :, None] * ((q - zero[None, None, :]).to(tl.float32) * scale[None, None, :])
+    acc = tl.sum(tl.sum(acc3, axis=0), axis=0)
+    if SPLIT_K == 1:
+        tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
+    else:
+        tl.atomic_add(out_ptr + offs_n, acc, mask=mask_n)
+
+
+@triton.jit
+def _gptq_dequant_kernel(
+    qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, w_ptr,
+    N, K, group_size,  # group_size > 0: contiguous groups, else read g_idx
+    BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr, CONTIGUOUS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    PACK: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    k0 = tl.program_id(0) * BLOCK_K
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    k = k0 + tl.arange(0, BLOCK_K)
+    words = tl.load(qweight_ptr + (k0 // PACK + tl.arange(0, BLOCK_K // PACK))[:, None] * N + offs_n[None, :],
+                    mask=mask_n[None, :], other=0)
+    q = _expand(words, BITS, BLOCK_K, BLOCK_N)
+    if CONTIGUOUS:
+        g = (k // group_size)[:, None]
+    else:
+        g = tl.load(g_idx_ptr + k)[:, None]
+    scale = tl.load(scales_ptr + g * N + offs_n[None, :], mask=mask_n[None, :], other=0.0)
+    zword = tl.load(qzeros_ptr + g * (N // PACK) + (offs_n // PACK)[None, :], mask=mask_n[None, :], other=0)
+    zero = ((zword >> ((offs_n % PACK) * BITS)[None, :]) & MASK) + ZERO_OFFSET
+    w = (q - zero).to(tl.float16) * scale
+    tl.store(w_ptr + k[:, None] * N + offs_n[None, :], w, mask=mask_n[None, :])
+
+
 def _configs(m: int, n: int, k: int, group_size: int) -> list[triton.Config]:
     """Candidate launch configurations for this shape, best guess first."""
     def ok(cfg_k: int) -> bool:
@@ -114,6 +195,13 @@ def _m_bucket(m: int) -> int:
 
 
 _TUNED: dict[tuple, triton.Config] = {}
+
+
+def _time(fn) -> float:
+    """Milliseconds per call replayed from a CUDA graph: the kernel's time without Python launch overhead,
+    as in the graph-captured decode loop."""
+    fn()  # compile outside the capture
+    return triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median")
 
 
 def _launch(cfg: triton.Config, x, qweight, scales, qzeros, g_idx, out, bits, zero_offset, group_size):
@@ -161,16 +249,70 @@ def _tuned_config(x, qweight, scales, qzeros, g_idx, bits, zero_offset, group_si
     best, best_ms = candidates[0], float("inf")
     for cfg in candidates:
         try:
-            ms = triton.testing.do_bench(
-                lambda: _run(cfg, x, qweight, scales, qzeros, g_idx, bits, zero_offset, group_size),
-                warmup=5, rep=20, return_mode="median",
-            )
+            ms = _time(lambda: _run(cfg, x, qweight, scales, qzeros, g_idx, bits, zero_offset, group_size))
         except triton.runtime.errors.OutOfResources:
             continue
         if ms < best_ms:
             best, best_ms = cfg, ms
     _TUNED[key] = best
     return best
+
+
+DEQUANT_MIN_M = 128  # from here on, dequantize + cuBLAS beats the fused kernel (benchmarks/RESULTS.md)
+
+
+def _gemv_configs(n: int, k: int, group_size: int) -> list[dict]:
+    """(BLOCK_N, BLOCK_K, SPLIT_K, warps) candidates, best guess first."""
+    shapes = [(128, 64, 16, 4), (64, 64, 16, 2), (256, 64, 16, 8), (64, 128, 8, 4), (128, 64, 8, 4), (32, 64, 8, 2),
+              (64, 128, 4, 4), (128, 128, 2, 4), (64, 128, 1, 4), (32, 128, 1, 4), (64, 32, 16, 4), (128, 32, 8, 4)]
+    return [{"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": w}
+            for bn, bk, sk, w in shapes if group_size % bk == 0 and k % bk == 0]
+
+
+def _run_gemv(cfg: dict, x, qweight, scales, qzeros, bits, zero_offset, group_size) -> torch.Tensor:
+    k, n = x.shape[1], qweight.shape[1]
+    split = cfg["SPLIT_K"]
+    out = torch.zeros((1, n), device=x.device, dtype=torch.float32) if split > 1 else \
+        torch.empty((1, n), device=x.device, dtype=x.dtype)
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]), split)
+    _gptq_gemv_kernel[grid](x, qweight, scales, qzeros, out, n, k, group_size, BITS=bits, ZERO_OFFSET=zero_offset,
+                            BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split,
+                            num_warps=cfg["num_warps"])
+    return out.to(x.dtype) if split > 1 else out
+
+
+def _gemv(x, qweight, scales, qzeros, bits, zero_offset, group_size) -> torch.Tensor:
+    k, n = x.shape[1], qweight.shape[1]
+    key = ("gemv", n, k, bits, group_size)
+    cfg = _TUNED.get(key)
+    if cfg is None:
+        candidates = _gemv_configs(n, k, group_size)
+        if not candidates:
+            return None
+        cfg = candidates[0]
+        if x.is_cuda and AUTOTUNE and not INTERPRET:
+            timings = []
+            for c in candidates:
+                try:
+                    timings.append((_time(
+                        lambda: _run_gemv(c, x, qweight, scales, qzeros, bits, zero_offset, group_size)), len(timings), c))
+                except triton.runtime.errors.OutOfResources:
+                    continue
+            cfg = min(timings)[2]
+        _TUNED[key] = cfg
+    return _run_gemv(cfg, x, qweight, scales, qzeros, bits, zero_offset, group_size)
+
+
+def gptq_dequantize(qweight, scales, qzeros, g_idx, bits: int, zero_offset: int, group_size: int) -> torch.Tensor:
+    """The fp16 ``[K, N]`` weight; ``group_size`` as in gptq_matmul."""
+    k, n = qweight.shape[0] * (32 // bits), qweight.shape[1]
+    block_k = 32 if group_size <= 0 else min(64, group_size)
+    w = torch.empty((k, n), device=qweight.device, dtype=torch.float16)
+    g = g_idx if g_idx is not None else qweight
+    grid = (k // block_k, triton.cdiv(n, 128))
+    _gptq_dequant_kernel[grid](qweight, scales, qzeros, g, w, n, k, group_size, BITS=bits, ZERO_OFFSET=zero_offset,
+                               CONTIGUOUS=group_size > 0, BLOCK_N=128, BLOCK_K=block_k, num_warps=4)
+    return w
 
 
 def gptq_matmul(
@@ -194,6 +336,12 @@ def gptq_matmul(
         raise TypeError(f"x must be float16, got {x.dtype}")
     if group_size == 0 and g_idx is None:
         raise ValueError("g_idx is needed when groups are not contiguous")
+    if x.shape[0] >= DEQUANT_MIN_M:
+        return x @ gptq_dequantize(qweight, scales, qzeros, g_idx, bits, zero_offset, group_size)
+    if x.shape[0] == 1 and group_size > 0 and x.is_contiguous():
+        out = _gemv(x, qweight, scales, qzeros, bits, zero_offset, group_size)
+        if out is not None:
+            return out
     g = g_idx if g_idx is not None else qweight  # unused pointer when group_size > 0
     cfg = _tuned_config(x, qweight, scales, qzeros, g, bits, zero_offset, group_size)
     return _run(cfg, x, qweight, scales, qzeros, g, bits, zero_offset, group_size)

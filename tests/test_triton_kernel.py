@@ -31,13 +31,38 @@ def test_kernel_matches_reference(bits, group_size, act_order):
     rng = np.random.default_rng(bits * 1000 + group_size + act_order)
     sym = bool(rng.integers(0, 2))
     t = {key: v.to(DEVICE) for key, v in random_gptq_layer(k, n, bits, group_size, act_order, sym, rng).items()}
-    for m in (1, 7, 33):
+    for m in (1, 7, 33, triton_gptq.DEQUANT_MIN_M):  # GEMV, fused small-M, fused, dequantize + matmul
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).half().to(DEVICE)
         expected = reference_matmul(x.float(), t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits, 1)
         contiguous = 0 if act_order else (k if group_size == -1 else group_size)
         out = triton_gptq.gptq_matmul(x, t["qweight"], t["scales"], t["qzeros"], t["g_idx"], bits, 1, contiguous)
         assert out.dtype == torch.float16 and out.shape == (m, n)
         assert relative_error(out, expected) < 1e-2, (m, relative_error(out, expected))
+
+
+@pytest.mark.parametrize("bits, group_size", [(4, 128), (8, 64), (4, 32), (4, 512)])
+def test_every_gemv_configuration(bits, group_size):
+    k, n = 512, 192
+    rng = np.random.default_rng(group_size + bits)
+    t = {key: v.to(DEVICE) for key, v in random_gptq_layer(k, n, bits, group_size, False, False, rng).items()}
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(5)).half().to(DEVICE)
+    expected = reference_matmul(x.float(), t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits, 1)
+    configs = triton_gptq._gemv_configs(n, k, group_size)
+    assert len(configs) >= 2
+    for cfg in configs:
+        out = triton_gptq._run_gemv(cfg, x, t["qweight"], t["scales"], t["qzeros"], bits, 1, group_size)
+        assert out.dtype == torch.float16 and relative_error(out, expected) < 1e-2, cfg
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_dequantize_matches_reference(act_order):
+    from kernels.gptq_format import dequantize
+
+    rng = np.random.default_rng(7 + act_order)
+    t = {key: v.to(DEVICE) for key, v in random_gptq_layer(256, 64, 4, 64, act_order, False, rng).items()}
+    w = triton_gptq.gptq_dequantize(t["qweight"], t["scales"], t["qzeros"], t["g_idx"], 4, 1, 0 if act_order else 64)
+    expected = dequantize(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, 1)
+    assert w.dtype == torch.float16 and relative_error(w, expected) < 1e-3
 
 
 def test_g_idx_path_on_contiguous_groups_and_v2_zeros():

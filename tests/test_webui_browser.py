@@ -18,25 +18,18 @@ from playwright.sync_api import expect, sync_playwright
 
 from tests.browser import CHROMIUM, CHROMIUM_ARGS, AppProcess, artifacts_dir, chat, choose, open_tab, value_of
 from tests.hub_server import HubServer
+from tests.test_webui_handlers import link_model
 
 REPO = "TheBloke/SmolLM2-135M-Instruct-GPTQ"
 MODEL = "TheBloke_SmolLM2-135M-Instruct-GPTQ"
 QUESTION = "What is the capital of France?"
 
 
-def link_branch(source: Path, target: Path) -> None:
-    """A Hub branch made of symlinks to a cached fixture checkpoint."""
-    target.mkdir(parents=True)
-    for f in source.iterdir():
-        if f.is_file() and not f.name.startswith("."):
-            (target / f.name).symlink_to(f)
-
-
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory, smollm2_branch):
     root = tmp_path_factory.mktemp("hub")
-    link_branch(smollm2_branch("main"), root / REPO / "main")
-    link_branch(smollm2_branch("gptq-4bit-32g-actorder_True"), root / REPO / "gptq-4bit-32g-actorder_True")
+    link_model(smollm2_branch("main"), root / REPO / "main")
+    link_model(smollm2_branch("gptq-4bit-32g-actorder_True"), root / REPO / "gptq-4bit-32g-actorder_True")
     with HubServer(root) as server:
         yield server
 

@@ -20,14 +20,18 @@ def last(stream):
     return out
 
 
+def link_model(source: Path, target: Path) -> None:
+    """A model folder of symlinks to a cached fixture checkpoint."""
+    target.mkdir(parents=True)
+    for f in source.iterdir():
+        if f.is_file() and not f.name.startswith("."):
+            (target / f.name).symlink_to(f)
+
+
 @pytest.fixture(scope="module")
 def ui(tmp_path_factory, smollm2_branch):
     models = tmp_path_factory.mktemp("models")
-    target = models / "SmolLM2-GPTQ"
-    target.mkdir()
-    for f in smollm2_branch("main").iterdir():
-        if not f.name.startswith("."):
-            (target / f.name).symlink_to(f)
+    link_model(smollm2_branch("main"), models / "SmolLM2-GPTQ")
     (models / "broken").mkdir()
     (models / "broken" / "config.json").write_text("{}")
     presets = tmp_path_factory.mktemp("presets")

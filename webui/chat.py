@@ -46,7 +46,7 @@ def chat_turn(state: AppState, history: list[Message], system: str, template: st
     loaded = state.require_model()
     messages = ([{"role": "system", "content": system}] if system.strip() else []) + history
     ids = templates.prompt_ids(loaded.tokenizer, template, messages, continue_last=continue_last)
-    generation = state.generation(ids, params, template)
+    generation = state.ui_generation(ids, params, template)
     if continue_last:
         reply = history[-1]
         head = reply["content"]
@@ -69,7 +69,7 @@ def notebook_turn(state: AppState, prompt: str, params: SamplingParams) -> Itera
     if not prompt:
         raise ValueError("the prompt is empty")
     ids = loaded.tokenizer.encode(prompt, add_special_tokens=True)
-    generation = state.generation(ids, params)
+    generation = state.ui_generation(ids, params)
     text = prompt
     for piece in generation:
         text += piece

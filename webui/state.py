@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -65,7 +66,8 @@ class AppState:
     template: str = templates.AUTO
     load_report: LoadReport | None = None
     _load_lock: threading.Lock = field(default_factory=threading.Lock)
-    _generation_cancel: threading.Event = field(default_factory=threading.Event)
+    _generation_cancel: threading.Event = field(default_factory=threading.Event)  # the UI's latest
+    _generations: weakref.WeakSet = field(default_factory=weakref.WeakSet)  # every unfinished one
     download_cancel: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -141,8 +143,9 @@ class AppState:
         loaded, self.loaded, self.load_report = self.loaded, None, None
         if loaded is None:
             return None
-        self._generation_cancel.set()
-        with loaded.generation_lock:  # wait for a running generation to see the cancel
+        for generation in list(self._generations):
+            generation.cancel.set()
+        with loaded.generation_lock:  # wait for the running generation to see the cancel
             pass
         name = loaded.name
         del loaded
@@ -168,9 +171,15 @@ class AppState:
                 stop_strings=params.stop_strings + templates.stop_strings(template),
                 stop_token_ids=params.stop_token_ids + templates.stop_token_ids(loaded.tokenizer, template),
             )
-        cancel = threading.Event()
-        self._generation_cancel = cancel
-        return Generation(loaded, prompt_ids, params, cancel)
+        generation = Generation(loaded, prompt_ids, params)
+        self._generations.add(generation)
+        return generation
+
+    def ui_generation(self, prompt_ids: list[int], params: SamplingParams, template: str | None = None) -> Generation:
+        """A generation that the UI's Stop button cancels."""
+        generation = self.generation(prompt_ids, params, template)
+        self._generation_cancel = generation.cancel
+        return generation
 
     def stop_generation(self) -> None:
         self._generation_cancel.set()
