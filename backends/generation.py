@@ -22,7 +22,8 @@ import torch
 
 from backends.sampling import SamplingParams, next_token
 
-PREFILL_CHUNK = 512
+PREFILL_CHUNK = 512  # prompt tokens per forward on the CPU; on a GPU, PREFILL_CHUNK_GPU
+PREFILL_CHUNK_GPU = 2048
 
 
 class ContextOverflowError(ValueError):
@@ -150,6 +151,13 @@ class Generation:
             positions = torch.arange(start, start + len(tokens), device=device)
             return self.loaded.model(ids, positions)[0, -1]
 
+    def _decode(self, token: int, position: int) -> torch.Tensor:
+        decoder = self.loaded.decoder
+        if decoder is None:
+            return self._forward([token], position)
+        with torch.inference_mode():
+            return decoder.step(token, position)
+
     def _prefill(self) -> torch.Tensor:
         cached = self.loaded.cached_tokens
         reuse = 0
@@ -158,8 +166,9 @@ class Generation:
             reuse += 1
         self.loaded.cached_tokens = self.prompt_ids[:reuse]
         logits = None
-        for start in range(reuse, len(self.prompt_ids), PREFILL_CHUNK):
-            chunk = self.prompt_ids[start : start + PREFILL_CHUNK]
+        step = PREFILL_CHUNK_GPU if self.loaded.device.type == "cuda" else PREFILL_CHUNK
+        for start in range(reuse, len(self.prompt_ids), step):
+            chunk = self.prompt_ids[start : start + step]
             logits = self._forward(chunk, start)
             self.loaded.cached_tokens = self.prompt_ids[: start + len(chunk)]
         assert logits is not None
@@ -200,7 +209,7 @@ class Generation:
                 break
             if step + 1 < self.max_new:
                 position = len(self.prompt_ids) + step
-                logits = self._forward([token], position)
+                logits = self._decode(token, position)
                 self.loaded.cached_tokens = self.loaded.cached_tokens + [token]
         tail = "" if stop_filter.stopped else stop_filter.flush()
         if tail:

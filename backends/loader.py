@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from backends.base import Backend, GPTQTensors
+from backends.cuda_graph import GraphedDecoder
 from backends.fair_lock import FairLock
 from backends.model import Transformer
 from backends.model_config import ModelArgs, load_model_args
@@ -26,6 +27,7 @@ class LoadOptions:
     dtype: str = "auto"  # "auto" | "float32" | "float16" | "bfloat16"
     context_length: int | None = None
     allow_pickle: bool = False
+    cuda_graphs: bool = True  # decode by CUDA graph replay on a GPU (backends.cuda_graph)
 
 
 @dataclass
@@ -43,6 +45,7 @@ class LoadedModel:
     cached_tokens: list[int] = field(default_factory=list)
     # Held while generating: the UI and the API take turns in arrival order.
     generation_lock: FairLock = field(default_factory=FairLock)
+    decoder: GraphedDecoder | None = None  # one-token steps by CUDA graph replay
 
     @property
     def name(self) -> str:
@@ -186,4 +189,5 @@ def load_model(model_dir: str | Path, options: LoadOptions = LoadOptions()) -> L
         device=device,
         dtype=dtype,
         context_length=context,
+        decoder=GraphedDecoder(model) if device.type == "cuda" and options.cuda_graphs else None,
     )

@@ -141,8 +141,9 @@ class Attention(nn.Module):
         if self.kv_cache is not None:
             k_all, v_all = self.kv_cache.update(positions, k, v)
             k, v = k_all[:, :, :kv_len], v_all[:, :, :kv_len]
+        # mask None: a prompt from position 0 with plain causal attention, which the fused kernels take.
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_heads != self.n_kv_heads
         )
         out = out.transpose(1, 2).reshape(bsz, seqlen, self.n_heads * self.head_dim)
         return self.o_proj(out)
@@ -205,16 +206,22 @@ class Transformer(nn.Module):
             mask &= keys.view(1, -1) > positions.view(-1, 1) - window
         return mask
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """tokens ``[B, T]`` at ``positions`` ``[T]`` -> logits ``[B, T, vocab]`` in fp32."""
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
+        """tokens ``[B, T]`` at ``positions`` ``[T]`` -> logits ``[B, T, vocab]`` in fp32.
+
+        Attention reads the first ``kv_len`` cache slots (masked by position); by default up to the last
+        position, which costs one device-to-host sync. A CUDA graph passes a fixed ``kv_len`` instead.
+        """
         if self.max_seq_len == 0:
             raise RuntimeError("call setup_cache() before forward()")
-        kv_len = int(positions[-1]) + 1
+        if kv_len is None:
+            kv_len = int(positions[-1]) + 1
         if kv_len > self.max_seq_len:
             raise ValueError(f"position {kv_len - 1} is past the context length {self.max_seq_len}")
         x = self.embed_tokens(tokens)
         cos, sin = self.rotary(positions)
-        mask = self.attention_mask(positions, kv_len)
+        plain_causal = self.args.sliding_window is None and tokens.shape[1] == kv_len > 1
+        mask = None if plain_causal else self.attention_mask(positions, kv_len)
         for layer in self.layers:
             x = layer(x, cos, sin, positions, mask, kv_len)
         return self.lm_head(self.norm(x)).float()

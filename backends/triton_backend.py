@@ -52,8 +52,8 @@ class TritonLinear(nn.Module):
         self.in_features, self.out_features = t.in_features, t.out_features
         self.bits, self.zero_offset = qconfig.bits, qconfig.zero_offset
         group_size = qconfig.effective_group_size(t.in_features)
-        g_idx = t.group_index(qconfig)
-        qweight, perm, self.group_size = contiguous_layout(t.qweight, g_idx, qconfig.bits, group_size)
+        g_idx = t.group_index(qconfig).to(device)  # regrouped where it will live: on a GPU that is much faster
+        qweight, perm, self.group_size = contiguous_layout(t.qweight.to(device), g_idx, qconfig.bits, group_size)
         self.register_buffer("qweight", qweight.to(device).contiguous())
         self.register_buffer("scales", t.scales.to(device=device, dtype=torch.float16).contiguous())
         self.register_buffer("qzeros", t.qzeros.to(device).contiguous())

@@ -281,7 +281,15 @@ def _run_gemv(cfg: dict, x, qweight, scales, qzeros, bits, zero_offset, group_si
     return out.to(x.dtype) if split > 1 else out
 
 
-def _gemv(x, qweight, scales, qzeros, bits, zero_offset, group_size) -> torch.Tensor:
+def gptq_gemv(x, qweight, scales, qzeros, bits: int, zero_offset: int, group_size: int) -> torch.Tensor:
+    """``x @ W`` for one fp16 row ``x`` ``[1, K]``, groups contiguous runs of ``group_size`` rows."""
+    out = _gemv(x, qweight, scales, qzeros, bits, zero_offset, group_size)
+    if out is None:
+        raise ValueError(f"no GEMV configuration tiles group size {group_size} and K={x.shape[1]}")
+    return out
+
+
+def _gemv(x, qweight, scales, qzeros, bits, zero_offset, group_size) -> torch.Tensor | None:
     k, n = x.shape[1], qweight.shape[1]
     key = ("gemv", n, k, bits, group_size)
     cfg = _TUNED.get(key)

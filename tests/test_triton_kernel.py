@@ -67,8 +67,8 @@ def test_dequantize_matches_reference(act_order):
 
 def test_g_idx_path_on_contiguous_groups_and_v2_zeros():
     rng = np.random.default_rng(11)
-    t = random_gptq_layer(128, 64, 4, 32, False, False, rng)
-    x = torch.randn(3, 128).half()
+    t = {key: v.to(DEVICE) for key, v in random_gptq_layer(128, 64, 4, 32, False, False, rng).items()}
+    x = torch.randn(3, 128).half().to(DEVICE)
     expected = reference_matmul(x.float(), t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, 0)
     out = triton_gptq.gptq_matmul(x, t["qweight"], t["scales"], t["qzeros"], t["g_idx"], 4, 0, 0)
     assert relative_error(out, expected) < 1e-2

@@ -1,0 +1,63 @@
+"""The exllama backend against the reference backend, under TRITON_INTERPRET=1 on the CPU (or on a GPU)."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from backends.quant_config import QuantConfig  # noqa: E402
+from tests.gptq_testing import random_gptq_layer  # noqa: E402
+from tests.test_triton_kernel import DEVICE, relative_error  # noqa: E402
+
+pytest.importorskip("triton")
+
+
+@pytest.mark.parametrize("group_size, act_order, sym", [(32, True, True), (128, False, False), (-1, True, True),
+                                                        (64, True, False)])
+def test_model_matches_reference_backend(tmp_path, group_size, act_order, sym):
+    from backends.loader import LoadOptions, build_model
+    from tests.gptq_testing import tiny_config, write_tiny_checkpoint
+
+    path = write_tiny_checkpoint(tmp_path / "m", tiny_config(num_hidden_layers=1), 4, group_size, act_order, sym=sym)
+    for length in (3, 9):  # GEMV per row, then dequantize + matmul
+        tokens = torch.randint(0, 256, (1, length), generator=torch.Generator().manual_seed(length))
+        logits = {}
+        for backend in ("reference", "exllama"):
+            model, _, _, name, *_ = build_model(path, LoadOptions(backend=backend, device=DEVICE, dtype="float32"))
+            assert name == backend
+            model.setup_cache(batch=1, max_seq_len=16)
+            with torch.no_grad():
+                logits[backend] = model(tokens.to(DEVICE), torch.arange(length, device=DEVICE))
+        assert relative_error(logits["exllama"], logits["reference"]) < 1e-2, length
+
+
+def test_act_order_permutation_round_trips():
+    from backends.base import GPTQTensors
+    from backends.exllama_backend import ExllamaLinear
+    from kernels.gptq_format import dequantize
+
+    rng = np.random.default_rng(3)
+    t = random_gptq_layer(128, 64, 4, 32, True, False, rng)
+    layer = ExllamaLinear(GPTQTensors("l", t["qweight"], t["qzeros"], t["scales"], t["g_idx"], None, 128, 64),
+                          QuantConfig(bits=4, group_size=32, desc_act=True, sym=False), torch.float16,
+                          torch.device(DEVICE))
+    assert layer.q_perm is not None
+    assert torch.equal(t["g_idx"].long()[layer.q_perm.cpu()], torch.arange(128) // 32), "groups are contiguous"
+    assert torch.equal(layer.q_perm[layer.q_invperm].cpu(), torch.arange(128))
+    expected = dequantize(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, 1)
+    assert relative_error(layer.dequantize().cpu(), expected) < 1e-3
+
+
+def test_only_what_it_can_run():
+    from backends.exllama_backend import ExllamaBackend
+
+    backend = ExllamaBackend()
+    cpu = torch.device("cpu")
+    assert "4-bit" in backend.unavailable_reason(cpu, QuantConfig(bits=8, group_size=128))
+    assert "multiple of 32" in backend.unavailable_reason(cpu, QuantConfig(bits=4, group_size=48))
+    assert "not GPTQ" in backend.unavailable_reason(cpu, None)
