@@ -110,6 +110,7 @@ def _gptq_gemv_kernel(
     N, K, group_size,  # contiguous groups; BLOCK_K divides group_size
     BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    MAGIC: tl.constexpr,  # dequantize in fp16 through the exponent trick instead of int->float conversions
 ):
     PACK: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
@@ -122,7 +123,11 @@ def _gptq_gemv_kernel(
     zero_shift = (offs_n % PACK) * BITS
     # Weights stay [word row, position in word, column]: no reshape, so no layout shuffle. Partial
     # products stay per lane; one reduction at the end, none inside the loop.
-    acc3 = tl.zeros((BLOCK_K // PACK, PACK, BLOCK_N), dtype=tl.float32)
+    # MAGIC: the fp16 with bits 0x6400 | v is exactly 1024 + v for v < 1024, so (q | 0x6400) - (z | 0x6400)
+    # is q - z in fp16 with integer ops only (int->float conversions run at a quarter of the rate). The
+    # per-lane sums then stay in fp16: each lane adds only K / (BLOCK_K * SPLIT_K) products.
+    ACC: tl.constexpr = tl.float16 if MAGIC else tl.float32
+    acc3 = tl.zeros((BLOCK_K // PACK, PACK, BLOCK_N), dtype=ACC)
     per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
     k_begin = pid_k * per_split
     k_end = tl.minimum(k_begin + per_split, K)
@@ -130,13 +135,19 @@ def _gptq_gemv_kernel(
         words = tl.load(qweight_ptr + (k0 // PACK + rows)[:, None] * N + offs_n[None, :],
                         mask=mask_n[None, :], other=0)
         q = (words[:, None, :] >> (lanes * BITS)[None, :, None]) & MASK
-        x = tl.load(x_ptr + k0 + rows[:, None] * PACK + lanes[None, :]).to(tl.float32)
+        x = tl.load(x_ptr + k0 + rows[:, None] * PACK + lanes[None, :])
         g = k0 // group_size
-        scale = tl.load(scales_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        scale = tl.load(scales_ptr + g * N + offs_n, mask=mask_n, other=0.0)
         zword = tl.load(qzeros_ptr + g * (N // PACK) + offs_n // PACK, mask=mask_n, other=0)
         zero = ((zword >> zero_shift) & MASK) + ZERO_OFFSET
-        acc3 += x[:, :, None] * ((q - zero[None, None, :]).to(tl.float32) * scale[None, None, :])
-    acc = tl.sum(tl.sum(acc3, axis=0), axis=0)
+        if MAGIC:
+            q16 = (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+            z16 = (zero | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+            acc3 += x[:, :, None] * ((q16 - z16[None, None, :]) * scale[None, None, :])
+        else:
+            w = (q - zero[None, None, :]).to(tl.float32) * scale.to(tl.float32)[None, None, :]
+            acc3 += x.to(tl.float32)[:, :, None] * w
+    acc = tl.sum(tl.sum(acc3.to(tl.float32), axis=0), axis=0)
     if SPLIT_K == 1:
         tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
     else:
@@ -264,9 +275,10 @@ DEQUANT_MIN_M = 128  # from here on, dequantize + cuBLAS beats the fused kernel 
 def _gemv_configs(n: int, k: int, group_size: int) -> list[dict]:
     """(BLOCK_N, BLOCK_K, SPLIT_K, warps) candidates, best guess first."""
     shapes = [(128, 64, 16, 4), (64, 64, 16, 2), (256, 64, 16, 8), (64, 128, 8, 4), (128, 64, 8, 4), (32, 64, 8, 2),
-              (64, 128, 4, 4), (128, 128, 2, 4), (64, 128, 1, 4), (32, 128, 1, 4), (64, 32, 16, 4), (128, 32, 8, 4)]
-    return [{"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": w}
-            for bn, bk, sk, w in shapes if group_size % bk == 0 and k % bk == 0]
+              (64, 128, 4, 4), (128, 128, 2, 4), (64, 128, 1, 4), (32, 128, 1, 4), (64, 32, 16, 4), (128, 32, 8, 4),
+              (128, 128, 8, 4), (256, 128, 4, 8), (128, 128, 4, 4)]
+    return [{"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": w, "MAGIC": magic}
+            for magic in (True, False) for bn, bk, sk, w in shapes if group_size % bk == 0 and k % bk == 0]
 
 
 def _run_gemv(cfg: dict, x, qweight, scales, qzeros, bits, zero_offset, group_size) -> torch.Tensor:
@@ -276,7 +288,7 @@ def _run_gemv(cfg: dict, x, qweight, scales, qzeros, bits, zero_offset, group_si
         torch.empty((1, n), device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), split)
     _gptq_gemv_kernel[grid](x, qweight, scales, qzeros, out, n, k, group_size, BITS=bits, ZERO_OFFSET=zero_offset,
-                            BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split,
+                            BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split, MAGIC=cfg["MAGIC"],
                             num_warps=cfg["num_warps"])
     return out.to(x.dtype) if split > 1 else out
 
