@@ -42,3 +42,21 @@ class Backend(Protocol):
     def make_linear(
         self, tensors: GPTQTensors, qconfig: QuantConfig, dtype: torch.dtype, device: torch.device
     ) -> nn.Module: ...
+
+
+def same_tensor(tensors: list[torch.Tensor | None]) -> bool:
+    """All None, or all equal (for layouts that several projections must share to be fused)."""
+    first = tensors[0]
+    if first is None:
+        return all(t is None for t in tensors)
+    return all(t is not None and t.shape == first.shape and torch.equal(t, first) for t in tensors)
+
+
+def concat_bias(parts: list) -> torch.Tensor | None | bool:
+    """The fused bias, None if no part has one, False if only some have one (then they cannot fuse)."""
+    biases = [p.bias for p in parts]
+    if all(b is None for b in biases):
+        return None
+    if any(b is None for b in biases):
+        return False
+    return torch.cat(biases)

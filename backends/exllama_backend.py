@@ -16,7 +16,7 @@ import os
 import torch
 from torch import nn
 
-from backends.base import GPTQTensors
+from backends.base import GPTQTensors, concat_bias, same_tensor
 from backends.quant_config import QuantConfig
 from kernels.gptq_format import pack_rows, unpack_rows
 
@@ -52,6 +52,27 @@ class ExllamaLinear(nn.Module):
         self.register_buffer("q_invperm", perms[1].to(device) if perms else None)
         bias = t.bias.to(device=device, dtype=dtype) if t.bias is not None else None
         self.register_buffer("bias", bias)
+
+    @classmethod
+    def fuse(cls, parts: list["ExllamaLinear"]) -> "ExllamaLinear | None":
+        """One layer for projections of the same input (q/k/v, gate/up): one GEMV instead of several."""
+        first = parts[0]
+        bias = concat_bias(parts)
+        if (bias is False or any(p.out_features % 8 for p in parts)
+                or any((p.group_size, p.zero_offset) != (first.group_size, first.zero_offset) for p in parts)
+                or not same_tensor([p.q_perm for p in parts])):
+            return None
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused._kernels = first._kernels
+        fused.in_features, fused.out_features = first.in_features, sum(p.out_features for p in parts)
+        fused.zero_offset, fused.group_size = first.zero_offset, first.group_size
+        for name in ("qweight", "scales", "qzeros"):
+            fused.register_buffer(name, torch.cat([getattr(p, name) for p in parts], dim=1).contiguous())
+        fused.register_buffer("q_perm", first.q_perm)
+        fused.register_buffer("q_invperm", first.q_invperm)
+        fused.register_buffer("bias", bias)
+        return fused
 
     def dequantize(self) -> torch.Tensor:
         """The fp16 weight ``[in_features, out_features]`` in the checkpoint's row order."""

@@ -158,6 +158,7 @@ def build_model(model_dir: Path, options: LoadOptions) -> tuple[Transformer, Mod
     store = WeightStore(find_weight_files(model_dir, qconfig, options.allow_pickle))
     model = Transformer(args, _LinearBuilder(store, qconfig, backend, args, dtype, device))
     _load_plain(model, store, dtype, device)
+    model.fuse_projections()
     model.rotary.to(device)
     model.eval()
     return model, args, qconfig, backend.name, device, dtype

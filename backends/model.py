@@ -7,6 +7,8 @@ reference dequantized path, the Triton kernels or the ExLlama kernels.
 
 from __future__ import annotations
 
+import functools
+
 import math
 from typing import Protocol
 
@@ -38,9 +40,22 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, device="meta"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = _fused_rmsnorm() if x.is_cuda else None
+        if fused is not None:
+            return fused(x, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (self.weight.float() * xf).to(x.dtype)
+
+
+@functools.cache
+def _fused_rmsnorm():
+    """The one-kernel RMSNorm for GPUs (the torch form above is its reference), imported on first use."""
+    try:
+        from kernels.rmsnorm import rmsnorm
+    except ImportError:
+        return None
+    return rmsnorm
 
 
 def base_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
@@ -129,13 +144,19 @@ class Attention(nn.Module):
         self.k_proj = make_linear(f"{prefix}.k_proj", args.hidden_size, kv_out, b)
         self.v_proj = make_linear(f"{prefix}.v_proj", args.hidden_size, kv_out, b)
         self.o_proj = make_linear(f"{prefix}.o_proj", q_out, args.hidden_size, False)
+        self.qkv_proj: nn.Module | None = None  # set by Transformer.fuse_projections
+        self.split_sizes = [q_out, kv_out, kv_out]
         self.kv_cache: KVCache | None = None
 
     def forward(self, x, cos, sin, positions, mask, kv_len: int) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
-        q = self.q_proj(x).view(bsz, seqlen, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(bsz, seqlen, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(bsz, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(bsz, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
         if self.kv_cache is not None:
@@ -156,9 +177,14 @@ class FeedForward(nn.Module):
         self.gate_proj = make_linear(f"{prefix}.gate_proj", h, i, b)
         self.up_proj = make_linear(f"{prefix}.up_proj", h, i, b)
         self.down_proj = make_linear(f"{prefix}.down_proj", i, h, b)
+        self.gate_up_proj: nn.Module | None = None  # set by Transformer.fuse_projections
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -175,6 +201,14 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
+def fuse_linears(parts: list[nn.Module]) -> nn.Module | None:
+    """The parts as one layer, if they are of one class that knows how to fuse (``cls.fuse``)."""
+    kind = type(parts[0])
+    if any(type(p) is not kind for p in parts) or not hasattr(kind, "fuse"):
+        return None
+    return kind.fuse(parts)
+
+
 class Transformer(nn.Module):
     """Parameter names follow the Hugging Face checkpoints (``model.layers.N...``)."""
 
@@ -188,6 +222,21 @@ class Transformer(nn.Module):
         self.lm_head = make_linear("lm_head", args.hidden_size, args.vocab_size, False)
         self.rotary = Rotary(args)
         self.max_seq_len = 0
+
+    def fuse_projections(self) -> int:
+        """Replace q/k/v and gate/up by one layer each where the backend's layers can fuse; returns how many."""
+        fused = 0
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv = fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+            if qkv is not None:
+                attn.qkv_proj, attn.q_proj, attn.k_proj, attn.v_proj = qkv, None, None, None
+                fused += 1
+            gate_up = fuse_linears([mlp.gate_proj, mlp.up_proj])
+            if gate_up is not None:
+                mlp.gate_up_proj, mlp.gate_proj, mlp.up_proj = gate_up, None, None
+                fused += 1
+        return fused
 
     def setup_cache(self, batch: int, max_seq_len: int) -> None:
         dtype = self.embed_tokens.weight.dtype

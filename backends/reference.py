@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backends.base import GPTQTensors
+from backends.base import GPTQTensors, concat_bias
 from backends.quant_config import QuantConfig
 from kernels.gptq_format import dequantize
 
@@ -34,6 +34,20 @@ class DequantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
+
+    @classmethod
+    def fuse(cls, parts: list["DequantizedLinear"]) -> "DequantizedLinear | None":
+        """One layer computing the parts' outputs side by side (they share their input)."""
+        bias = concat_bias(parts)
+        if bias is False:
+            return None
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.in_features = parts[0].in_features
+        fused.out_features = sum(p.out_features for p in parts)
+        fused.weight = nn.Parameter(torch.cat([p.weight for p in parts]), requires_grad=False)
+        fused.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        return fused
 
 
 class ReferenceBackend:

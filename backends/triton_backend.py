@@ -13,7 +13,7 @@ import os
 import torch
 from torch import nn
 
-from backends.base import GPTQTensors
+from backends.base import GPTQTensors, concat_bias, same_tensor
 from backends.quant_config import QuantConfig
 from kernels.gptq_format import pack_rows, unpack_rows
 
@@ -61,6 +61,29 @@ class TritonLinear(nn.Module):
         self.register_buffer("perm", perm.to(device) if perm is not None else None)
         bias = t.bias.to(device=device, dtype=dtype) if t.bias is not None else None
         self.register_buffer("bias", bias)
+
+    @classmethod
+    def fuse(cls, parts: list["TritonLinear"]) -> "TritonLinear | None":
+        """One layer for projections of the same input (q/k/v, gate/up): one kernel call instead of several."""
+        first = parts[0]
+        bias = concat_bias(parts)
+        layout = (first.bits, first.zero_offset, first.group_size)
+        if (bias is False or any(p.out_features % (32 // p.bits) for p in parts)
+                or any((p.bits, p.zero_offset, p.group_size) != layout for p in parts)
+                or not same_tensor([p.perm for p in parts])
+                or (first.group_size == 0 and not same_tensor([p.g_idx for p in parts]))):
+            return None
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused._matmul = first._matmul
+        fused.in_features, fused.out_features = first.in_features, sum(p.out_features for p in parts)
+        fused.bits, fused.zero_offset, fused.group_size = layout
+        for name in ("qweight", "scales", "qzeros"):
+            fused.register_buffer(name, torch.cat([getattr(p, name) for p in parts], dim=1).contiguous())
+        fused.register_buffer("g_idx", first.g_idx)
+        fused.register_buffer("perm", first.perm)
+        fused.register_buffer("bias", bias)
+        return fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

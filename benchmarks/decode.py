@@ -60,14 +60,19 @@ def write_random_gptq(folder: Path, config: dict, act_order: bool) -> Path:
     gen = torch.Generator(device="cuda").manual_seed(0)
     tensors: dict[str, torch.Tensor] = {}
 
-    def linear(name: str, k: int, n: int) -> None:
+    perms: dict[str, torch.Tensor] = {}
+
+    def linear(name: str, k: int, n: int, shared_input: str | None = None) -> None:
         tensors[f"{name}.qweight"] = torch.randint(-2**31, 2**31 - 1, (k // 8, n), dtype=torch.int32, device="cuda",
                                                    generator=gen).cpu()
         tensors[f"{name}.qzeros"] = torch.full((k // GROUP, n // 8), 0x77777777, dtype=torch.int32)  # zero 8 (v1: 7)
         tensors[f"{name}.scales"] = (torch.rand((k // GROUP, n), device="cuda", generator=gen) * 0.004 + 0.001).half().cpu()
         g = torch.arange(k, device="cuda") // GROUP
-        if act_order:
-            g = g[torch.randperm(k, device="cuda", generator=gen)]
+        if act_order:  # projections of one input share their order, as in real checkpoints (same Hessian)
+            key = shared_input or name
+            if key not in perms:
+                perms[key] = torch.randperm(k, device="cuda", generator=gen)
+            g = g[perms[key]]
         tensors[f"{name}.g_idx"] = g.int().cpu()
 
     def dense(name: str, *shape: int) -> None:
@@ -78,10 +83,11 @@ def write_random_gptq(folder: Path, config: dict, act_order: bool) -> Path:
     tensors["model.norm.weight"] = torch.ones(h, dtype=torch.float16)
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}"
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            linear(f"{p}.self_attn.{proj}", h, h)
-        linear(f"{p}.mlp.gate_proj", h, f)
-        linear(f"{p}.mlp.up_proj", h, f)
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            linear(f"{p}.self_attn.{proj}", h, h, shared_input=f"{p}.attn_in")
+        linear(f"{p}.self_attn.o_proj", h, h)
+        linear(f"{p}.mlp.gate_proj", h, f, shared_input=f"{p}.mlp_in")
+        linear(f"{p}.mlp.up_proj", h, f, shared_input=f"{p}.mlp_in")
         linear(f"{p}.mlp.down_proj", f, h)
         tensors[f"{p}.input_layernorm.weight"] = torch.ones(h, dtype=torch.float16)
         tensors[f"{p}.post_attention_layernorm.weight"] = torch.ones(h, dtype=torch.float16)

@@ -151,7 +151,7 @@ def _gptq_gemv_kernel(
     if SPLIT_K == 1:
         tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
     else:
-        tl.atomic_add(out_ptr + offs_n, acc, mask=mask_n)
+        tl.atomic_add(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
 @triton.jit
@@ -277,20 +277,24 @@ def _gemv_configs(n: int, k: int, group_size: int) -> list[dict]:
     shapes = [(128, 64, 16, 4), (64, 64, 16, 2), (256, 64, 16, 8), (64, 128, 8, 4), (128, 64, 8, 4), (32, 64, 8, 2),
               (64, 128, 4, 4), (128, 128, 2, 4), (64, 128, 1, 4), (32, 128, 1, 4), (64, 32, 16, 4), (128, 32, 8, 4),
               (128, 128, 8, 4), (256, 128, 4, 8), (128, 128, 4, 4)]
-    return [{"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": w, "MAGIC": magic}
-            for magic in (True, False) for bn, bk, sk, w in shapes if group_size % bk == 0 and k % bk == 0]
+    # OUT32: split-K partial sums meet in an fp32 buffer (then a cast), else in the fp16 output directly.
+    return [{"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": w, "MAGIC": magic, "OUT32": out32}
+            for magic in (True, False) for out32 in (False, True) for bn, bk, sk, w in shapes
+            if group_size % bk == 0 and k % bk == 0 and (sk > 1 or not out32)]
 
 
 def _run_gemv(cfg: dict, x, qweight, scales, qzeros, bits, zero_offset, group_size) -> torch.Tensor:
     k, n = x.shape[1], qweight.shape[1]
     split = cfg["SPLIT_K"]
-    out = torch.zeros((1, n), device=x.device, dtype=torch.float32) if split > 1 else \
-        torch.empty((1, n), device=x.device, dtype=x.dtype)
+    if split == 1:
+        out = torch.empty((1, n), device=x.device, dtype=x.dtype)
+    else:
+        out = torch.zeros((1, n), device=x.device, dtype=torch.float32 if cfg["OUT32"] else x.dtype)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), split)
     _gptq_gemv_kernel[grid](x, qweight, scales, qzeros, out, n, k, group_size, BITS=bits, ZERO_OFFSET=zero_offset,
                             BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split, MAGIC=cfg["MAGIC"],
                             num_warps=cfg["num_warps"])
-    return out.to(x.dtype) if split > 1 else out
+    return out.to(x.dtype)  # a no-op unless OUT32
 
 
 def gptq_gemv(x, qweight, scales, qzeros, bits: int, zero_offset: int, group_size: int) -> torch.Tensor:

@@ -1,10 +1,17 @@
-"""Decoding with a fixed KV length (as the CUDA graphs do) equals decoding with the exact one."""
+"""Decoding with a fixed KV length (as the CUDA graphs do) equals decoding with the exact one;
+fused projections equal separate ones."""
 
-import pytest
+import os
+
 import torch
 
-from backends.loader import LoadOptions, build_model
-from tests.gptq_testing import tiny_config, write_tiny_checkpoint
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
+
+import pytest  # noqa: E402
+
+from backends.loader import LoadOptions, build_model  # noqa: E402
+from tests.gptq_testing import tiny_config, write_tiny_checkpoint  # noqa: E402
 
 
 def decode_logits(model, tokens: list[int], kv_len_of) -> list[torch.Tensor]:
@@ -48,3 +55,31 @@ def test_graph_replay_matches_eager_on_gpu(tmp_path, backend):
     assert set(decoder.graphs) == {128, 256}
     for a, b in zip(eager, graphed):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "exllama"])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_fused_projections_match_separate_ones(tmp_path, backend, act_order, monkeypatch):
+    from backends.model import Transformer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # The tiny checkpoint's act-order is random per projection, so q/k/v (and gate/up) cannot share one
+    # permutation and the kernel backends must leave them separate; without act-order they fuse.
+    path = write_tiny_checkpoint(tmp_path / "m", tiny_config(num_hidden_layers=1), 4, 32, act_order)
+    tokens = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(0)).to(device)
+    options = LoadOptions(backend=backend, device=device, dtype="float32")
+
+    def logits_of(model):
+        model.setup_cache(batch=1, max_seq_len=16)
+        with torch.inference_mode():
+            return model(tokens, torch.arange(6, device=device))
+
+    fused, *_ = build_model(path, options)
+    fusable = backend == "reference" or not act_order
+    assert (fused.layers[0].self_attn.qkv_proj is not None) == fusable
+    assert (fused.layers[0].mlp.gate_up_proj is not None) == fusable
+    with monkeypatch.context() as m:
+        m.setattr(Transformer, "fuse_projections", lambda self: 0)
+        separate, *_ = build_model(path, options)
+    assert separate.layers[0].self_attn.qkv_proj is None
+    torch.testing.assert_close(logits_of(fused), logits_of(separate), rtol=2e-2, atol=2e-2)

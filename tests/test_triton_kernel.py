@@ -126,3 +126,15 @@ def test_groups_the_kernel_cannot_tile_use_g_idx():
     assert relative_error(out, expected) < 1e-2
     with pytest.raises(ValueError, match="not a multiple of 32"):
         triton_gptq.gptq_matmul(x, t["qweight"], t["scales"], t["qzeros"], t["g_idx"], 4, 1, 48)
+
+
+def test_fused_rmsnorm_matches_torch():
+    from kernels.rmsnorm import rmsnorm
+
+    x = torch.randn(3, 5, 576, generator=torch.Generator().manual_seed(0)).half().to(DEVICE)
+    w = torch.rand(576, generator=torch.Generator().manual_seed(1)).half().to(DEVICE)
+    xf = x.float()
+    expected = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5) * w.float()).half()
+    out = rmsnorm(x, w, 1e-5)
+    assert out.shape == x.shape and out.dtype == torch.float16
+    assert relative_error(out, expected) < 2e-3
