@@ -28,6 +28,16 @@ class Branch:
     name: str
     qconfig: QuantConfig
     config_block: bool = False  # settings in config.json's quantization_config instead of quantize_config.json
+    samples: int = 16  # calibration windows of 256 tokens
+    docs_calibration: bool = False  # add Python's own documentation (pydoc topics) to the calibration text
+
+    def calibration_text(self) -> str:
+        text = (DATA / "calibration.txt").read_text()
+        if self.docs_calibration:
+            from pydoc_data.topics import topics
+
+            text += "\n\n" + "\n\n".join(topics[k] for k in sorted(topics))[:200_000]
+        return text
 
 
 BRANCHES = {
@@ -36,7 +46,9 @@ BRANCHES = {
         Branch("main", QuantConfig(bits=4, group_size=128, desc_act=False, sym=True)),
         Branch(
             "gptq-4bit-32g-actorder_True",
-            QuantConfig(bits=4, group_size=32, desc_act=True, sym=True, model_file_base_name="gptq_model-4bit-32g"),
+            QuantConfig(bits=4, group_size=32, desc_act=True, sym=False, model_file_base_name="gptq_model-4bit-32g"),
+            samples=64,
+            docs_calibration=True,
         ),
         Branch("gptq-8bit-128g-actorder_False", QuantConfig(bits=8, group_size=128, desc_act=False, sym=True), config_block=True),
         Branch("gptq-4bit--1g-actorder_True", QuantConfig(bits=4, group_size=-1, desc_act=True, sym=False)),
@@ -123,7 +135,8 @@ def branch_checkpoint(name: str) -> Path:
             base,
             tmp,
             branch.qconfig,
-            (DATA / "calibration.txt").read_text(),
+            branch.calibration_text(),
+            samples=branch.samples,
             config_block=branch.config_block,
         )
 
