@@ -49,6 +49,16 @@ class RMSNorm(nn.Module):
 
 
 @functools.cache
+def _fused_rotary():
+    """kernels.rotary for GPUs (apply_rotary is its reference), imported on first use."""
+    try:
+        from kernels import rotary
+    except ImportError:
+        return None
+    return rotary
+
+
+@functools.cache
 def _fused_rmsnorm():
     """The one-kernel RMSNorm for GPUs (the torch form above is its reference), imported on first use."""
     try:
@@ -154,14 +164,22 @@ class Attention(nn.Module):
             q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(bsz, seqlen, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(bsz, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = q.view(bsz, seqlen, self.n_heads, self.head_dim)
+        k = k.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         v = v.view(bsz, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
-        if self.kv_cache is not None:
-            k_all, v_all = self.kv_cache.update(positions, k, v)
-            k, v = k_all[:, :, :kv_len], v_all[:, :, :kv_len]
+        fused = _fused_rotary() if x.is_cuda and self.kv_cache is not None else None
+        if fused is not None and fused.supported(self.head_dim):
+            # Two kernels: q rotated, k rotated straight into its cache slots.
+            q = fused.rotary(q, cos, sin).transpose(1, 2)
+            fused.rotary(k, cos, sin, self.kv_cache.k, positions)
+            self.kv_cache.v.index_copy_(2, positions, v)
+            k, v = self.kv_cache.k[:, :, :kv_len], self.kv_cache.v[:, :, :kv_len]
+        else:
+            q = apply_rotary(q.transpose(1, 2), cos, sin)
+            k = apply_rotary(k.transpose(1, 2), cos, sin)
+            if self.kv_cache is not None:
+                k_all, v_all = self.kv_cache.update(positions, k, v)
+                k, v = k_all[:, :, :kv_len], v_all[:, :, :kv_len]
         # mask None: a prompt from position 0 with plain causal attention, which the fused kernels take.
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_heads != self.n_kv_heads

@@ -138,3 +138,26 @@ def test_fused_rmsnorm_matches_torch():
     out = rmsnorm(x, w, 1e-5)
     assert out.shape == x.shape and out.dtype == torch.float16
     assert relative_error(out, expected) < 2e-3
+
+
+@pytest.mark.parametrize("head_dim", [16, 64])
+def test_fused_rotary_matches_torch(head_dim):
+    from backends.model import apply_rotary
+    from kernels.rotary import rotary
+
+    g = torch.Generator().manual_seed(head_dim)
+    b, t, h = 1, 5, 3
+    qkv = torch.randn(b, t, 3 * h * head_dim, generator=g).half()
+    x = qkv[..., h * head_dim : 2 * h * head_dim].view(b, t, h, head_dim)  # a strided view, as in the model
+    angles = torch.rand(t, head_dim // 2, generator=g) * 6
+    cos = torch.cat([angles.cos(), angles.cos()], -1)
+    sin = torch.cat([angles.sin(), angles.sin()], -1)
+    expected = apply_rotary(x.transpose(1, 2), cos, sin)  # [B, H, T, D]
+    x, cos, sin = x.to(DEVICE), cos.to(DEVICE), sin.to(DEVICE)
+    out = rotary(x, cos, sin)
+    assert relative_error(out.transpose(1, 2).cpu(), expected) < 1e-3
+    cache = torch.zeros(b, h, 12, head_dim, dtype=torch.float16, device=DEVICE)
+    positions = torch.tensor([7, 8, 9, 10, 11], device=DEVICE)
+    rotary(x, cos, sin, cache, positions)
+    assert relative_error(cache[:, :, 7:].cpu(), expected) < 1e-3
+    assert not cache[:, :, :7].any()
