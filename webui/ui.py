@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 import threading
 from dataclasses import replace
+from types import SimpleNamespace
 from pathlib import Path
 
 import gradio as gr
@@ -29,6 +30,8 @@ CSS = """
 #gen-stats, #model-status, #download-status { min-height: 1.5em; }
 .dl-progress progress { width: 100%; height: 1.2em; }
 """
+# Streams show their own progress (the growing reply, the stats line, the download bar), not Gradio's overlay.
+QUIET = {"show_progress": "hidden"}
 # Expected failures of user actions; anything else is a bug and is shown with its type.
 USER_ERRORS = (ValueError, RuntimeError, OSError, MemoryError)
 
@@ -288,141 +291,164 @@ class WorkbenchUI:
     # ---- layout --------------------------------------------------------------------------------------------------
 
     def build(self) -> gr.Blocks:
-        state = self.state
-        loaded_name = state.loaded.name if state.loaded else None
-        start = state.suggested_settings(loaded_name) if loaded_name else ModelSettings()
-        preset_choices = self.preset_choices()
-        start_preset = start.preset if start.preset in preset_choices else (
-            DEFAULT_PRESET if DEFAULT_PRESET in preset_choices else None)
-        start_values = self.preset_values(start_preset)
-        template_choices = templates.template_names()
-
+        start = self._start()
         with gr.Blocks(title="GPTQ Workbench", analytics_enabled=False) as demo:
             gr.Markdown("## GPTQ Workbench")
             with gr.Tabs():
                 with gr.Tab("Text generation", id="textgen"):
-                    with gr.Row():
-                        with gr.Column(scale=3):
-                            with gr.Tabs():
-                                with gr.Tab("Chat", id="chat"):
-                                    chatbot = gr.Chatbot(elem_id="chatbot", height=460, label="Chat")
-                                    user_text = gr.Textbox(elem_id="chat-input", placeholder="Type a message…",
-                                                           show_label=False, lines=2)
-                                    with gr.Row():
-                                        send_btn = gr.Button("Send", variant="primary", elem_id="send", min_width=60)
-                                        stop_btn = gr.Button("Stop", elem_id="stop", min_width=60)
-                                        regen_btn = gr.Button("Regenerate", elem_id="regenerate", min_width=60)
-                                        continue_btn = gr.Button("Continue", elem_id="continue", min_width=60)
-                                        clear_btn = gr.Button("Clear", elem_id="clear", min_width=60)
-                                with gr.Tab("Notebook", id="notebook"):
-                                    notebook_text = gr.Textbox(elem_id="notebook-text", lines=18, label="Raw prompt",
-                                                               placeholder="Text the model continues…")
-                                    with gr.Row():
-                                        notebook_btn = gr.Button("Generate", variant="primary", elem_id="notebook-generate")
-                                        notebook_stop = gr.Button("Stop", elem_id="notebook-stop")
-                            gen_stats = gr.Markdown("", elem_id="gen-stats")
-                        with gr.Column(scale=2):
-                            system = gr.Textbox(label="System message", lines=3, elem_id="system-message")
-                            template = gr.Dropdown(template_choices, value=state.template, label="Chat template",
-                                                   elem_id="template")
-                            with gr.Row():
-                                preset = gr.Dropdown(preset_choices, value=start_preset, label="Preset", elem_id="preset")
-                            preset_name = gr.Textbox(label="Save current sampling as preset", elem_id="preset-name",
-                                                     placeholder="preset name")
-                            with gr.Row():
-                                preset_save = gr.Button("Save preset", elem_id="preset-save", min_width=60)
-                                preset_delete = gr.Button("Delete selected preset", elem_id="preset-delete", min_width=60)
-                            sliders = [
-                                gr.Slider(1, 4096, step=1, value=start_values[0], label="max_new_tokens", elem_id="max-new-tokens"),
-                                gr.Slider(0, 2, step=0.01, value=start_values[1], label="temperature (0 = greedy)", elem_id="temperature"),
-                                gr.Slider(0.01, 1, step=0.01, value=start_values[2], label="top_p", elem_id="top-p"),
-                                gr.Slider(0, 200, step=1, value=start_values[3], label="top_k (0 = off)", elem_id="top-k"),
-                                gr.Slider(0, 1, step=0.01, value=start_values[4], label="min_p", elem_id="min-p"),
-                                gr.Slider(0.01, 1, step=0.01, value=start_values[5], label="typical_p", elem_id="typical-p"),
-                                gr.Slider(0.5, 2, step=0.01, value=start_values[6], label="repetition_penalty", elem_id="repetition-penalty"),
-                            ]
-                            seed = gr.Number(value=-1, precision=0, label="seed (-1 = random)", elem_id="seed")
-
+                    gen = self._text_generation_tab(start)
                 with gr.Tab("Model", id="model"):
-                    with gr.Row():
-                        model_select = gr.Dropdown(state.local_models(), value=loaded_name, label="Model",
-                                                   elem_id="model-select", scale=4)
-                        refresh_btn = gr.Button("Refresh", elem_id="refresh-models", scale=1)
-                    model_info = gr.Markdown("", elem_id="model-info")
-                    with gr.Row():
-                        backend = gr.Dropdown(state.backends(), value=start.backend, label="Backend", elem_id="backend")
-                        context = gr.Number(value=start.context_length, precision=0, label="Context length (tokens)",
-                                            elem_id="context-length")
-                        model_template = gr.Dropdown(template_choices, value=state.template, label="Chat template",
-                                                     elem_id="model-template")
-                        model_preset = gr.Dropdown(preset_choices, value=start_preset, label="Preset",
-                                                   elem_id="model-preset")
-                    allow_pickle = gr.Checkbox(state.allow_pickle, label="Allow pickled .pt/.bin weights (can run code; only for files you trust)")
-                    with gr.Row():
-                        load_btn = gr.Button("Load", variant="primary", elem_id="load")
-                        unload_btn = gr.Button("Unload", elem_id="unload")
-                        reload_btn = gr.Button("Reload", elem_id="reload")
-                        save_btn = gr.Button("Save settings for this model", elem_id="save-settings")
-                    model_status = gr.Markdown(
-                        state.load_report.describe() if state.load_report else "No model loaded.", elem_id="model-status")
-
+                    mdl = self._model_tab(start)
                 with gr.Tab("Download", id="download"):
-                    with gr.Row():
-                        repo = gr.Textbox(label="Model on the Hub", placeholder="owner/repo or owner/repo:branch",
-                                          elem_id="repo", scale=4)
-                        list_btn = gr.Button("Get branches", elem_id="get-branches", scale=1)
-                    with gr.Row():
-                        token = gr.Textbox(label="Access token (gated repos)", type="password", elem_id="hub-token")
-                        dl_pickle = gr.Checkbox(False, label="Allow pickled .pt/.bin weights")
-                    branch_table = gr.Dataframe(headers=["branch", "quantization", "download", "VRAM estimate"],
-                                                interactive=False, elem_id="branch-table")
-                    branch = gr.Dropdown([], label="Branch", elem_id="branch")
-                    with gr.Row():
-                        dl_btn = gr.Button("Download", variant="primary", elem_id="download")
-                        dl_cancel = gr.Button("Cancel", elem_id="cancel-download")
-                    dl_progress = gr.HTML(progress_html(0.0, ""), elem_id="download-progress")
-                    dl_status = gr.Markdown("", elem_id="download-status")
-
-            # text generation
-            chat_inputs = [system, template, seed, *sliders]
-            chat_outputs = [user_text, chatbot, gen_stats]
-            # Streams show their own progress (the growing reply, the stats line, the download bar).
-            quiet = {"show_progress": "hidden"}
-            send_btn.click(self.send, [user_text, chatbot, *chat_inputs], chat_outputs, **quiet)
-            user_text.submit(self.send, [user_text, chatbot, *chat_inputs], chat_outputs, **quiet)
-            regen_btn.click(self.regenerate, [chatbot, *chat_inputs], chat_outputs, **quiet)
-            continue_btn.click(self.continue_reply, [chatbot, *chat_inputs], chat_outputs, **quiet)
-            clear_btn.click(lambda: ([], ""), None, [chatbot, gen_stats], queue=False)
-            stop_btn.click(self.stop, None, gen_stats, queue=False)
-            notebook_btn.click(self.notebook, [notebook_text, seed, *sliders], [notebook_text, gen_stats], **quiet)
-            notebook_stop.click(self.stop, None, gen_stats, queue=False)
-            preset.input(self.apply_preset, preset, [*sliders, gen_stats]).then(lambda p: p, preset, model_preset)
-            template.input(lambda t: t, template, model_template)
-            preset_save.click(self.save_preset, [preset_name, *sliders], [preset, model_preset, gen_stats])
-            preset_delete.click(self.delete_preset, preset, [preset, model_preset, gen_stats])
-
-            # model
-            refresh_btn.click(self.refresh_models, model_select, model_select)
-            model_select.change(self.select_model, model_select, [model_info, backend, context, model_template, model_preset])
-            model_template.input(lambda t: t, model_template, template)
-            model_preset.input(lambda p: p, model_preset, preset).then(self.apply_preset, model_preset, [*sliders, gen_stats])
-            load_inputs = [model_select, backend, context, model_template, model_preset, allow_pickle]
-            load_outputs = [model_status, context, model_template, template, model_preset, preset, *sliders]
-            load_btn.click(self.load, load_inputs, load_outputs)
-            reload_btn.click(self.load, load_inputs, load_outputs)
-            unload_btn.click(self.unload, None, model_status)
-            save_btn.click(self.save_settings, [model_select, backend, context, model_template, model_preset], model_status)
-
-            # download
-            list_btn.click(self.list_branches, [repo, token, dl_pickle], [branch_table, branch, dl_status])
-            repo.submit(self.list_branches, [repo, token, dl_pickle], [branch_table, branch, dl_status])
-            downloaded = gr.State(None)
-            dl_btn.click(self.download, [repo, branch, token, dl_pickle], [dl_progress, dl_status, downloaded], **quiet
-                         ).then(self.show_downloaded, [downloaded, model_select], model_select)
-            dl_cancel.click(self.cancel_download, None, dl_status, queue=False)
-
-            demo.load(self.select_model, model_select, [model_info, backend, context, model_template, model_preset])
+                    dl = self._download_tab()
+            self._wire_text_generation(gen, mdl)
+            self._wire_model(gen, mdl)
+            self._wire_download(dl, mdl)
+            demo.load(self.select_model, mdl.select, mdl.fields)
         return demo
+
+    def _start(self) -> SimpleNamespace:
+        """Initial values: the loaded model's settings, else defaults."""
+        state = self.state
+        name = state.loaded.name if state.loaded else None
+        settings = state.suggested_settings(name) if name else ModelSettings()
+        choices = self.preset_choices()
+        preset = settings.preset if settings.preset in choices else (
+            DEFAULT_PRESET if DEFAULT_PRESET in choices else None)
+        return SimpleNamespace(model=name, settings=settings, presets=choices, preset=preset,
+                               values=self.preset_values(preset), templates=templates.template_names())
+
+    def _text_generation_tab(self, start: SimpleNamespace) -> SimpleNamespace:
+        c = SimpleNamespace()
+        with gr.Row():
+            with gr.Column(scale=3):
+                with gr.Tabs():
+                    with gr.Tab("Chat", id="chat"):
+                        c.chatbot = gr.Chatbot(elem_id="chatbot", height=460, label="Chat")
+                        c.user_text = gr.Textbox(elem_id="chat-input", placeholder="Type a message…",
+                                                 show_label=False, lines=2)
+                        with gr.Row():
+                            c.send = gr.Button("Send", variant="primary", elem_id="send", min_width=60)
+                            c.stop = gr.Button("Stop", elem_id="stop", min_width=60)
+                            c.regenerate = gr.Button("Regenerate", elem_id="regenerate", min_width=60)
+                            c.continue_ = gr.Button("Continue", elem_id="continue", min_width=60)
+                            c.clear = gr.Button("Clear", elem_id="clear", min_width=60)
+                    with gr.Tab("Notebook", id="notebook"):
+                        c.notebook = gr.Textbox(elem_id="notebook-text", lines=18, label="Raw prompt",
+                                                placeholder="Text the model continues…")
+                        with gr.Row():
+                            c.notebook_go = gr.Button("Generate", variant="primary", elem_id="notebook-generate")
+                            c.notebook_stop = gr.Button("Stop", elem_id="notebook-stop")
+                c.stats = gr.Markdown("", elem_id="gen-stats")
+            with gr.Column(scale=2):
+                c.system = gr.Textbox(label="System message", lines=3, elem_id="system-message")
+                c.template = gr.Dropdown(start.templates, value=self.state.template, label="Chat template",
+                                         elem_id="template")
+                c.preset = gr.Dropdown(start.presets, value=start.preset, label="Preset", elem_id="preset")
+                c.preset_name = gr.Textbox(label="Save current sampling as preset", elem_id="preset-name",
+                                           placeholder="preset name")
+                with gr.Row():
+                    c.preset_save = gr.Button("Save preset", elem_id="preset-save", min_width=60)
+                    c.preset_delete = gr.Button("Delete selected preset", elem_id="preset-delete", min_width=60)
+                v = start.values
+                c.sliders = [
+                    gr.Slider(1, 4096, step=1, value=v[0], label="max_new_tokens", elem_id="max-new-tokens"),
+                    gr.Slider(0, 2, step=0.01, value=v[1], label="temperature (0 = greedy)", elem_id="temperature"),
+                    gr.Slider(0.01, 1, step=0.01, value=v[2], label="top_p", elem_id="top-p"),
+                    gr.Slider(0, 200, step=1, value=v[3], label="top_k (0 = off)", elem_id="top-k"),
+                    gr.Slider(0, 1, step=0.01, value=v[4], label="min_p", elem_id="min-p"),
+                    gr.Slider(0.01, 1, step=0.01, value=v[5], label="typical_p", elem_id="typical-p"),
+                    gr.Slider(0.5, 2, step=0.01, value=v[6], label="repetition_penalty", elem_id="repetition-penalty"),
+                ]
+                c.seed = gr.Number(value=-1, precision=0, label="seed (-1 = random)", elem_id="seed")
+        return c
+
+    def _model_tab(self, start: SimpleNamespace) -> SimpleNamespace:
+        state, c = self.state, SimpleNamespace()
+        with gr.Row():
+            c.select = gr.Dropdown(state.local_models(), value=start.model, label="Model", elem_id="model-select",
+                                   scale=4)
+            c.refresh = gr.Button("Refresh", elem_id="refresh-models", scale=1)
+        c.info = gr.Markdown("", elem_id="model-info")
+        with gr.Row():
+            c.backend = gr.Dropdown(state.backends(), value=start.settings.backend, label="Backend", elem_id="backend")
+            c.context = gr.Number(value=start.settings.context_length, precision=0, label="Context length (tokens)",
+                                  elem_id="context-length")
+            c.template = gr.Dropdown(start.templates, value=state.template, label="Chat template",
+                                     elem_id="model-template")
+            c.preset = gr.Dropdown(start.presets, value=start.preset, label="Preset", elem_id="model-preset")
+        c.allow_pickle = gr.Checkbox(state.allow_pickle,
+                                     label="Allow pickled .pt/.bin weights (can run code; only for files you trust)")
+        with gr.Row():
+            c.load = gr.Button("Load", variant="primary", elem_id="load")
+            c.unload = gr.Button("Unload", elem_id="unload")
+            c.reload = gr.Button("Reload", elem_id="reload")
+            c.save = gr.Button("Save settings for this model", elem_id="save-settings")
+        c.status = gr.Markdown(state.load_report.describe() if state.load_report else "No model loaded.",
+                               elem_id="model-status")
+        c.fields = [c.info, c.backend, c.context, c.template, c.preset]  # what select_model fills
+        return c
+
+    def _download_tab(self) -> SimpleNamespace:
+        c = SimpleNamespace()
+        with gr.Row():
+            c.repo = gr.Textbox(label="Model on the Hub", placeholder="owner/repo or owner/repo:branch",
+                                elem_id="repo", scale=4)
+            c.list = gr.Button("Get branches", elem_id="get-branches", scale=1)
+        with gr.Row():
+            c.token = gr.Textbox(label="Access token (gated repos)", type="password", elem_id="hub-token")
+            c.allow_pickle = gr.Checkbox(False, label="Allow pickled .pt/.bin weights")
+        c.table = gr.Dataframe(headers=["branch", "quantization", "download", "VRAM estimate"], interactive=False,
+                               elem_id="branch-table")
+        c.branch = gr.Dropdown([], label="Branch", elem_id="branch")
+        with gr.Row():
+            c.download = gr.Button("Download", variant="primary", elem_id="download")
+            c.cancel = gr.Button("Cancel", elem_id="cancel-download")
+        c.progress = gr.HTML(progress_html(0.0, ""), elem_id="download-progress")
+        c.status = gr.Markdown("", elem_id="download-status")
+        c.downloaded = gr.State(None)
+        return c
+
+    def _wire_text_generation(self, gen: SimpleNamespace, mdl: SimpleNamespace) -> None:
+        inputs = [gen.system, gen.template, gen.seed, *gen.sliders]
+        outputs = [gen.user_text, gen.chatbot, gen.stats]
+        gen.send.click(self.send, [gen.user_text, gen.chatbot, *inputs], outputs, **QUIET)
+        gen.user_text.submit(self.send, [gen.user_text, gen.chatbot, *inputs], outputs, **QUIET)
+        gen.regenerate.click(self.regenerate, [gen.chatbot, *inputs], outputs, **QUIET)
+        gen.continue_.click(self.continue_reply, [gen.chatbot, *inputs], outputs, **QUIET)
+        gen.clear.click(lambda: ([], ""), None, [gen.chatbot, gen.stats], queue=False)
+        gen.stop.click(self.stop, None, gen.stats, queue=False)
+        gen.notebook_go.click(self.notebook, [gen.notebook, gen.seed, *gen.sliders], [gen.notebook, gen.stats],
+                              **QUIET)
+        gen.notebook_stop.click(self.stop, None, gen.stats, queue=False)
+        # The Model tab shows the same template and preset; .input fires on user changes only, so no loops.
+        gen.preset.input(self.apply_preset, gen.preset, [*gen.sliders, gen.stats]).then(
+            lambda p: p, gen.preset, mdl.preset)
+        gen.template.input(lambda t: t, gen.template, mdl.template)
+        gen.preset_save.click(self.save_preset, [gen.preset_name, *gen.sliders], [gen.preset, mdl.preset, gen.stats])
+        gen.preset_delete.click(self.delete_preset, gen.preset, [gen.preset, mdl.preset, gen.stats])
+
+    def _wire_model(self, gen: SimpleNamespace, mdl: SimpleNamespace) -> None:
+        mdl.refresh.click(self.refresh_models, mdl.select, mdl.select)
+        mdl.select.change(self.select_model, mdl.select, mdl.fields)
+        mdl.template.input(lambda t: t, mdl.template, gen.template)
+        mdl.preset.input(lambda p: p, mdl.preset, gen.preset).then(
+            self.apply_preset, mdl.preset, [*gen.sliders, gen.stats])
+        load_inputs = [mdl.select, mdl.backend, mdl.context, mdl.template, mdl.preset, mdl.allow_pickle]
+        load_outputs = [mdl.status, mdl.context, mdl.template, gen.template, mdl.preset, gen.preset, *gen.sliders]
+        mdl.load.click(self.load, load_inputs, load_outputs)
+        mdl.reload.click(self.load, load_inputs, load_outputs)
+        mdl.unload.click(self.unload, None, mdl.status)
+        mdl.save.click(self.save_settings, [mdl.select, mdl.backend, mdl.context, mdl.template, mdl.preset],
+                       mdl.status)
+
+    def _wire_download(self, dl: SimpleNamespace, mdl: SimpleNamespace) -> None:
+        dl.list.click(self.list_branches, [dl.repo, dl.token, dl.allow_pickle], [dl.table, dl.branch, dl.status])
+        dl.repo.submit(self.list_branches, [dl.repo, dl.token, dl.allow_pickle], [dl.table, dl.branch, dl.status])
+        dl.download.click(self.download, [dl.repo, dl.branch, dl.token, dl.allow_pickle],
+                          [dl.progress, dl.status, dl.downloaded], **QUIET
+                          ).then(self.show_downloaded, [dl.downloaded, mdl.select], mdl.select)
+        dl.cancel.click(self.cancel_download, None, dl.status, queue=False)
 
 
 def progress_html(fraction: float, text: str) -> str:
