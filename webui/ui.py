@@ -180,7 +180,8 @@ class WorkbenchUI:
             gr.update(value=settings.backend),
             gr.update(value=settings.context_length),
             gr.update(value=settings.template or templates.AUTO),
-            gr.update(value=settings.preset if settings.preset in self.preset_choices() else None),
+            # no saved preset: keep the one in use
+            gr.update(value=settings.preset) if settings.preset in self.preset_choices() else gr.update(),
         )
 
     def load(self, name, backend, context, template, preset, allow_pickle):
