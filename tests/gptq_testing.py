@@ -154,3 +154,14 @@ def hf_twin(path: Path, bits: int, zero_offset: int = 1) -> torch.nn.Module:
     assert not unexpected, unexpected
     assert all("rotary" in m for m in missing) or (missing == ["lm_head.weight"] and config.get("tie_word_embeddings")), missing
     return model.eval()
+
+
+def backend_logits(path: Path, backend: str, tokens: torch.Tensor, device: str) -> torch.Tensor:
+    """Logits of ``tokens`` ``[1, T]`` from the checkpoint at ``path`` loaded with ``backend``, in fp32."""
+    from backends.loader import LoadOptions, build_model
+
+    model, _, _, name, *_ = build_model(path, LoadOptions(backend=backend, device=device, dtype="float32"))
+    assert name == backend
+    model.setup_cache(batch=1, max_seq_len=16)
+    with torch.no_grad():
+        return model(tokens.to(device), torch.arange(tokens.shape[1], device=device))

@@ -20,19 +20,12 @@ pytest.importorskip("triton")
 @pytest.mark.parametrize("group_size, act_order, sym", [(32, True, True), (128, False, False), (-1, True, True),
                                                         (64, True, False)])
 def test_model_matches_reference_backend(tmp_path, group_size, act_order, sym):
-    from backends.loader import LoadOptions, build_model
-    from tests.gptq_testing import tiny_config, write_tiny_checkpoint
+    from tests.gptq_testing import backend_logits, tiny_config, write_tiny_checkpoint
 
     path = write_tiny_checkpoint(tmp_path / "m", tiny_config(num_hidden_layers=1), 4, group_size, act_order, sym=sym)
     for length in (3, 9):  # GEMV per row, then dequantize + matmul
         tokens = torch.randint(0, 256, (1, length), generator=torch.Generator().manual_seed(length))
-        logits = {}
-        for backend in ("reference", "exllama"):
-            model, _, _, name, *_ = build_model(path, LoadOptions(backend=backend, device=DEVICE, dtype="float32"))
-            assert name == backend
-            model.setup_cache(batch=1, max_seq_len=16)
-            with torch.no_grad():
-                logits[backend] = model(tokens.to(DEVICE), torch.arange(length, device=DEVICE))
+        logits = {backend: backend_logits(path, backend, tokens, DEVICE) for backend in ("reference", "exllama")}
         assert relative_error(logits["exllama"], logits["reference"]) < 1e-2, length
 
 
@@ -61,3 +54,16 @@ def test_only_what_it_can_run():
     assert "4-bit" in backend.unavailable_reason(cpu, QuantConfig(bits=8, group_size=128))
     assert "multiple of 32" in backend.unavailable_reason(cpu, QuantConfig(bits=4, group_size=48))
     assert "not GPTQ" in backend.unavailable_reason(cpu, None)
+
+
+def test_irregular_act_order_groups_are_refused():
+    from backends.base import GPTQTensors
+    from backends.exllama_backend import ExllamaLinear
+    from backends.weights import WeightsError
+
+    t = random_gptq_layer(128, 64, 4, 32, False, True, np.random.default_rng(5))
+    g_idx = torch.arange(128, dtype=torch.int32) // 32
+    g_idx[32:40] = 0  # group 0 has 40 rows, group 1 only 24: no contiguous runs of 32
+    with pytest.raises(WeightsError, match="triton backend"):
+        ExllamaLinear(GPTQTensors("l", t["qweight"], t["qzeros"], t["scales"], g_idx, None, 128, 64),
+                      QuantConfig(bits=4, group_size=32, desc_act=True), torch.float16, torch.device(DEVICE))

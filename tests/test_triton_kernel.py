@@ -85,18 +85,11 @@ def test_bad_inputs_are_refused():
 
 @pytest.mark.parametrize("bits, group_size, act_order", [(4, 32, True), (8, 64, False), (4, -1, True)])
 def test_triton_backend_model_matches_reference_backend(tmp_path, bits, group_size, act_order):
-    from backends.loader import LoadOptions, build_model
-    from tests.gptq_testing import tiny_config, write_tiny_checkpoint
+    from tests.gptq_testing import backend_logits, tiny_config, write_tiny_checkpoint
 
     path = write_tiny_checkpoint(tmp_path / "m", tiny_config(num_hidden_layers=1), bits, group_size, act_order)
     tokens = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(0))
-    logits = {}
-    for backend in ("reference", "triton"):
-        model, _, _, name, *_ = build_model(path, LoadOptions(backend=backend, device=DEVICE, dtype="float32"))
-        assert name == backend
-        model.setup_cache(batch=1, max_seq_len=16)
-        with torch.no_grad():
-            logits[backend] = model(tokens.to(DEVICE), torch.arange(9, device=DEVICE))
+    logits = {backend: backend_logits(path, backend, tokens, DEVICE) for backend in ("reference", "triton")}
     assert relative_error(logits["triton"], logits["reference"]) < 1e-2
 
 
