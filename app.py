@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     state = AppState(models_dir=opts.models_dir, presets_dir=opts.presets_dir, allow_pickle=opts.allow_pickle)
     if opts.model:
         try:
-            settings = state.suggested_settings(opts.model)
+            settings = state.settings_for(opts.model)
             if opts.backend:
                 settings = replace(settings, backend=opts.backend)
             if opts.context:

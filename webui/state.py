@@ -102,11 +102,12 @@ class AppState:
                 f"up to {args.max_position_embeddings} tokens; weights: {', '.join(f.name for f in files.files)} "
                 f"({files.total_bytes / 2**20:.0f} MB){pickled}")
 
-    def suggested_settings(self, name: str) -> ModelSettings:
+    def settings_for(self, name: str) -> ModelSettings:
         """Saved settings if any, else what suits this model on this machine."""
-        saved = self.settings.get(name)
-        if saved is not None:
-            return saved
+        return self.settings.get(name) or self.suggested_settings(name)
+
+    def suggested_settings(self, name: str) -> ModelSettings:
+        """What suits this model on this machine: the backend it would get, its context capped."""
         path = self.model_path(name)
         try:
             qconfig = load_quant_config(path)

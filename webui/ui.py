@@ -171,10 +171,11 @@ class WorkbenchUI:
             return "No model selected.", *([gr.update()] * 4)
         try:
             info = self.state.describe_folder(name)
-            settings = self.state.suggested_settings(name)
+            saved = self.state.settings.get(name)
+            settings = saved or self.state.suggested_settings(name)
         except Exception as exc:  # noqa: BLE001 - a broken folder is reported, not fatal
             return error_text(exc), *([gr.update()] * 4)
-        note = " Saved settings found and filled in." if self.state.settings.get(name) is not None else ""
+        note = " Saved settings found and filled in." if saved is not None else ""
         return (
             info + note,
             gr.update(value=settings.backend),
@@ -312,7 +313,7 @@ class WorkbenchUI:
         """Initial values: the loaded model's settings, else defaults."""
         state = self.state
         name = state.loaded.name if state.loaded else None
-        settings = state.suggested_settings(name) if name else ModelSettings()
+        settings = state.settings_for(name) if name else ModelSettings()
         choices = self.preset_choices()
         preset = settings.preset if settings.preset in choices else (
             DEFAULT_PRESET if DEFAULT_PRESET in choices else None)
