@@ -1,0 +1,135 @@
+"""The exllama backend's CUDA 4-bit GEMV on the GPU: build, correctness, speed.
+
+    python benchmarks/q4_gemv.py
+
+Correctness: every epilogue (store, + residual, SiLU(gate) * up), M = 1..4,
+4-bit g128 sym, g32 asym and no groups, at Llama-2 7B/13B shapes, against the
+fp32 dequantized reference. Speed: 4-bit g128 at those shapes, M = 1 and 4,
+next to the Triton GEMV and fp16 cuBLAS, CUDA-graph timing with weights
+rotated past the L2 cache; bandwidth = qweight + scales + qzeros bytes / time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.triton_matmul import copy_bandwidth, graph_us, make_layer  # noqa: E402
+from kernels import q4_gemv as cuda_gemv  # noqa: E402
+from kernels import triton_gptq  # noqa: E402
+from kernels.gptq_format import dequantize  # noqa: E402
+
+SHAPES = {
+    "7B qkv fused": (4096, 12288), "7B o": (4096, 4096), "7B gate+up fused": (4096, 22016), "7B down": (11008, 4096),
+    "13B qkv fused": (5120, 15360), "13B o": (5120, 5120), "13B gate+up fused": (5120, 27648), "13B down": (13824, 5120),
+}
+
+
+def interleave_tiles(t: torch.Tensor, tile: int = cuda_gemv.TILE_N) -> torch.Tensor:
+    """[.., gate | up] columns -> gate tile 0, up tile 0, gate tile 1, ... (for packed qzeros pass tile / 8)."""
+    half = t.shape[1] // 2
+    g, u = t[:, :half].reshape(t.shape[0], -1, tile), t[:, half:].reshape(t.shape[0], -1, tile)
+    return torch.stack((g, u), dim=2).reshape(t.shape[0], -1).contiguous()
+
+
+def check(k: int, n: int, gs: int, sym: bool) -> float:
+    import numpy as np
+
+    from tests.gptq_testing import random_gptq_layer
+
+    t = {key: v.cuda() for key, v in random_gptq_layer(k, n, 4, gs, False, sym=sym, rng=np.random.default_rng(n)).items()}
+    group = k if gs == -1 else gs
+    w = dequantize(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, 1)
+    ws = cuda_gemv.Workspace(n, torch.device("cuda"))
+    worst = 0.0
+    for m in range(1, 5):
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        ref = x.float() @ w
+        res = torch.randn(m, n, device="cuda", dtype=torch.float16)
+        for warps in cuda_gemv.WARPS:
+            y = cuda_gemv.q4_gemv(x, t["qweight"], t["scales"], t["qzeros"], 1, group, ws, warps=warps)
+            worst = max(worst, float((y.float() - ref).norm() / ref.norm()))
+            y = cuda_gemv.q4_gemv(x, t["qweight"], t["scales"], t["qzeros"], 1, group, ws, residual=res, warps=warps)
+            ref_add = ref + res.float()
+            worst = max(worst, float((y.float() - ref_add).norm() / ref_add.norm()))
+            if n % (2 * cuda_gemv.TILE_N) == 0:
+                qw, sc = interleave_tiles(t["qweight"]), interleave_tiles(t["scales"])
+                qz = interleave_tiles(t["qzeros"], cuda_gemv.TILE_N // 8)
+                y = cuda_gemv.q4_gemv(x, qw, sc, qz, 1, group, ws, silu_mul=True, warps=warps)
+                gate, up = ref.chunk(2, dim=1)
+                ref_glu = torch.nn.functional.silu(gate) * up
+                worst = max(worst, float((y.float() - ref_glu).norm() / ref_glu.norm()))
+    assert not ws.sums.any() and not ws.counters.any(), "the kernel must leave its workspace zeroed"
+    return worst
+
+
+def main() -> None:
+    props = torch.cuda.get_device_properties(0)
+    print(f"{props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}", flush=True)
+    t0 = time.time()
+    cuda_gemv.library(cuda_gemv.arch_of(torch.device("cuda")))
+    print(f"built/loaded the CUDA library in {time.time() - t0:.1f} s", flush=True)
+    bw = copy_bandwidth()
+    print(f"copy bandwidth (read+write) {bw / 1e9:.0f} GB/s", flush=True)
+
+    print("\ncorrectness (relative error vs fp32 dequantized reference; M = 1..4; store, +residual, silu*up):")
+    failures = 0
+    for name, (k, n) in SHAPES.items():
+        formats = ((128, True), (32, False), (-1, False)) if name in ("7B o", "13B down") else ((128, True),)
+        for gs, sym in formats:
+            err = check(k, n, gs, sym)
+            failures += err >= 1e-2
+            print(f"  {name:18} g{gs:<4} {'sym ' if sym else 'asym'} rel.err {err:.2e} {'ok' if err < 1e-2 else 'FAIL'}",
+                  flush=True)
+
+    rows = []
+    for name, (k, n) in SHAPES.items():
+        layer_bytes = k * n // 2 + (k // 128) * n * 2 + (k // 128) * n // 2
+        copies = max(2, int(4 * props.L2_cache_size // layer_bytes) + 1)
+        layers = [make_layer(k, n, 4, 128, False, seed=i) for i in range(copies)]
+        ws = cuda_gemv.Workspace(n, torch.device("cuda"))
+        dense = torch.randn(k, n, device="cuda", dtype=torch.float16) * 0.02
+        for m in (1, 4):
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            state = {"i": 0}
+
+            def nxt():
+                state["i"] += 1
+                return layers[state["i"] % copies]
+
+            row = {"shape": name, "k": k, "n": n, "m": m}
+            for warps in cuda_gemv.WARPS:
+                row[f"cuda_w{warps}_us"] = graph_us(lambda: (lambda t: cuda_gemv.q4_gemv(
+                    x, t["qweight"], t["scales"], t["qzeros"], 1, 128, ws, warps=warps))(nxt()))
+            if m == 1:
+                row["triton_us"] = graph_us(lambda: (lambda t: triton_gptq.gptq_gemv(
+                    x, t["qweight"], t["scales"], t["qzeros"], 4, 1, 128))(nxt()))
+            row["cublas_fp16_us"] = graph_us(lambda: x @ dense)
+            row["cuda_us"] = min(row[f"cuda_w{w}_us"] for w in cuda_gemv.WARPS)
+            row["of_copy_bw"] = layer_bytes / (row["cuda_us"] * 1e-6) / bw
+            rows.append(row)
+            print(f"  timed {name} M={m}", flush=True)
+    print(f"\n4-bit g128, {time.strftime('%Y-%m-%d')}, {props.name}, copy bandwidth {bw / 1e9:.0f} GB/s")
+    print("| shape (K x N) | M | CUDA µs (8 warps / 4) | of copy BW | Triton GEMV µs | fp16 cuBLAS µs |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        tri = f"{r['triton_us']:.1f}" if "triton_us" in r else "-"
+        print(f"| {r['shape']} ({r['k']}x{r['n']}) | {r['m']} | {r['cuda_w8_us']:.1f} / {r['cuda_w4_us']:.1f} | "
+              f"{r['of_copy_bw']:.0%} | {tri} | {r['cublas_fp16_us']:.1f} |")
+    out = os.environ.get("OUT")
+    if out:
+        Path(out, "q4_gemv.json").write_text(json.dumps({"device": props.name, "copy_bw": bw, "rows": rows}, indent=1))
+    if failures:
+        raise SystemExit(f"{failures} correctness checks failed")
+
+
+if __name__ == "__main__":
+    main()

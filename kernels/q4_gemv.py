@@ -1,0 +1,136 @@
+"""The CUDA 4-bit GEMV (q4_gemv.cu): built with nvcc on first use, called through ctypes.
+
+The library is compiled once per source version and GPU architecture into
+``$GPTQ_WORKBENCH_CACHE/cuda`` (default ``~/.cache/gptq-workbench/cuda``) and
+loaded from there afterwards. It needs no torch headers and no ninja, only
+nvcc; where nvcc is missing or the build fails, :func:`unavailable_reason`
+says why and the callers fall back to the Triton GEMV.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("q4_gemv.cu")
+MAX_ROWS = 4
+TILE_N = 128  # columns per block, as in the source
+STORE, ADD, SILU_MUL = 0, 1, 2
+WARPS = (8, 4)  # block shapes compiled in, the default first
+
+
+class BuildError(RuntimeError):
+    """nvcc is missing or could not build the kernel."""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("GPTQ_WORKBENCH_CACHE") or Path.home() / ".cache" / "gptq-workbench"
+    return Path(root) / "cuda"
+
+
+def find_nvcc() -> str | None:
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    try:
+        from torch.utils.cpp_extension import CUDA_HOME
+
+        candidates.append(CUDA_HOME)
+    except Exception:  # noqa: BLE001 - torch without its extension helpers
+        pass
+    for home in filter(None, candidates):
+        nvcc = Path(home) / "bin" / "nvcc"
+        if nvcc.is_file():
+            return str(nvcc)
+    return shutil.which("nvcc") or (str(p) if (p := Path("/usr/local/cuda/bin/nvcc")).is_file() else None)
+
+
+@functools.cache
+def library(arch: str) -> ctypes.CDLL:
+    """The built library for compute capability ``arch`` (e.g. "90"), compiling it if needed."""
+    source = SOURCE.read_bytes()
+    digest = hashlib.sha256(source + arch.encode()).hexdigest()[:16]
+    target = cache_dir() / f"q4_gemv-sm{arch}-{digest}.so"
+    if not target.is_file():
+        nvcc = find_nvcc()
+        if nvcc is None:
+            raise BuildError("nvcc (the CUDA compiler) was not found; set CUDA_HOME")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            built = Path(tmp) / target.name
+            cmd = [nvcc, "-O3", "-shared", "-Xcompiler", "-fPIC", "-std=c++17",
+                   f"-gencode=arch=compute_{arch},code=sm_{arch}", "-o", str(built), str(SOURCE)]
+            try:
+                result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                raise BuildError(f"nvcc failed to run: {exc}") from exc
+            if result.returncode != 0:
+                raise BuildError(f"nvcc could not build {SOURCE.name}: {result.stderr.strip()[-2000:]}")
+            os.replace(built, target)  # atomic: a concurrent or interrupted build leaves no broken library
+    lib = ctypes.CDLL(str(target))
+    lib.q4_gemv.restype = ctypes.c_int
+    lib.q4_gemv.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 8 + [ctypes.c_int] * 6 + [ctypes.c_void_p]
+    return lib
+
+
+def arch_of(device: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{major}{minor}"
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """Why the CUDA GEMV cannot run on ``device``, or None (building it if that has not happened yet)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return "it needs a CUDA GPU"
+    try:
+        library(arch_of(device))
+    except (BuildError, OSError) as exc:
+        return str(exc)
+    return None
+
+
+class Workspace:
+    """The fp32 partial sums and arrival counters of one layer; the kernel leaves both zero."""
+
+    def __init__(self, n: int, device: torch.device):
+        self.sums = torch.zeros((MAX_ROWS, n), dtype=torch.float32, device=device)
+        self.counters = torch.zeros(-(-n // TILE_N), dtype=torch.int32, device=device)
+
+
+def supports(n: int, k: int, group_size: int) -> bool:
+    return n % 8 == 0 and k % 32 == 0 and group_size > 0 and group_size % 32 == 0
+
+
+def q4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, zero_offset: int,
+            group_size: int, workspace: Workspace, *, residual: torch.Tensor | None = None,
+            silu_mul: bool = False, warps: int = WARPS[0]) -> torch.Tensor:
+    """``x @ W`` for 1..4 fp16 rows; with ``residual``: ``residual + x @ W``; with ``silu_mul``: the
+    columns are gate and up tiles of 128 interleaved (gate tile t at 2t, up at 2t + 1) and the result is
+    ``silu(gate) * up``, ``[M, N / 2]``."""
+    m, k = x.shape
+    n = qweight.shape[1]
+    if not 1 <= m <= MAX_ROWS:
+        raise ValueError(f"the GEMV takes 1 to {MAX_ROWS} rows, not {m}")
+    if x.dtype != torch.float16 or not x.is_contiguous():
+        raise ValueError("x must be contiguous float16")
+    out = torch.empty((m, n // 2 if silu_mul else n), dtype=torch.float16, device=x.device)
+    epilogue = SILU_MUL if silu_mul else ADD if residual is not None else STORE
+    if residual is not None:
+        residual = residual.reshape(m, n)
+        if residual.dtype != torch.float16 or not residual.is_contiguous():
+            raise ValueError("residual must be contiguous float16")
+    lib = library(arch_of(x.device))
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    rc = lib.q4_gemv(m, x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), qzeros.data_ptr(), out.data_ptr(),
+                     residual.data_ptr() if residual is not None else None, workspace.sums.data_ptr(),
+                     workspace.counters.data_ptr(), n, k, group_size, zero_offset, epilogue, warps, stream)
+    if rc != 0:
+        raise RuntimeError(f"q4_gemv failed ({'unsupported shape' if rc == -1 else f'CUDA error {rc}'}): "
+                           f"M={m} N={n} K={k} group_size={group_size}")
+    return out
