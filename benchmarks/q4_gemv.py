@@ -33,13 +33,6 @@ SHAPES = {
 }
 
 
-def interleave_tiles(t: torch.Tensor, tile: int = cuda_gemv.TILE_N) -> torch.Tensor:
-    """[.., gate | up] columns -> gate tile 0, up tile 0, gate tile 1, ... (for packed qzeros pass tile / 8)."""
-    half = t.shape[1] // 2
-    g, u = t[:, :half].reshape(t.shape[0], -1, tile), t[:, half:].reshape(t.shape[0], -1, tile)
-    return torch.stack((g, u), dim=2).reshape(t.shape[0], -1).contiguous()
-
-
 def check(k: int, n: int, gs: int, sym: bool) -> float:
     import numpy as np
 
@@ -49,21 +42,23 @@ def check(k: int, n: int, gs: int, sym: bool) -> float:
     group = k if gs == -1 else gs
     w = dequantize(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, 1)
     ws = cuda_gemv.Workspace(n, torch.device("cuda"))
+    glu = None
+    if n % (2 * cuda_gemv.TILE_N) == 0:
+        glu = (cuda_gemv.interleave_glu(t["qweight"]), cuda_gemv.interleave_glu(t["scales"]),
+               cuda_gemv.interleave_glu(t["qzeros"], 8))
     worst = 0.0
     for m in range(1, 5):
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         ref = x.float() @ w
         res = torch.randn(m, n, device="cuda", dtype=torch.float16)
-        for warps in cuda_gemv.WARPS:
-            y = cuda_gemv.q4_gemv(x, t["qweight"], t["scales"], t["qzeros"], 1, group, ws, warps=warps)
+        for config in [c for c in cuda_gemv.CONFIGS if c[1] <= 256 and cuda_gemv._fits(c, m)]:
+            y = cuda_gemv.q4_gemv(x, t["qweight"], t["scales"], t["qzeros"], 1, group, ws, config=config)
             worst = max(worst, float((y.float() - ref).norm() / ref.norm()))
-            y = cuda_gemv.q4_gemv(x, t["qweight"], t["scales"], t["qzeros"], 1, group, ws, residual=res, warps=warps)
+            y = cuda_gemv.q4_gemv(x, t["qweight"], t["scales"], t["qzeros"], 1, group, ws, residual=res, config=config)
             ref_add = ref + res.float()
             worst = max(worst, float((y.float() - ref_add).norm() / ref_add.norm()))
-            if n % (2 * cuda_gemv.TILE_N) == 0:
-                qw, sc = interleave_tiles(t["qweight"]), interleave_tiles(t["scales"])
-                qz = interleave_tiles(t["qzeros"], cuda_gemv.TILE_N // 8)
-                y = cuda_gemv.q4_gemv(x, qw, sc, qz, 1, group, ws, silu_mul=True, warps=warps)
+            if glu is not None:
+                y = cuda_gemv.q4_gemv(x, *glu, 1, group, ws, silu_mul=True, config=config)
                 gate, up = ref.chunk(2, dim=1)
                 ref_glu = torch.nn.functional.silu(gate) * up
                 worst = max(worst, float((y.float() - ref_glu).norm() / ref_glu.norm()))
@@ -105,25 +100,29 @@ def main() -> None:
                 state["i"] += 1
                 return layers[state["i"] % copies]
 
-            row = {"shape": name, "k": k, "n": n, "m": m}
-            for warps in cuda_gemv.WARPS:
-                row[f"cuda_w{warps}_us"] = graph_us(lambda: (lambda t: cuda_gemv.q4_gemv(
-                    x, t["qweight"], t["scales"], t["qzeros"], 1, 128, ws, warps=warps))(nxt()))
+            row = {"shape": name, "k": k, "n": n, "m": m, "configs": {}}
+            for config in [c for c in cuda_gemv.CONFIGS if cuda_gemv._fits(c, m)]:
+                row["configs"][str(config)] = graph_us(lambda: (lambda t: cuda_gemv.q4_gemv(
+                    x, t["qweight"], t["scales"], t["qzeros"], 1, 128, ws, config=config))(nxt()))
+            best = min(row["configs"], key=row["configs"].get)
+            row["cuda_us"], row["best_config"] = row["configs"][best], best
+            t = layers[0]
+            cuda_gemv.q4_gemv(x, t["qweight"], t["scales"], t["qzeros"], 1, 128, ws)  # the tuner's pick
+            row["tuned_config"] = str(cuda_gemv.TUNER.best[(m, n, k)])
             if m == 1:
                 row["triton_us"] = graph_us(lambda: (lambda t: triton_gptq.gptq_gemv(
                     x, t["qweight"], t["scales"], t["qzeros"], 4, 1, 128))(nxt()))
             row["cublas_fp16_us"] = graph_us(lambda: x @ dense)
-            row["cuda_us"] = min(row[f"cuda_w{w}_us"] for w in cuda_gemv.WARPS)
             row["of_copy_bw"] = layer_bytes / (row["cuda_us"] * 1e-6) / bw
             rows.append(row)
             print(f"  timed {name} M={m}", flush=True)
     print(f"\n4-bit g128, {time.strftime('%Y-%m-%d')}, {props.name}, copy bandwidth {bw / 1e9:.0f} GB/s")
-    print("| shape (K x N) | M | CUDA µs (8 warps / 4) | of copy BW | Triton GEMV µs | fp16 cuBLAS µs |")
-    print("|---|---|---|---|---|---|")
+    print("| shape (K x N) | M | CUDA µs | best (warps, rows/warp) | tuner's pick | of copy BW | Triton GEMV µs | fp16 cuBLAS µs |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         tri = f"{r['triton_us']:.1f}" if "triton_us" in r else "-"
-        print(f"| {r['shape']} ({r['k']}x{r['n']}) | {r['m']} | {r['cuda_w8_us']:.1f} / {r['cuda_w4_us']:.1f} | "
-              f"{r['of_copy_bw']:.0%} | {tri} | {r['cublas_fp16_us']:.1f} |")
+        print(f"| {r['shape']} ({r['k']}x{r['n']}) | {r['m']} | {r['cuda_us']:.1f} | {r['best_config']} | "
+              f"{r['tuned_config']} | {r['of_copy_bw']:.0%} | {tri} | {r['cublas_fp16_us']:.1f} |")
     out = os.environ.get("OUT")
     if out:
         Path(out, "q4_gemv.json").write_text(json.dumps({"device": props.name, "copy_bw": bw, "rows": rows}, indent=1))

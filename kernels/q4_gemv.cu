@@ -4,12 +4,15 @@
 // bits 4*(k%8)), scales [G, N] fp16, qzeros [G, N/8] int32, groups contiguous runs of group_size rows
 // (a multiple of 32; act-order checkpoints are reordered at load).
 //
-// A block owns 128 columns (32 lanes x 4, one 16-byte load per lane and word row) and WARPS * 128 rows
-// of K, 128 per warp. Each lane issues all 16 of its weight loads before it computes. A word holds
-// rows 8i..8i+7 of one column; (word >> 4j) & 0x000F000F | 0x64006400 is the half2 (1024 + q[8i+j],
-// 1024 + q[8i+j+4]) -- the fp16 exponent trick, no int-to-float conversion -- and subtracting
-// (1024 + zero) leaves q - zero exactly. Products of four row pairs are summed in half2, then in fp32;
-// the scale multiplies each 32-row slice in fp32.
+// A block owns 128 columns (32 lanes x 4: one 16-byte load per lane and word row) and WARPS ranges of
+// rows_per_warp rows of K, one per warp. A warp walks its range in chunks of 32 rows (4 word rows, one
+// scale row) and keeps the next DEPTH chunks' loads in flight while it computes one. A word holds rows
+// 8i..8i+7 of one column; (w & 0x000F000F) | 0x64006400 is the half2 (1024 + q0, 1024 + q4) and
+// (w & 0x00F000F0) | 0x64006400 is (1024 + 16 q1, 1024 + 16 q5) -- the fp16 exponent trick, no
+// int-to-float conversions -- and w >> 8 gives q2, q6, q3, q7 the same way. Subtracting (1024 + zero),
+// or (1024 + 16 zero), leaves q - zero (times 16) exactly. x is staged in shared memory as the matching
+// pairs, divided by 16 (by 256 for the pairs that come times 16), so the 16 products of a chunk sum in
+// half2 without overflow for |x| < 4096; each chunk's sum is then scaled (times 16) in fp32.
 //
 // Blocks along K add their partial sums into an fp32 workspace; the last block of a column tile (an
 // arrival counter says which) applies the epilogue -- store, add a residual, or SiLU(gate) * up -- and
@@ -22,8 +25,11 @@
 namespace {
 
 constexpr int TILE_N = 128;  // columns per block
-constexpr int KW = 128;      // rows of K per warp
-constexpr int SLICE = 32;    // rows per scale application (the smallest group size)
+constexpr int CHUNK = 32;    // rows per chunk: 4 word rows, one scale row (the smallest group size)
+#ifndef Q4_GEMV_DEPTH
+#define Q4_GEMV_DEPTH 4
+#endif
+constexpr int DEPTH = Q4_GEMV_DEPTH;  // chunks in flight per warp
 
 enum Epilogue { STORE = 0, ADD = 1, SILU_MUL = 2 };
 
@@ -31,46 +37,118 @@ __device__ __forceinline__ half2 as_half2(uint32_t v) {
   return *reinterpret_cast<half2*>(&v);
 }
 
+struct Chunk {
+  uint4 words[CHUNK / 8];
+  uint2 scales;
+  uint32_t zeros;
+};
+
+__device__ __forceinline__ void load_chunk(Chunk& c, const uint32_t* __restrict__ qweight,
+                                           const half* __restrict__ scales, const uint32_t* __restrict__ qzeros,
+                                           int k, int col, int N, int group_size) {
+#pragma unroll
+  for (int r = 0; r < CHUNK / 8; ++r) {
+    c.words[r] = __ldcs(reinterpret_cast<const uint4*>(qweight + (size_t)(k / 8 + r) * N + col));
+  }
+  const int g = k / group_size;
+  c.scales = __ldg(reinterpret_cast<const uint2*>(scales + (size_t)g * N + col));
+  c.zeros = __ldg(qzeros + (size_t)g * (N / 8) + col / 8) >> (4 * (col % 8));
+}
+
+template <int M>
+__device__ __forceinline__ void compute_chunk(const Chunk& c, const uint4* xs, int zero_offset, float (&acc)[M][4],
+                                              int pairs_per_m) {
+#ifdef Q4_GEMV_LOAD_ONLY  // benchmarks/q4_gemv_variants.py: the kernel without its arithmetic
+  uint32_t h = c.zeros ^ c.scales.x;
+#pragma unroll
+  for (int r = 0; r < CHUNK / 8; ++r) h ^= c.words[r].x ^ c.words[r].y ^ c.words[r].z ^ c.words[r].w;
+  acc[0][0] += __uint_as_float(h & 0x3fffffffu) * 1e-30f;
+  return;
+#endif
+  half2 a[M][4];
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) a[m][j] = __float2half2_rn(0.f);
+  half2 z1[4], z16[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const uint32_t z = ((c.zeros >> (4 * j)) & 0xF) + zero_offset;
+    z1[j] = as_half2((0x6400u | z) * 0x10001u);
+    z16[j] = as_half2((0x6400u | (z << 4)) * 0x10001u);
+  }
+#pragma unroll
+  for (int r = 0; r < CHUNK / 8; ++r) {
+    uint4 xv[M];
+#pragma unroll
+    for (int m = 0; m < M; ++m) xv[m] = xs[m * (pairs_per_m / 4) + r];
+    const uint32_t words[4] = {c.words[r].x, c.words[r].y, c.words[r].z, c.words[r].w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const uint32_t w = words[j], t = w >> 8;
+      const half2 d0 = __hsub2(as_half2((w & 0x000F000Fu) | 0x64006400u), z1[j]);
+      const half2 d1 = __hsub2(as_half2((w & 0x00F000F0u) | 0x64006400u), z16[j]);
+      const half2 d2 = __hsub2(as_half2((t & 0x000F000Fu) | 0x64006400u), z1[j]);
+      const half2 d3 = __hsub2(as_half2((t & 0x00F000F0u) | 0x64006400u), z16[j]);
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        a[m][j] = __hfma2(d0, as_half2(xv[m].x), a[m][j]);
+        a[m][j] = __hfma2(d1, as_half2(xv[m].y), a[m][j]);
+        a[m][j] = __hfma2(d2, as_half2(xv[m].z), a[m][j]);
+        a[m][j] = __hfma2(d3, as_half2(xv[m].w), a[m][j]);
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float s = 16.f * __half2float(reinterpret_cast<const half*>(&c.scales)[j]);
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      const float2 f = __half22float2(a[m][j]);
+      acc[m][j] = fmaf(f.x + f.y, s, acc[m][j]);
+    }
+  }
+}
+
 template <int M, int WARPS>
 __global__ void __launch_bounds__(WARPS * 32) q4_gemv_kernel(
     const half* __restrict__ x, const uint32_t* __restrict__ qweight, const half* __restrict__ scales,
     const uint32_t* __restrict__ qzeros, half* out, const half* residual, float* __restrict__ ws,
-    int* __restrict__ counters, int N, int K, int group_size, int zero_offset, int epilogue) {
-  constexpr int ROWS = KW / 8;  // word rows per warp
-  constexpr int PAIRS = WARPS * KW / 2;
-  __shared__ uint4 xs_raw[M * PAIRS / 4];  // x as half2 pairs (x[8i+j], x[8i+j+4]), 4 pairs per uint4
+    int* __restrict__ counters, int N, int K, int group_size, int zero_offset, int epilogue, int rows_per_warp) {
+  // Shared: x pairs for the block's rows (M x rows / 2 half2), then the per-warp sums.
+  extern __shared__ uint4 smem[];
   __shared__ float red[WARPS][M][TILE_N];
   __shared__ int is_last;
 
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int tile = blockIdx.x;
-  const int k_block = blockIdx.y * WARPS * KW;
+  const int block_rows = WARPS * rows_per_warp;
+  const int k_block = blockIdx.y * block_rows;
   const int col = tile * TILE_N + lane * 4;
-  const bool col_ok = col < N;
-  const int k_warp = k_block + warp * KW;
+  const int k_warp = k_block + warp * rows_per_warp;
+  const int n_chunks = col < N ? max(0, min(rows_per_warp, K - k_warp)) / CHUNK : 0;
 
-  // Weight loads first, so that all of them are in flight while x is staged.
-  uint4 wq[ROWS];
+  // Weight loads first, so that they are in flight while x is staged.
+  Chunk ring[DEPTH];
 #pragma unroll
-  for (int i = 0; i < ROWS; ++i) {
-    if (col_ok && k_warp + 8 * i < K) {
-      wq[i] = __ldcs(reinterpret_cast<const uint4*>(qweight + (size_t)(k_warp / 8 + i) * N + col));
-    } else {
-      wq[i] = make_uint4(0, 0, 0, 0);
-    }
+  for (int d = 0; d < DEPTH; ++d) {
+    if (d < n_chunks) load_chunk(ring[d], qweight, scales, qzeros, k_warp + d * CHUNK, col, N, group_size);
   }
 
-  half2* xs = reinterpret_cast<half2*>(xs_raw);
-  for (int p = threadIdx.x; p < M * PAIRS; p += WARPS * 32) {
-    const int m = p / PAIRS, q = p % PAIRS;
-    const int k = k_block + (q / 4) * 8 + (q % 4);
-    half lo = __float2half(0.f), hi = __float2half(0.f);
+  const int pairs_per_m = block_rows / 2;
+  half2* xs = reinterpret_cast<half2*>(smem);
+  for (int p = threadIdx.x; p < M * pairs_per_m; p += WARPS * 32) {
+    const int m = p / pairs_per_m, q = p % pairs_per_m;
+    const int j = q % 4;
+    const int k = k_block + (q / 4) * 8 + j;
+    float lo = 0.f, hi = 0.f;
     if (k < K) {
-      lo = x[(size_t)m * K + k];
-      hi = x[(size_t)m * K + k + 4];
+      const float f = (j & 1) ? 1.f / 256.f : 1.f / 16.f;
+      lo = __half2float(x[(size_t)m * K + k]) * f;
+      hi = __half2float(x[(size_t)m * K + k + 4]) * f;
     }
-    xs[p] = __halves2half2(lo, hi);
+    xs[p] = __floats2half2_rn(lo, hi);
   }
   __syncthreads();
 
@@ -80,55 +158,18 @@ __global__ void __launch_bounds__(WARPS * 32) q4_gemv_kernel(
 #pragma unroll
     for (int c = 0; c < 4; ++c) acc[m][c] = 0.f;
 
+  const uint4* xw = smem + warp * (rows_per_warp / 8);  // this warp's rows, 4 pairs per uint4
+  for (int c0 = 0; c0 < n_chunks; c0 += DEPTH) {
 #pragma unroll
-  for (int s = 0; s < KW / SLICE; ++s) {
-    const int k0 = k_warp + s * SLICE;
-    if (k0 >= K || !col_ok) break;
-    const int g = k0 / group_size;
-    const uint2 sraw = *reinterpret_cast<const uint2*>(scales + (size_t)g * N + col);
-    const uint32_t zword = qzeros[(size_t)g * (N / 8) + col / 8] >> (4 * (col % 8));
-    half2 z2[4];
-    float scale[4];
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      const uint32_t z = ((zword >> (4 * c)) & 0xF) + zero_offset;
-      z2[c] = as_half2((0x6400u | z) * 0x10001u);
-      scale[c] = __half2float(reinterpret_cast<const half*>(&sraw)[c]);
-    }
-    float part[M][4];
-#pragma unroll
-    for (int m = 0; m < M; ++m)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) part[m][c] = 0.f;
-#pragma unroll
-    for (int r = 0; r < SLICE / 8; ++r) {
-      const int row = s * (SLICE / 8) + r;
-      const uint32_t words[4] = {wq[row].x, wq[row].y, wq[row].z, wq[row].w};
-      uint4 xv[M];
-#pragma unroll
-      for (int m = 0; m < M; ++m) xv[m] = xs_raw[m * (PAIRS / 4) + warp * ROWS + row];
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        half2 d[4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          d[j] = __hsub2(as_half2(((words[c] >> (4 * j)) & 0x000F000Fu) | 0x64006400u), z2[c]);
-        }
-#pragma unroll
-        for (int m = 0; m < M; ++m) {
-          half2 a = __hmul2(d[0], as_half2(xv[m].x));
-          a = __hfma2(d[1], as_half2(xv[m].y), a);
-          a = __hfma2(d[2], as_half2(xv[m].z), a);
-          a = __hfma2(d[3], as_half2(xv[m].w), a);
-          const float2 f = __half22float2(a);
-          part[m][c] += f.x + f.y;
+    for (int d = 0; d < DEPTH; ++d) {
+      const int ch = c0 + d;
+      if (ch < n_chunks) {
+        compute_chunk<M>(ring[d], xw + ch * (CHUNK / 8), zero_offset, acc, pairs_per_m);
+        if (ch + DEPTH < n_chunks) {
+          load_chunk(ring[d], qweight, scales, qzeros, k_warp + (ch + DEPTH) * CHUNK, col, N, group_size);
         }
       }
     }
-#pragma unroll
-    for (int m = 0; m < M; ++m)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) acc[m][c] = fmaf(part[m][c], scale[c], acc[m][c]);
   }
 
 #pragma unroll
@@ -191,23 +232,26 @@ __global__ void __launch_bounds__(WARPS * 32) q4_gemv_kernel(
 template <int M, int WARPS>
 void launch(const void* x, const void* qweight, const void* scales, const void* qzeros, void* out,
             const void* residual, void* ws, void* counters, int N, int K, int group_size, int zero_offset,
-            int epilogue, cudaStream_t stream) {
-  const dim3 grid((N + TILE_N - 1) / TILE_N, (K + WARPS * KW - 1) / (WARPS * KW));
-  q4_gemv_kernel<M, WARPS><<<grid, WARPS * 32, 0, stream>>>(
+            int epilogue, int rows_per_warp, cudaStream_t stream) {
+  const int block_rows = WARPS * rows_per_warp;
+  const dim3 grid((N + TILE_N - 1) / TILE_N, (K + block_rows - 1) / block_rows);
+  const size_t shared = (size_t)M * block_rows * sizeof(half);
+  q4_gemv_kernel<M, WARPS><<<grid, WARPS * 32, shared, stream>>>(
       static_cast<const half*>(x), static_cast<const uint32_t*>(qweight), static_cast<const half*>(scales),
       static_cast<const uint32_t*>(qzeros), static_cast<half*>(out), static_cast<const half*>(residual),
-      static_cast<float*>(ws), static_cast<int*>(counters), N, K, group_size, zero_offset, epilogue);
+      static_cast<float*>(ws), static_cast<int*>(counters), N, K, group_size, zero_offset, epilogue,
+      rows_per_warp);
 }
 
 template <int WARPS>
 int dispatch_m(int M, const void* x, const void* qweight, const void* scales, const void* qzeros, void* out,
                const void* residual, void* ws, void* counters, int N, int K, int group_size, int zero_offset,
-               int epilogue, cudaStream_t stream) {
+               int epilogue, int rows_per_warp, cudaStream_t stream) {
   switch (M) {
-    case 1: launch<1, WARPS>(x, qweight, scales, qzeros, out, residual, ws, counters, N, K, group_size, zero_offset, epilogue, stream); break;
-    case 2: launch<2, WARPS>(x, qweight, scales, qzeros, out, residual, ws, counters, N, K, group_size, zero_offset, epilogue, stream); break;
-    case 3: launch<3, WARPS>(x, qweight, scales, qzeros, out, residual, ws, counters, N, K, group_size, zero_offset, epilogue, stream); break;
-    case 4: launch<4, WARPS>(x, qweight, scales, qzeros, out, residual, ws, counters, N, K, group_size, zero_offset, epilogue, stream); break;
+    case 1: launch<1, WARPS>(x, qweight, scales, qzeros, out, residual, ws, counters, N, K, group_size, zero_offset, epilogue, rows_per_warp, stream); break;
+    case 2: launch<2, WARPS>(x, qweight, scales, qzeros, out, residual, ws, counters, N, K, group_size, zero_offset, epilogue, rows_per_warp, stream); break;
+    case 3: launch<3, WARPS>(x, qweight, scales, qzeros, out, residual, ws, counters, N, K, group_size, zero_offset, epilogue, rows_per_warp, stream); break;
+    case 4: launch<4, WARPS>(x, qweight, scales, qzeros, out, residual, ws, counters, N, K, group_size, zero_offset, epilogue, rows_per_warp, stream); break;
     default: return -1;
   }
   return 0;
@@ -218,19 +262,20 @@ int dispatch_m(int M, const void* x, const void* qweight, const void* scales, co
 extern "C" {
 
 // Returns 0, -1 for an unsupported argument, or a CUDA error code (launch errors only; the kernel is
-// asynchronous). ws: fp32 [M, N] and counters: int32 [ceil(N / 128)], both zero before the first call;
+// asynchronous). rows_per_warp: a multiple of 32; M * warps * rows_per_warp <= 16384. ws: fp32 [M, N] and counters: int32 [ceil(N / 128)], both zero before the first call;
 // the kernel leaves them zero. For SILU_MUL, out is [M, N / 2] and N a multiple of 256.
 int q4_gemv(int M, const void* x, const void* qweight, const void* scales, const void* qzeros, void* out,
             const void* residual, void* ws, void* counters, int N, int K, int group_size, int zero_offset,
-            int epilogue, int warps, void* stream) {
+            int epilogue, int warps, int rows_per_warp, void* stream) {
   if (N % 8 || K % 32 || group_size % 32 || group_size <= 0) return -1;
+  if (rows_per_warp % CHUNK || rows_per_warp <= 0 || (size_t)M * warps * rows_per_warp * sizeof(half) > 32768) return -1;
   if (epilogue == SILU_MUL && N % (2 * TILE_N)) return -1;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   int rc;
   if (warps == 4) {
-    rc = dispatch_m<4>(M, x, qweight, scales, qzeros, out, residual, ws, counters, N, K, group_size, zero_offset, epilogue, s);
+    rc = dispatch_m<4>(M, x, qweight, scales, qzeros, out, residual, ws, counters, N, K, group_size, zero_offset, epilogue, rows_per_warp, s);
   } else if (warps == 8) {
-    rc = dispatch_m<8>(M, x, qweight, scales, qzeros, out, residual, ws, counters, N, K, group_size, zero_offset, epilogue, s);
+    rc = dispatch_m<8>(M, x, qweight, scales, qzeros, out, residual, ws, counters, N, K, group_size, zero_offset, epilogue, rows_per_warp, s);
   } else {
     return -1;
   }

@@ -24,7 +24,8 @@ SOURCE = Path(__file__).with_name("q4_gemv.cu")
 MAX_ROWS = 4
 TILE_N = 128  # columns per block, as in the source
 STORE, ADD, SILU_MUL = 0, 1, 2
-WARPS = (8, 4)  # block shapes compiled in, the default first
+# (warps per block, K rows per warp) candidates; the kernel is compiled for 4 and 8 warps.
+CONFIGS = ((8, 128), (4, 128), (8, 256), (4, 256), (4, 512), (8, 64), (4, 64))
 
 
 class BuildError(RuntimeError):
@@ -52,10 +53,12 @@ def find_nvcc() -> str | None:
 
 
 @functools.cache
-def library(arch: str) -> ctypes.CDLL:
-    """The built library for compute capability ``arch`` (e.g. "90"), compiling it if needed."""
+def library(arch: str, defines: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """The built library for compute capability ``arch`` (e.g. "90"), compiling it if needed.
+
+    ``defines``: preprocessor macros, for benchmark variants of the kernel."""
     source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + arch.encode()).hexdigest()[:16]
+    digest = hashlib.sha256(source + arch.encode() + repr(defines).encode()).hexdigest()[:16]
     target = cache_dir() / f"q4_gemv-sm{arch}-{digest}.so"
     if not target.is_file():
         nvcc = find_nvcc()
@@ -64,7 +67,7 @@ def library(arch: str) -> ctypes.CDLL:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
-            cmd = [nvcc, "-O3", "-shared", "-Xcompiler", "-fPIC", "-std=c++17",
+            cmd = [nvcc, "-O3", "-shared", "-Xcompiler", "-fPIC", "-std=c++17", *(f"-D{d}" for d in defines),
                    f"-gencode=arch=compute_{arch},code=sm_{arch}", "-o", str(built), str(SOURCE)]
             try:
                 result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -75,7 +78,7 @@ def library(arch: str) -> ctypes.CDLL:
             os.replace(built, target)  # atomic: a concurrent or interrupted build leaves no broken library
     lib = ctypes.CDLL(str(target))
     lib.q4_gemv.restype = ctypes.c_int
-    lib.q4_gemv.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 8 + [ctypes.c_int] * 6 + [ctypes.c_void_p]
+    lib.q4_gemv.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 8 + [ctypes.c_int] * 7 + [ctypes.c_void_p]
     return lib
 
 
@@ -107,12 +110,73 @@ def supports(n: int, k: int, group_size: int) -> bool:
     return n % 8 == 0 and k % 32 == 0 and group_size > 0 and group_size % 32 == 0
 
 
+def interleave_glu(t: torch.Tensor, per_word: int = 1) -> torch.Tensor:
+    """Columns [gate | up] (standard GPTQ layout) -> gate tile 0, up tile 0, gate tile 1, ... as the
+    SILU_MUL epilogue reads them. ``per_word``: columns per stored element (8 for packed qzeros)."""
+    tile = TILE_N // per_word
+    half = t.shape[1] // 2
+    if half % tile:
+        raise ValueError(f"{half * per_word} gate columns are not a multiple of {TILE_N}")
+    gate = t[:, :half].reshape(t.shape[0], -1, tile)
+    up = t[:, half:].reshape(t.shape[0], -1, tile)
+    return torch.stack((gate, up), dim=2).reshape(t.shape[0], -1).contiguous()
+
+
+def _fits(config: tuple[int, int], m: int) -> bool:
+    warps, rows = config
+    return m * warps * rows <= 16384  # the x rows staged in shared memory: 32 KB
+
+
+def _graph_us(fn, calls: int = 20) -> float:
+    """Microseconds per call, `calls` calls captured in a CUDA graph (no launch overhead) and replayed."""
+    fn()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return sorted(times)[len(times) // 2]
+
+
+class Tuner:
+    """The fastest launch configuration per (M, N, K), timed once on first use outside a graph capture."""
+
+    def __init__(self):
+        self.best: dict[tuple[int, int, int], tuple[int, int]] = {}
+
+    def config(self, m: int, n: int, k: int, run) -> tuple[int, int]:
+        key = (m, n, k)
+        if key in self.best:
+            return self.best[key]
+        candidates = [c for c in CONFIGS if _fits(c, m)]
+        if torch.cuda.is_current_stream_capturing() or os.environ.get("GPTQ_CUDA_AUTOTUNE", "1") == "0":
+            return candidates[0]
+        self.best[key] = min(candidates, key=lambda c: _graph_us(lambda: run(c)))
+        return self.best[key]
+
+
+TUNER = Tuner()
+
+
 def q4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, zero_offset: int,
             group_size: int, workspace: Workspace, *, residual: torch.Tensor | None = None,
-            silu_mul: bool = False, warps: int = WARPS[0]) -> torch.Tensor:
+            silu_mul: bool = False, config: tuple[int, int] | None = None,
+            lib: ctypes.CDLL | None = None) -> torch.Tensor:
     """``x @ W`` for 1..4 fp16 rows; with ``residual``: ``residual + x @ W``; with ``silu_mul``: the
     columns are gate and up tiles of 128 interleaved (gate tile t at 2t, up at 2t + 1) and the result is
-    ``silu(gate) * up``, ``[M, N / 2]``."""
+    ``silu(gate) * up``, ``[M, N / 2]``. ``config``: (warps, rows per warp), else the tuned one."""
     m, k = x.shape
     n = qweight.shape[1]
     if not 1 <= m <= MAX_ROWS:
@@ -125,11 +189,18 @@ def q4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros
         residual = residual.reshape(m, n)
         if residual.dtype != torch.float16 or not residual.is_contiguous():
             raise ValueError("residual must be contiguous float16")
-    lib = library(arch_of(x.device))
-    stream = torch.cuda.current_stream(x.device).cuda_stream
-    rc = lib.q4_gemv(m, x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), qzeros.data_ptr(), out.data_ptr(),
-                     residual.data_ptr() if residual is not None else None, workspace.sums.data_ptr(),
-                     workspace.counters.data_ptr(), n, k, group_size, zero_offset, epilogue, warps, stream)
+    lib = lib or library(arch_of(x.device))
+
+    def run(cfg: tuple[int, int]) -> int:
+        stream = torch.cuda.current_stream(x.device).cuda_stream
+        return lib.q4_gemv(m, x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), qzeros.data_ptr(),
+                           out.data_ptr(), residual.data_ptr() if residual is not None else None,
+                           workspace.sums.data_ptr(), workspace.counters.data_ptr(), n, k, group_size, zero_offset,
+                           epilogue, cfg[0], cfg[1], stream)
+
+    if config is not None and not _fits(config, m):
+        raise ValueError(f"configuration {config} does not fit {m} rows")
+    rc = run(config or TUNER.config(m, n, k, run))
     if rc != 0:
         raise RuntimeError(f"q4_gemv failed ({'unsupported shape' if rc == -1 else f'CUDA error {rc}'}): "
                            f"M={m} N={n} K={k} group_size={group_size}")
