@@ -3,24 +3,39 @@
 At load, act-order checkpoints get ``q_perm`` (rows sorted by group) and
 ``q_invperm``; rows are repacked in that order so every group is a contiguous
 run, and the activations are permuted to match at run time (the layout is
-shared with the triton backend, backends/packed_linear.py). Decode (a few
-rows) runs the GEMV kernel once per row; longer inputs dequantize the layer
-to fp16 and use cuBLAS, as ExLlama does above its row threshold. Both kernels
-are Triton (kernels/triton_gptq.py), so there is nothing to build; on the CPU
-they run under TRITON_INTERPRET=1, which is how the tests check them.
+shared with the triton backend, backends/packed_linear.py).
+
+Decode (up to 4 rows) runs the CUDA GEMV (kernels/q4_gemv.cu, built with nvcc
+on first use), which also finishes the layer's neighbours in the same kernel:
+the residual add after o_proj and down_proj, and SiLU(gate) * up after the
+fused gate/up projection, whose columns are interleaved in 128-column tiles
+for it. Where the CUDA kernel cannot be built (no nvcc) or cannot run (the CPU
+under TRITON_INTERPRET=1, as in the tests), the Triton GEMV takes its place
+and says so in the load report. Longer inputs dequantize the layer to fp16 and
+use cuBLAS, as ExLlama does above its row threshold.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from backends.base import GPTQTensors
 from backends.packed_linear import PackedGPTQLinear, kernel_unavailable_reason
 from backends.quant_config import QuantConfig
 from backends.weights import WeightsError
+from kernels import q4_gemv
 
-GEMV_MAX_ROWS = 4  # up to here, one GEMV per row; above, dequantize + cuBLAS
+GEMV_MAX_ROWS = q4_gemv.MAX_ROWS  # up to here the GEMV; above, dequantize + cuBLAS
+
+
+@functools.cache
+def cuda_gemv_unavailable(device: torch.device) -> str | None:
+    """Why the CUDA GEMV cannot run on ``device`` (building it on first use), or None."""
+    return q4_gemv.unavailable_reason(device)
 
 
 class ExllamaLinear(PackedGPTQLinear):
@@ -32,18 +47,65 @@ class ExllamaLinear(PackedGPTQLinear):
             raise WeightsError(f"'{t.name}': its act-order groups cannot be made contiguous runs; "
                                "load the model with the triton backend")
         self.register_buffer("q_invperm", torch.argsort(self.perm) if self.perm is not None else None)
+        self.glu = False  # gate/up fused with interleaved tiles: see fuse_glu
+        self.workspace: q4_gemv.Workspace | None = None
 
     @property
     def q_perm(self) -> torch.Tensor | None:
         return self.perm
 
+    @classmethod
+    def fuse(cls, parts: list["ExllamaLinear"]) -> "ExllamaLinear | None":
+        fused = super().fuse(parts)
+        if fused is not None:
+            fused.glu, fused.workspace = False, None
+        return fused
+
+    @classmethod
+    def fuse_glu(cls, gate: "ExllamaLinear", up: "ExllamaLinear") -> "ExllamaLinear | None":
+        """gate and up as one layer whose :meth:`silu_mul` is ``silu(gate(x)) * up(x)`` -- in the GEMV's
+        epilogue for decode. Columns alternate 128-column tiles of gate and up."""
+        if gate.bias is not None or up.bias is not None or gate.out_features % q4_gemv.TILE_N:
+            return None
+        fused = cls.fuse([gate, up])
+        if fused is None:
+            return None
+        fused.qweight = q4_gemv.interleave_glu(fused.qweight)
+        fused.scales = q4_gemv.interleave_glu(fused.scales)
+        fused.qzeros = q4_gemv.interleave_glu(fused.qzeros, 8)
+        fused.glu = True
+        return fused
+
     def dequantize(self) -> torch.Tensor:
-        """The fp16 weight ``[in_features, out_features]`` in the checkpoint's row order."""
+        """The fp16 weight ``[in_features, out_features]`` in the checkpoint's row (and column) order."""
         w = self._kernels.gptq_dequantize(self.qweight, self.scales, self.qzeros, None, 4, self.zero_offset,
                                           self.group_size)
-        return w[self.q_invperm] if self.q_invperm is not None else w
+        w = w[self.q_invperm] if self.q_invperm is not None else w
+        return self._deinterleave(w) if self.glu else w
+
+    def _deinterleave(self, y: torch.Tensor) -> torch.Tensor:
+        """Interleaved gate/up tiles -> [gate | up] along the last dimension."""
+        tiles = y.reshape(*y.shape[:-1], -1, 2, q4_gemv.TILE_N)
+        return torch.cat((tiles[..., 0, :].flatten(-2), tiles[..., 1, :].flatten(-2)), dim=-1)
+
+    def _cuda_rows(self, x: torch.Tensor) -> bool:
+        """Whether the CUDA GEMV takes these (prepared) rows."""
+        return (x.is_cuda and x.shape[0] <= GEMV_MAX_ROWS and cuda_gemv_unavailable(x.device) is None
+                and q4_gemv.supports(self.out_features, self.in_features, self.group_size))
+
+    def _cuda_gemv(self, x: torch.Tensor, **epilogue) -> torch.Tensor:
+        if self.workspace is None:  # on the first (eager) decode step, before any graph capture
+            self.workspace = q4_gemv.Workspace(self.out_features, x.device)
+        return q4_gemv.q4_gemv(x, self.qweight, self.scales, self.qzeros, self.zero_offset, self.group_size,
+                               self.workspace, **epilogue)
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).to(torch.float16)
+        return (x2[:, self.perm] if self.perm is not None else x2).contiguous()
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self._cuda_rows(x):
+            return self._cuda_gemv(x)
         k = self._kernels
         if x.shape[0] <= GEMV_MAX_ROWS:
             rows = [k.gptq_gemv(x[i : i + 1], self.qweight, self.scales, self.qzeros, 4, self.zero_offset,
@@ -52,10 +114,33 @@ class ExllamaLinear(PackedGPTQLinear):
         return x @ k.gptq_dequantize(self.qweight, self.scales, self.qzeros, None, 4, self.zero_offset,
                                      self.group_size)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        return self._deinterleave(y) if self.glu else y
+
+    def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``residual + self(x)``, the add in the GEMV's epilogue where it can be."""
+        x2 = self._prepare(x)
+        if (self.bias is None and residual.dtype == torch.float16 and self._cuda_rows(x2)
+                and residual.numel() == x2.shape[0] * self.out_features):
+            return self._cuda_gemv(x2, residual=residual.contiguous()).view(residual.shape)
+        return residual + self(x)
+
+    def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """``silu(gate) * up`` of a :meth:`fuse_glu` layer, ``[..., out_features / 2]``."""
+        x2 = self._prepare(x)
+        half = self.out_features // 2
+        if self._cuda_rows(x2):
+            y = self._cuda_gemv(x2, silu_mul=True)
+        else:
+            tiles = self.matmul(x2).view(x2.shape[0], -1, 2, q4_gemv.TILE_N)
+            y = (F.silu(tiles[:, :, 0].float()) * tiles[:, :, 1].float()).to(torch.float16).reshape(-1, half)
+        return y.to(x.dtype).view(*x.shape[:-1], half)
+
 
 class ExllamaBackend:
     name = "exllama"
-    description = "ExLlama-style 4-bit: act-order permuted at load, GEMV decode, dequantize + cuBLAS prefill"
+    description = "ExLlama-style 4-bit: act-order permuted at load, CUDA GEMV decode, dequantize + cuBLAS prefill"
 
     def unavailable_reason(self, device: torch.device, qconfig: QuantConfig | None) -> str | None:
         if qconfig is not None and qconfig.bits != 4:
@@ -63,6 +148,13 @@ class ExllamaBackend:
         if qconfig is not None and qconfig.group_size != -1 and qconfig.group_size % 32:
             return f"group size {qconfig.group_size} is not a multiple of 32 (use triton)"
         return kernel_unavailable_reason(device, qconfig)
+
+    def note(self, device: torch.device) -> str:
+        """Which decode kernel runs, for the load report."""
+        reason = cuda_gemv_unavailable(device)
+        if reason is None:
+            return "decode GEMV: CUDA (kernels/q4_gemv.cu)"
+        return f"decode GEMV: Triton, because the CUDA GEMV is unavailable: {reason}"
 
     def make_linear(self, tensors: GPTQTensors, qconfig: QuantConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
         return ExllamaLinear(tensors, qconfig, dtype, device)

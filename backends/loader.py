@@ -14,7 +14,7 @@ from backends.fair_lock import FairLock
 from backends.model import Transformer
 from backends.model_config import ModelArgs, load_model_args
 from backends.quant_config import QuantConfig, load_quant_config
-from backends.registry import resolve_backend
+from backends.registry import all_backends, resolve_backend
 from backends.weights import WeightsError, WeightStore, find_weight_files
 
 DEFAULT_CONTEXT = 4096
@@ -46,6 +46,7 @@ class LoadedModel:
     # Held while generating: the UI and the API take turns in arrival order.
     generation_lock: FairLock = field(default_factory=FairLock)
     decoder: GraphedDecoder | None = None  # one-token steps by CUDA graph replay
+    backend_note: str = ""  # what the backend wants the user to know, e.g. which kernel it fell back to
 
     @property
     def name(self) -> str:
@@ -180,6 +181,7 @@ def load_model(model_dir: str | Path, options: LoadOptions = LoadOptions()) -> L
     model, args, qconfig, backend, device, dtype = build_model(model_dir, options)
     context = options.context_length or min(args.max_position_embeddings, DEFAULT_CONTEXT)
     model.setup_cache(batch=1, max_seq_len=context)
+    note_of = getattr(all_backends()[backend], "note", None)
     return LoadedModel(
         path=model_dir,
         model=model,
@@ -191,4 +193,5 @@ def load_model(model_dir: str | Path, options: LoadOptions = LoadOptions()) -> L
         dtype=dtype,
         context_length=context,
         decoder=GraphedDecoder(model) if device.type == "cuda" and options.cuda_graphs else None,
+        backend_note=note_of(device) if note_of is not None else "",
     )

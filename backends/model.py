@@ -158,7 +158,8 @@ class Attention(nn.Module):
         self.split_sizes = [q_out, kv_out, kv_out]
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, positions, mask, kv_len: int) -> torch.Tensor:
+    def forward(self, x, cos, sin, positions, mask, kv_len: int, residual: torch.Tensor) -> torch.Tensor:
+        """``residual`` + attention of ``x``."""
         bsz, seqlen, _ = x.shape
         if self.qkv_proj is not None:
             q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
@@ -185,7 +186,7 @@ class Attention(nn.Module):
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_heads != self.n_kv_heads
         )
         out = out.transpose(1, 2).reshape(bsz, seqlen, self.n_heads * self.head_dim)
-        return self.o_proj(out)
+        return linear_add(self.o_proj, out, residual)
 
 
 class FeedForward(nn.Module):
@@ -197,12 +198,18 @@ class FeedForward(nn.Module):
         self.down_proj = make_linear(f"{prefix}.down_proj", i, h, b)
         self.gate_up_proj: nn.Module | None = None  # set by Transformer.fuse_projections
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``residual`` + the MLP of ``x``."""
+        fused_glu = getattr(self.gate_up_proj, "silu_mul", None)
+        if fused_glu is not None and getattr(self.gate_up_proj, "glu", False):
+            hidden = fused_glu(x)
         else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+            if self.gate_up_proj is not None:
+                gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            else:
+                gate, up = self.gate_proj(x), self.up_proj(x)
+            hidden = F.silu(gate) * up
+        return linear_add(self.down_proj, hidden, residual)
 
 
 class DecoderLayer(nn.Module):
@@ -215,15 +222,28 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
     def forward(self, x, cos, sin, positions, mask, kv_len: int) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, mask, kv_len)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        h = self.self_attn(self.input_layernorm(x), cos, sin, positions, mask, kv_len, residual=x)
+        return self.mlp(self.post_attention_layernorm(h), residual=h)
 
 
-def fuse_linears(parts: list[nn.Module]) -> nn.Module | None:
-    """The parts as one layer, if they are of one class that knows how to fuse (``cls.fuse``)."""
+def linear_add(linear: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``residual + linear(x)``; layers with ``forward_add`` do the add in their own kernel."""
+    fused = getattr(linear, "forward_add", None)
+    return fused(x, residual) if fused is not None else residual + linear(x)
+
+
+def fuse_linears(parts: list[nn.Module], glu: bool = False) -> nn.Module | None:
+    """The parts as one layer, if they are of one class that knows how to fuse (``cls.fuse``).
+
+    ``glu``: the parts are gate and up; a class with ``fuse_glu`` then makes a layer whose
+    ``silu_mul(x)`` is ``silu(gate(x)) * up(x)`` (and ``glu`` is True)."""
     kind = type(parts[0])
     if any(type(p) is not kind for p in parts) or not hasattr(kind, "fuse"):
         return None
+    if glu and hasattr(kind, "fuse_glu"):
+        fused = kind.fuse_glu(*parts)
+        if fused is not None:
+            return fused
     return kind.fuse(parts)
 
 
@@ -250,7 +270,7 @@ class Transformer(nn.Module):
             if qkv is not None:
                 attn.qkv_proj, attn.q_proj, attn.k_proj, attn.v_proj = qkv, None, None, None
                 fused += 1
-            gate_up = fuse_linears([mlp.gate_proj, mlp.up_proj])
+            gate_up = fuse_linears([mlp.gate_proj, mlp.up_proj], glu=True)
             if gate_up is not None:
                 mlp.gate_up_proj, mlp.gate_proj, mlp.up_proj = gate_up, None, None
                 fused += 1

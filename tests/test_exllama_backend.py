@@ -67,3 +67,40 @@ def test_irregular_act_order_groups_are_refused():
     with pytest.raises(WeightsError, match="triton backend"):
         ExllamaLinear(GPTQTensors("l", t["qweight"], t["qzeros"], t["scales"], g_idx, None, 128, 64),
                       QuantConfig(bits=4, group_size=32, desc_act=True), torch.float16, torch.device(DEVICE))
+
+
+def _layer(k: int, n: int, seed: int, sym: bool = True):
+    from backends.base import GPTQTensors
+    from backends.exllama_backend import ExllamaLinear
+
+    t = random_gptq_layer(k, n, 4, 32, False, sym, np.random.default_rng(seed))
+    return ExllamaLinear(GPTQTensors(f"l{seed}", t["qweight"], t["qzeros"], t["scales"], t["g_idx"], None, k, n),
+                         QuantConfig(bits=4, group_size=32, sym=sym), torch.float16, torch.device(DEVICE))
+
+
+@pytest.mark.parametrize("rows", [1, 5])  # the GEMV, then dequantize + matmul
+def test_fused_gate_up_computes_silu_gate_times_up(rows):
+    from backends.exllama_backend import ExllamaLinear
+
+    gate, up = _layer(64, 256, 1), _layer(64, 256, 2, sym=False)  # two 128-column tiles each
+    fused = ExllamaLinear.fuse_glu(gate, up)
+    assert fused is not None and fused.glu
+    x = torch.randn(1, rows, 64, generator=torch.Generator().manual_seed(rows)).to(DEVICE, torch.float16)
+    g, u = gate(x).float(), up(x).float()
+    assert relative_error(fused.silu_mul(x).float(), torch.nn.functional.silu(g) * u) < 1e-2
+    assert relative_error(fused(x).float(), torch.cat((g, u), dim=-1)) < 1e-2, "forward keeps [gate | up]"
+    assert relative_error(fused.dequantize().float(), torch.cat((gate.dequantize(), up.dequantize()), 1).float()) < 1e-3
+
+
+def test_gate_up_not_multiple_of_a_tile_fuse_plainly():
+    from backends.exllama_backend import ExllamaLinear
+
+    assert ExllamaLinear.fuse_glu(_layer(64, 96, 1), _layer(64, 96, 2)) is None
+
+
+def test_forward_add_is_residual_plus_forward():
+    layer = _layer(64, 128, 3)
+    x = torch.randn(1, 2, 64).to(DEVICE, torch.float16)
+    residual = torch.randn(1, 2, 128).to(DEVICE, torch.float16)
+    expected = residual.float() + layer(x).float()
+    assert relative_error(layer.forward_add(x, residual).float(), expected) < 1e-2

@@ -38,7 +38,8 @@ class LoadReport:
         m = self.loaded
         quant = describe_quant(m.qconfig)
         return (
-            f"Loaded **{m.name}** ({quant}) with the **{m.backend}** backend on {m.device}, "
+            f"Loaded **{m.name}** ({quant}) with the **{m.backend}** backend"
+            f"{f' ({m.backend_note})' if m.backend_note else ''} on {m.device}, "
             f"{str(m.dtype).removeprefix('torch.')}, context {m.context_length} tokens, "
             f"{m.memory_bytes() / 2**20:.0f} MB of weights and cache{gpu_memory(m.device)}, in {self.seconds:.1f} s."
         )

@@ -1,0 +1,82 @@
+"""The CUDA 4-bit GEMV (kernels/q4_gemv.cu) against the fp32 dequantized reference; GPU only (device)."""
+
+import numpy as np
+import pytest
+import torch
+
+from kernels.gptq_format import dequantize
+from tests.gptq_testing import random_gptq_layer
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA GEMV needs a GPU (run on the device)")
+
+
+def relative_error(a, b) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.mark.parametrize("k, n, group_size, sym", [(4096, 4096, 128, True), (576, 1536, 32, False),
+                                                   (11008, 512, -1, False), (1024, 1280, 64, True)])
+def test_gemv_matches_reference_for_every_epilogue(k, n, group_size, sym):
+    from kernels import q4_gemv
+
+    t = {key: v.cuda() for key, v in random_gptq_layer(k, n, 4, group_size, False, sym, np.random.default_rng(k)).items()}
+    w = dequantize(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, 1)
+    gs = k if group_size == -1 else group_size
+    ws = q4_gemv.Workspace(n, torch.device("cuda"))
+    glu = [q4_gemv.interleave_glu(t["qweight"]), q4_gemv.interleave_glu(t["scales"]),
+           q4_gemv.interleave_glu(t["qzeros"], 8)] if n % 256 == 0 else None
+    for m in range(1, 5):
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        residual = torch.randn(m, n, device="cuda", dtype=torch.float16)
+        ref = x.float() @ w
+        for config in [c for c in q4_gemv.CONFIGS if q4_gemv._fits(c, m)]:
+            y = q4_gemv.q4_gemv(x, t["qweight"], t["scales"], t["qzeros"], 1, gs, ws, config=config)
+            assert relative_error(y, ref) < 1e-2, (m, config)
+            y = q4_gemv.q4_gemv(x, t["qweight"], t["scales"], t["qzeros"], 1, gs, ws, residual=residual, config=config)
+            assert relative_error(y, ref + residual.float()) < 1e-2, (m, config)
+            if glu is not None:
+                y = q4_gemv.q4_gemv(x, *glu, 1, gs, ws, silu_mul=True, config=config)
+                gate, up = ref.chunk(2, dim=1)
+                assert relative_error(y, torch.nn.functional.silu(gate) * up) < 1e-2, (m, config)
+    torch.cuda.synchronize()
+    assert not ws.sums.any() and not ws.counters.any(), "the kernel leaves its workspace zeroed"
+
+
+def test_bad_arguments_are_refused():
+    from kernels import q4_gemv
+
+    t = {key: v.cuda() for key, v in random_gptq_layer(256, 256, 4, 32, False, True, np.random.default_rng(0)).items()}
+    ws = q4_gemv.Workspace(256, torch.device("cuda"))
+    with pytest.raises(ValueError, match="1 to 4 rows"):
+        q4_gemv.q4_gemv(torch.randn(5, 256, device="cuda", dtype=torch.float16), t["qweight"], t["scales"],
+                        t["qzeros"], 1, 32, ws)
+    with pytest.raises(RuntimeError, match="unsupported"):
+        q4_gemv.q4_gemv(torch.randn(1, 256, device="cuda", dtype=torch.float16), t["qweight"], t["scales"],
+                        t["qzeros"], 1, 48, ws)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_exllama_model_in_fp16_matches_reference(tmp_path, act_order):
+    """The exllama backend in fp16 on the GPU (CUDA GEMV with fused residual adds and SiLU*up for the
+    prompt of 3 tokens and each decoded token) against the reference backend in fp32."""
+    from backends.exllama_backend import ExllamaBackend
+    from backends.loader import LoadOptions, build_model
+    from tests.gptq_testing import tiny_config, write_tiny_checkpoint
+
+    config = tiny_config(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=64)
+    path = write_tiny_checkpoint(tmp_path / "m", config, 4, 32, act_order)
+    assert ExllamaBackend().note(torch.device("cuda")) == "decode GEMV: CUDA (kernels/q4_gemv.cu)"
+    tokens = [5, 17, 3, 99, 42, 7]
+    logits = {}
+    for backend, dtype in (("exllama", "float16"), ("reference", "float32")):
+        model, *_ = build_model(path, LoadOptions(backend=backend, device="cuda", dtype=dtype))
+        if backend == "exllama" and not act_order:
+            assert model.layers[0].mlp.gate_up_proj.glu, "gate/up fused for the SiLU*up epilogue"
+        model.setup_cache(batch=1, max_seq_len=16)
+        with torch.inference_mode():
+            out = [model(torch.tensor([tokens[:3]], device="cuda"), torch.arange(3, device="cuda"))[0]]
+            for p in range(3, len(tokens)):
+                out.append(model(torch.tensor([[tokens[p]]], device="cuda"), torch.tensor([p], device="cuda"))[0])
+        logits[backend] = torch.cat(out).float()
+    assert relative_error(logits["exllama"], logits["reference"]) < 2e-2
