@@ -195,6 +195,8 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument("--backends", nargs="+", default=["exllama", "triton"], choices=["exllama", "triton"])
+    parser.add_argument("--no-act-order", action="store_true", help="only the checkpoints without act-order")
     opts = parser.parse_args()
     props = torch.cuda.get_device_properties(0)
     bw = copy_bandwidth()
@@ -202,12 +204,12 @@ def main() -> None:
     rows = []
     for size in opts.sizes:
         config = llama2_config(size)
-        for act_order in (False, True):
+        for act_order in (False,) if opts.no_act_order else (False, True):
             with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
                 started = time.time()
                 path = write_random_gptq(Path(tmp) / "m", config, act_order)
                 print(f"  wrote {size} act-order={act_order} in {time.time() - started:.0f} s", flush=True)
-                for backend in ("exllama", "triton"):
+                for backend in opts.backends:
                     r = bench_own(path, backend, opts.decode_tokens)
                     rows.append({"size": size, "act_order": act_order, **r})
                     print(f"  {size} act={act_order} {backend}: {r['decode_tok_s']:.0f} tok/s", flush=True)

@@ -117,7 +117,7 @@ def main() -> None:
             rows.append(row)
             print(f"  timed {name} M={m}", flush=True)
     print(f"\n4-bit g128, {time.strftime('%Y-%m-%d')}, {props.name}, copy bandwidth {bw / 1e9:.0f} GB/s")
-    print("| shape (K x N) | M | CUDA µs | best (warps, rows/warp) | tuner's pick | of copy BW | Triton GEMV µs | fp16 cuBLAS µs |")
+    print("| shape (K x N) | M | CUDA µs | best (warps, rows/warp, depth) | tuner's pick | of copy BW | Triton GEMV µs | fp16 cuBLAS µs |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         tri = f"{r['triton_us']:.1f}" if "triton_us" in r else "-"

@@ -1,6 +1,6 @@
 """Where the CUDA GEMV's time goes: the kernel next to itself without arithmetic (loads, the split-K
-reduction and the epilogue only), per launch configuration; then Nsight Compute on one call if `ncu`
-is installed.
+reduction and the epilogue only) and without programmatic dependent launch, per launch configuration;
+then Nsight Compute on one call if `ncu` is installed.
 
     python benchmarks/q4_gemv_variants.py [--ncu]
 """
@@ -29,7 +29,7 @@ def one_call(k: int, n: int) -> None:
     ws = cuda_gemv.Workspace(n, torch.device("cuda"))
     x = torch.randn(1, k, device="cuda", dtype=torch.float16)
     for _ in range(3):
-        cuda_gemv.q4_gemv(x, t["qweight"], t["scales"], t["qzeros"], 1, 128, ws, config=(4, 256))
+        cuda_gemv.q4_gemv(x, t["qweight"], t["scales"], t["qzeros"], 1, 128, ws, config=(4, 256, 4))
     torch.cuda.synchronize()
 
 
@@ -43,9 +43,8 @@ def main() -> None:
     props = torch.cuda.get_device_properties(0)
     bw = copy_bandwidth()
     arch = cuda_gemv.arch_of(torch.device("cuda"))
-    libs = {"full": cuda_gemv.library(arch), "load-only": cuda_gemv.library(arch, ("Q4_GEMV_LOAD_ONLY",))}
-    for depth in (2, 3, 6):
-        libs[f"depth {depth}"] = cuda_gemv.library(arch, (f"Q4_GEMV_DEPTH={depth}",))
+    libs = {"full": (cuda_gemv.library(arch), True), "no PDL": (cuda_gemv.library(arch), False),
+            "load-only": (cuda_gemv.library(arch, ("Q4_GEMV_LOAD_ONLY",)), True)}
     print(f"{props.name}, copy bandwidth {bw / 1e9:.0f} GB/s")
     print("| shape | config (warps, rows/warp) | " + " | ".join(f"{v} µs" for v in libs) + " | full of copy BW | load-only of copy BW |")
     print("|---|---|" + "---|" * (len(libs) + 2))
@@ -58,11 +57,11 @@ def main() -> None:
         state = {"i": 0}
         for config in cuda_gemv.CONFIGS:
             us = {}
-            for variant, lib in libs.items():
+            for variant, (lib, pdl) in libs.items():
                 def run():
                     state["i"] += 1
                     t = layers[state["i"] % copies]
-                    cuda_gemv.q4_gemv(x, t["qweight"], t["scales"], t["qzeros"], 1, 128, ws, config=config, lib=lib)
+                    cuda_gemv.q4_gemv(x, t["qweight"], t["scales"], t["qzeros"], 1, 128, ws, config=config, lib=lib, pdl=pdl)
                 us[variant] = graph_us(run)
             print(f"| {name} ({k}x{n}) | {config} | " + " | ".join(f"{v:.1f}" for v in us.values()) + " | "
                   f"{layer_bytes / (us['full'] * 1e-6) / bw:.0%} | {layer_bytes / (us['load-only'] * 1e-6) / bw:.0%} |",

@@ -6,7 +6,7 @@
 //
 // A block owns 128 columns (32 lanes x 4: one 16-byte load per lane and word row) and WARPS ranges of
 // rows_per_warp rows of K, one per warp. A warp walks its range in chunks of 32 rows (4 word rows, one
-// scale row) and keeps the next DEPTH chunks' loads in flight while it computes one. A word holds rows
+// scale row) and keeps the next DEPTH (2 or 4) chunks' loads in flight while it computes one. A word holds rows
 // 8i..8i+7 of one column; (w & 0x000F000F) | 0x64006400 is the half2 (1024 + q0, 1024 + q4) and
 // (w & 0x00F000F0) | 0x64006400 is (1024 + 16 q1, 1024 + 16 q5) -- the fp16 exponent trick, no
 // int-to-float conversions -- and w >> 8 gives q2, q6, q3, q7 the same way. Subtracting (1024 + zero),
@@ -26,12 +26,20 @@ namespace {
 
 constexpr int TILE_N = 128;  // columns per block
 constexpr int CHUNK = 32;    // rows per chunk: 4 word rows, one scale row (the smallest group size)
-#ifndef Q4_GEMV_DEPTH
-#define Q4_GEMV_DEPTH 4
-#endif
-constexpr int DEPTH = Q4_GEMV_DEPTH;  // chunks in flight per warp
 
 enum Epilogue { STORE = 0, ADD = 1, SILU_MUL = 2 };
+
+struct Args {  // mirrored by q4_gemv.py's _Args
+  const half* x;             // [M, K]
+  const uint32_t* qweight;   // [K / 8, N]
+  const half* scales;        // [G, N]
+  const uint32_t* qzeros;    // [G, N / 8]
+  half* out;                 // [M, N], or [M, N / 2] for SILU_MUL
+  const half* residual;      // [M, N] for ADD (may be out itself)
+  float* ws;                 // [M, N] fp32 partial sums
+  int* counters;             // [ceil(N / 128)] arrival counters
+  int N, K, group_size, zero_offset, epilogue, rows_per_warp;
+};
 
 __device__ __forceinline__ half2 as_half2(uint32_t v) {
   return *reinterpret_cast<half2*>(&v);
@@ -110,11 +118,18 @@ __device__ __forceinline__ void compute_chunk(const Chunk& c, const uint4* xs, i
   }
 }
 
-template <int M, int WARPS>
-__global__ void __launch_bounds__(WARPS * 32) q4_gemv_kernel(
-    const half* __restrict__ x, const uint32_t* __restrict__ qweight, const half* __restrict__ scales,
-    const uint32_t* __restrict__ qzeros, half* out, const half* residual, float* __restrict__ ws,
-    int* __restrict__ counters, int N, int K, int group_size, int zero_offset, int epilogue, int rows_per_warp) {
+template <int M, int WARPS, int DEPTH>
+__global__ void __launch_bounds__(WARPS * 32) q4_gemv_kernel(const Args args) {
+  const half* __restrict__ x = args.x;
+  const uint32_t* __restrict__ qweight = args.qweight;
+  const half* __restrict__ scales = args.scales;
+  const uint32_t* __restrict__ qzeros = args.qzeros;
+  half* out = args.out;
+  const half* residual = args.residual;
+  float* __restrict__ ws = args.ws;
+  int* __restrict__ counters = args.counters;
+  const int N = args.N, K = args.K, group_size = args.group_size, zero_offset = args.zero_offset;
+  const int epilogue = args.epilogue, rows_per_warp = args.rows_per_warp;
   // Shared: x pairs for the block's rows (M x rows / 2 half2), then the per-warp sums.
   extern __shared__ uint4 smem[];
   __shared__ float red[WARPS][M][TILE_N];
@@ -129,12 +144,18 @@ __global__ void __launch_bounds__(WARPS * 32) q4_gemv_kernel(
   const int k_warp = k_block + warp * rows_per_warp;
   const int n_chunks = col < N ? max(0, min(rows_per_warp, K - k_warp)) / CHUNK : 0;
 
-  // Weight loads first, so that they are in flight while x is staged.
+  // Weight loads first: they do not depend on the previous kernel, so under programmatic dependent
+  // launch they overlap its tail. Everything it writes (x, residual, and the memory of out) is touched
+  // only after griddepcontrol.wait.
   Chunk ring[DEPTH];
 #pragma unroll
   for (int d = 0; d < DEPTH; ++d) {
     if (d < n_chunks) load_chunk(ring[d], qweight, scales, qzeros, k_warp + d * CHUNK, col, N, group_size);
   }
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
 
   const int pairs_per_m = block_rows / 2;
   half2* xs = reinterpret_cast<half2*>(smem);
@@ -229,58 +250,64 @@ __global__ void __launch_bounds__(WARPS * 32) q4_gemv_kernel(
   if (threadIdx.x == 0) counters[counter] = 0;
 }
 
-template <int M, int WARPS>
-void launch(const void* x, const void* qweight, const void* scales, const void* qzeros, void* out,
-            const void* residual, void* ws, void* counters, int N, int K, int group_size, int zero_offset,
-            int epilogue, int rows_per_warp, cudaStream_t stream) {
-  const int block_rows = WARPS * rows_per_warp;
-  const dim3 grid((N + TILE_N - 1) / TILE_N, (K + block_rows - 1) / block_rows);
-  const size_t shared = (size_t)M * block_rows * sizeof(half);
-  q4_gemv_kernel<M, WARPS><<<grid, WARPS * 32, shared, stream>>>(
-      static_cast<const half*>(x), static_cast<const uint32_t*>(qweight), static_cast<const half*>(scales),
-      static_cast<const uint32_t*>(qzeros), static_cast<half*>(out), static_cast<const half*>(residual),
-      static_cast<float*>(ws), static_cast<int*>(counters), N, K, group_size, zero_offset, epilogue,
-      rows_per_warp);
+template <int M, int WARPS, int DEPTH>
+cudaError_t launch(const Args& args, bool pdl, cudaStream_t stream) {
+  const int block_rows = WARPS * args.rows_per_warp;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3((args.N + TILE_N - 1) / TILE_N, (args.K + block_rows - 1) / block_rows);
+  config.blockDim = dim3(WARPS * 32);
+  config.dynamicSmemBytes = (size_t)M * block_rows * sizeof(half);
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&config, q4_gemv_kernel<M, WARPS, DEPTH>, args);
 }
 
-template <int WARPS>
-int dispatch_m(int M, const void* x, const void* qweight, const void* scales, const void* qzeros, void* out,
-               const void* residual, void* ws, void* counters, int N, int K, int group_size, int zero_offset,
-               int epilogue, int rows_per_warp, cudaStream_t stream) {
-  switch (M) {
-    case 1: launch<1, WARPS>(x, qweight, scales, qzeros, out, residual, ws, counters, N, K, group_size, zero_offset, epilogue, rows_per_warp, stream); break;
-    case 2: launch<2, WARPS>(x, qweight, scales, qzeros, out, residual, ws, counters, N, K, group_size, zero_offset, epilogue, rows_per_warp, stream); break;
-    case 3: launch<3, WARPS>(x, qweight, scales, qzeros, out, residual, ws, counters, N, K, group_size, zero_offset, epilogue, rows_per_warp, stream); break;
-    case 4: launch<4, WARPS>(x, qweight, scales, qzeros, out, residual, ws, counters, N, K, group_size, zero_offset, epilogue, rows_per_warp, stream); break;
-    default: return -1;
+template <int M, int WARPS>
+cudaError_t launch_depth(const Args& args, int depth, bool pdl, cudaStream_t stream) {
+  switch (depth) {
+    case 2: return launch<M, WARPS, 2>(args, pdl, stream);
+    case 4: return launch<M, WARPS, 4>(args, pdl, stream);
+    default: return cudaErrorInvalidValue;
   }
-  return 0;
+}
+
+template <int M>
+cudaError_t launch_warps(const Args& args, int warps, int depth, bool pdl, cudaStream_t stream) {
+  switch (warps) {
+    case 4: return launch_depth<M, 4>(args, depth, pdl, stream);
+    case 8: return launch_depth<M, 8>(args, depth, pdl, stream);
+    default: return cudaErrorInvalidValue;
+  }
 }
 
 }  // namespace
 
 extern "C" {
 
-// Returns 0, -1 for an unsupported argument, or a CUDA error code (launch errors only; the kernel is
-// asynchronous). rows_per_warp: a multiple of 32; M * warps * rows_per_warp <= 16384. ws: fp32 [M, N] and counters: int32 [ceil(N / 128)], both zero before the first call;
-// the kernel leaves them zero. For SILU_MUL, out is [M, N / 2] and N a multiple of 256.
-int q4_gemv(int M, const void* x, const void* qweight, const void* scales, const void* qzeros, void* out,
-            const void* residual, void* ws, void* counters, int N, int K, int group_size, int zero_offset,
-            int epilogue, int warps, int rows_per_warp, void* stream) {
-  if (N % 8 || K % 32 || group_size % 32 || group_size <= 0) return -1;
-  if (rows_per_warp % CHUNK || rows_per_warp <= 0 || (size_t)M * warps * rows_per_warp * sizeof(half) > 32768) return -1;
-  if (epilogue == SILU_MUL && N % (2 * TILE_N)) return -1;
+// Returns 0, -1 for unsupported arguments, or a CUDA error code (launch errors only; the kernel is
+// asynchronous). rows_per_warp: a multiple of 32 with M * warps * rows_per_warp <= 16384. ws: fp32
+// [M, N] and counters: int32 [ceil(N / 128)], both zero before the first call; the kernel leaves them
+// zero. For SILU_MUL, out is [M, N / 2] and N a multiple of 256. pdl: launch as a programmatic
+// dependent of the previous kernel in the stream (Hopper and later).
+int q4_gemv(const Args* args, int M, int warps, int depth, int pdl, void* stream) {
+  const Args& a = *args;
+  if (a.N % 8 || a.K % 32 || a.group_size % 32 || a.group_size <= 0) return -1;
+  if (a.epilogue == SILU_MUL && a.N % (2 * TILE_N)) return -1;
+  if (a.rows_per_warp % CHUNK || a.rows_per_warp <= 0 || (size_t)M * warps * a.rows_per_warp > 16384) return -1;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  int rc;
-  if (warps == 4) {
-    rc = dispatch_m<4>(M, x, qweight, scales, qzeros, out, residual, ws, counters, N, K, group_size, zero_offset, epilogue, rows_per_warp, s);
-  } else if (warps == 8) {
-    rc = dispatch_m<8>(M, x, qweight, scales, qzeros, out, residual, ws, counters, N, K, group_size, zero_offset, epilogue, rows_per_warp, s);
-  } else {
-    return -1;
+  cudaError_t rc;
+  switch (M) {
+    case 1: rc = launch_warps<1>(a, warps, depth, pdl, s); break;
+    case 2: rc = launch_warps<2>(a, warps, depth, pdl, s); break;
+    case 3: rc = launch_warps<3>(a, warps, depth, pdl, s); break;
+    case 4: rc = launch_warps<4>(a, warps, depth, pdl, s); break;
+    default: return -1;
   }
-  if (rc) return rc;
-  return static_cast<int>(cudaGetLastError());
+  return rc == cudaErrorInvalidValue ? -1 : static_cast<int>(rc);
 }
 
 int q4_tile_n() { return TILE_N; }

@@ -24,8 +24,18 @@ SOURCE = Path(__file__).with_name("q4_gemv.cu")
 MAX_ROWS = 4
 TILE_N = 128  # columns per block, as in the source
 STORE, ADD, SILU_MUL = 0, 1, 2
-# (warps per block, K rows per warp) candidates; the kernel is compiled for 4 and 8 warps.
-CONFIGS = ((8, 128), (4, 128), (8, 256), (4, 256), (4, 512), (8, 64), (4, 64))
+# (warps per block, K rows per warp, chunks in flight per warp) candidates, the default first; the kernel
+# is compiled for 4 and 8 warps and depths 2 and 4.
+CONFIGS = tuple((w, r, d) for d in (2, 4) for w, r in ((4, 128), (8, 128), (4, 256), (8, 256), (4, 512), (8, 64),
+                                                    (4, 64)))
+# Programmatic dependent launch (Hopper and later): a GEMV's weight loads overlap the previous kernel's tail.
+PDL = os.environ.get("GPTQ_CUDA_PDL", "1") != "0"
+
+
+class _Args(ctypes.Structure):  # struct Args in q4_gemv.cu
+    _fields_ = [(name, ctypes.c_void_p) for name in
+                ("x", "qweight", "scales", "qzeros", "out", "residual", "ws", "counters")] + \
+               [(name, ctypes.c_int) for name in ("N", "K", "group_size", "zero_offset", "epilogue", "rows_per_warp")]
 
 
 class BuildError(RuntimeError):
@@ -78,7 +88,7 @@ def library(arch: str, defines: tuple[str, ...] = ()) -> ctypes.CDLL:
             os.replace(built, target)  # atomic: a concurrent or interrupted build leaves no broken library
     lib = ctypes.CDLL(str(target))
     lib.q4_gemv.restype = ctypes.c_int
-    lib.q4_gemv.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 8 + [ctypes.c_int] * 7 + [ctypes.c_void_p]
+    lib.q4_gemv.argtypes = [ctypes.POINTER(_Args)] + [ctypes.c_int] * 4 + [ctypes.c_void_p]
     return lib
 
 
@@ -122,8 +132,8 @@ def interleave_glu(t: torch.Tensor, per_word: int = 1) -> torch.Tensor:
     return torch.stack((gate, up), dim=2).reshape(t.shape[0], -1).contiguous()
 
 
-def _fits(config: tuple[int, int], m: int) -> bool:
-    warps, rows = config
+def _fits(config: tuple[int, int, int], m: int) -> bool:
+    warps, rows, _ = config
     return m * warps * rows <= 16384  # the x rows staged in shared memory: 32 KB
 
 
@@ -154,9 +164,9 @@ class Tuner:
     """The fastest launch configuration per (M, N, K), timed once on first use outside a graph capture."""
 
     def __init__(self):
-        self.best: dict[tuple[int, int, int], tuple[int, int]] = {}
+        self.best: dict[tuple[int, int, int], tuple[int, int, int]] = {}
 
-    def config(self, m: int, n: int, k: int, run) -> tuple[int, int]:
+    def config(self, m: int, n: int, k: int, run) -> tuple[int, int, int]:
         key = (m, n, k)
         if key in self.best:
             return self.best[key]
@@ -172,11 +182,11 @@ TUNER = Tuner()
 
 def q4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, zero_offset: int,
             group_size: int, workspace: Workspace, *, residual: torch.Tensor | None = None,
-            silu_mul: bool = False, config: tuple[int, int] | None = None,
-            lib: ctypes.CDLL | None = None) -> torch.Tensor:
+            silu_mul: bool = False, config: tuple[int, int, int] | None = None,
+            lib: ctypes.CDLL | None = None, pdl: bool | None = None) -> torch.Tensor:
     """``x @ W`` for 1..4 fp16 rows; with ``residual``: ``residual + x @ W``; with ``silu_mul``: the
     columns are gate and up tiles of 128 interleaved (gate tile t at 2t, up at 2t + 1) and the result is
-    ``silu(gate) * up``, ``[M, N / 2]``. ``config``: (warps, rows per warp), else the tuned one."""
+    ``silu(gate) * up``, ``[M, N / 2]``. ``config``: (warps, rows per warp, depth), else the tuned one."""
     m, k = x.shape
     n = qweight.shape[1]
     if not 1 <= m <= MAX_ROWS:
@@ -191,12 +201,15 @@ def q4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros
             raise ValueError("residual must be contiguous float16")
     lib = lib or library(arch_of(x.device))
 
-    def run(cfg: tuple[int, int]) -> int:
+    use_pdl = PDL and torch.cuda.get_device_capability(x.device)[0] >= 9 if pdl is None else pdl
+
+    def run(cfg: tuple[int, int, int]) -> int:
+        warps, rows, depth = cfg
+        args = _Args(x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), qzeros.data_ptr(), out.data_ptr(),
+                     residual.data_ptr() if residual is not None else None, workspace.sums.data_ptr(),
+                     workspace.counters.data_ptr(), n, k, group_size, zero_offset, epilogue, rows)
         stream = torch.cuda.current_stream(x.device).cuda_stream
-        return lib.q4_gemv(m, x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), qzeros.data_ptr(),
-                           out.data_ptr(), residual.data_ptr() if residual is not None else None,
-                           workspace.sums.data_ptr(), workspace.counters.data_ptr(), n, k, group_size, zero_offset,
-                           epilogue, cfg[0], cfg[1], stream)
+        return lib.q4_gemv(ctypes.byref(args), m, warps, depth, int(use_pdl), stream)
 
     if config is not None and not _fits(config, m):
         raise ValueError(f"configuration {config} does not fit {m} rows")
