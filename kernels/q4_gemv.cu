@@ -22,14 +22,8 @@
 #include <cuda_fp16.h>
 #include <cstdint>
 
-namespace {
-
-constexpr int TILE_N = 128;  // columns per block
-constexpr int CHUNK = 32;    // rows per chunk: 4 word rows, one scale row (the smallest group size)
-
-enum Epilogue { STORE = 0, ADD = 1, SILU_MUL = 2 };
-
-struct Args {  // mirrored by q4_gemv.py's _Args
+// Outside the anonymous namespace: q4_gemv() below is exported with it.
+struct Q4GemvArgs {  // mirrored by q4_gemv.py's _Args
   const half* x;             // [M, K]
   const uint32_t* qweight;   // [K / 8, N]
   const half* scales;        // [G, N]
@@ -40,6 +34,14 @@ struct Args {  // mirrored by q4_gemv.py's _Args
   int* counters;             // [ceil(N / 128)] arrival counters
   int N, K, group_size, zero_offset, epilogue, rows_per_warp;
 };
+
+namespace {
+
+constexpr int TILE_N = 128;  // columns per block
+constexpr int CHUNK = 32;    // rows per chunk: 4 word rows, one scale row (the smallest group size)
+
+enum Epilogue { STORE = 0, ADD = 1, SILU_MUL = 2 };
+
 
 __device__ __forceinline__ half2 as_half2(uint32_t v) {
   return *reinterpret_cast<half2*>(&v);
@@ -119,7 +121,7 @@ __device__ __forceinline__ void compute_chunk(const Chunk& c, const uint4* xs, i
 }
 
 template <int M, int WARPS, int DEPTH>
-__global__ void __launch_bounds__(WARPS * 32) q4_gemv_kernel(const Args args) {
+__global__ void __launch_bounds__(WARPS * 32) q4_gemv_kernel(const Q4GemvArgs args) {
   const half* __restrict__ x = args.x;
   const uint32_t* __restrict__ qweight = args.qweight;
   const half* __restrict__ scales = args.scales;
@@ -251,7 +253,7 @@ __global__ void __launch_bounds__(WARPS * 32) q4_gemv_kernel(const Args args) {
 }
 
 template <int M, int WARPS, int DEPTH>
-cudaError_t launch(const Args& args, bool pdl, cudaStream_t stream) {
+cudaError_t launch(const Q4GemvArgs& args, bool pdl, cudaStream_t stream) {
   const int block_rows = WARPS * args.rows_per_warp;
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3((args.N + TILE_N - 1) / TILE_N, (args.K + block_rows - 1) / block_rows);
@@ -267,7 +269,7 @@ cudaError_t launch(const Args& args, bool pdl, cudaStream_t stream) {
 }
 
 template <int M, int WARPS>
-cudaError_t launch_depth(const Args& args, int depth, bool pdl, cudaStream_t stream) {
+cudaError_t launch_depth(const Q4GemvArgs& args, int depth, bool pdl, cudaStream_t stream) {
   switch (depth) {
     case 2: return launch<M, WARPS, 2>(args, pdl, stream);
     case 4: return launch<M, WARPS, 4>(args, pdl, stream);
@@ -276,7 +278,7 @@ cudaError_t launch_depth(const Args& args, int depth, bool pdl, cudaStream_t str
 }
 
 template <int M>
-cudaError_t launch_warps(const Args& args, int warps, int depth, bool pdl, cudaStream_t stream) {
+cudaError_t launch_warps(const Q4GemvArgs& args, int warps, int depth, bool pdl, cudaStream_t stream) {
   switch (warps) {
     case 4: return launch_depth<M, 4>(args, depth, pdl, stream);
     case 8: return launch_depth<M, 8>(args, depth, pdl, stream);
@@ -293,8 +295,8 @@ extern "C" {
 // [M, N] and counters: int32 [ceil(N / 128)], both zero before the first call; the kernel leaves them
 // zero. For SILU_MUL, out is [M, N / 2] and N a multiple of 256. pdl: launch as a programmatic
 // dependent of the previous kernel in the stream (Hopper and later).
-int q4_gemv(const Args* args, int M, int warps, int depth, int pdl, void* stream) {
-  const Args& a = *args;
+int q4_gemv(const Q4GemvArgs* args, int M, int warps, int depth, int pdl, void* stream) {
+  const Q4GemvArgs& a = *args;
   if (a.N % 8 || a.K % 32 || a.group_size % 32 || a.group_size <= 0) return -1;
   if (a.epilogue == SILU_MUL && a.N % (2 * TILE_N)) return -1;
   if (a.rows_per_warp % CHUNK || a.rows_per_warp <= 0 || (size_t)M * warps * a.rows_per_warp > 16384) return -1;

@@ -32,7 +32,7 @@ CONFIGS = tuple((w, r, d) for d in (2, 4) for w, r in ((4, 128), (8, 128), (4, 2
 PDL = os.environ.get("GPTQ_CUDA_PDL", "1") != "0"
 
 
-class _Args(ctypes.Structure):  # struct Args in q4_gemv.cu
+class _Args(ctypes.Structure):  # struct Q4GemvArgs in q4_gemv.cu
     _fields_ = [(name, ctypes.c_void_p) for name in
                 ("x", "qweight", "scales", "qzeros", "out", "residual", "ws", "counters")] + \
                [(name, ctypes.c_int) for name in ("N", "K", "group_size", "zero_offset", "epilogue", "rows_per_warp")]
