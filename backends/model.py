@@ -167,17 +167,16 @@ class Attention(nn.Module):
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(bsz, seqlen, self.n_heads, self.head_dim)
         k = k.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
-        v = v.view(bsz, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         fused = _fused_rotary() if x.is_cuda and self.kv_cache is not None else None
         if fused is not None and fused.supported(self.head_dim):
-            # Two kernels: q rotated, k rotated straight into its cache slots.
-            q = fused.rotary(q, cos, sin).transpose(1, 2)
-            fused.rotary(k, cos, sin, self.kv_cache.k, positions)
-            self.kv_cache.v.index_copy_(2, positions, v)
+            # One kernel: q rotated, k rotated and v copied straight into their cache slots.
+            q = fused.rotary_qkv(q, k, v, cos, sin, self.kv_cache.k, self.kv_cache.v, positions).transpose(1, 2)
             k, v = self.kv_cache.k[:, :, :kv_len], self.kv_cache.v[:, :, :kv_len]
         else:
             q = apply_rotary(q.transpose(1, 2), cos, sin)
             k = apply_rotary(k.transpose(1, 2), cos, sin)
+            v = v.transpose(1, 2)
             if self.kv_cache is not None:
                 k_all, v_all = self.kv_cache.update(positions, k, v)
                 k, v = k_all[:, :, :kv_len], v_all[:, :, :kv_len]
@@ -308,7 +307,11 @@ class Transformer(nn.Module):
         x = self.embed_tokens(tokens)
         cos, sin = self.rotary(positions)
         plain_causal = self.args.sliding_window is None and tokens.shape[1] == kv_len > 1
-        mask = None if plain_causal else self.attention_mask(positions, kv_len)
+        mask = None
+        if not plain_causal:
+            # Additive, in the activations' dtype, once per step: a boolean mask is converted in every layer.
+            allowed = self.attention_mask(positions, kv_len)
+            mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill_(~allowed, float("-inf"))
         for layer in self.layers:
             x = layer(x, cos, sin, positions, mask, kv_len)
         return self.lm_head(self.norm(x)).float()

@@ -136,21 +136,25 @@ def test_fused_rmsnorm_matches_torch():
 @pytest.mark.parametrize("head_dim", [16, 64])
 def test_fused_rotary_matches_torch(head_dim):
     from backends.model import apply_rotary
-    from kernels.rotary import rotary
+    from kernels.rotary import rotary_qkv
 
     g = torch.Generator().manual_seed(head_dim)
-    b, t, h = 1, 5, 3
-    qkv = torch.randn(b, t, 3 * h * head_dim, generator=g).half()
-    x = qkv[..., h * head_dim : 2 * h * head_dim].view(b, t, h, head_dim)  # a strided view, as in the model
+    b, t, hq, hkv = 1, 5, 4, 2
+    width = (hq + 2 * hkv) * head_dim
+    qkv = torch.randn(b, t, width, generator=g).half()  # q, k, v are strided views of it, as in the model
+    q, k, v = (p.reshape(b, t, -1, head_dim) for p in qkv.split([hq * head_dim, hkv * head_dim, hkv * head_dim], -1))
     angles = torch.rand(t, head_dim // 2, generator=g) * 6
     cos = torch.cat([angles.cos(), angles.cos()], -1)
     sin = torch.cat([angles.sin(), angles.sin()], -1)
-    expected = apply_rotary(x.transpose(1, 2), cos, sin)  # [B, H, T, D]
-    x, cos, sin = x.to(DEVICE), cos.to(DEVICE), sin.to(DEVICE)
-    out = rotary(x, cos, sin)
-    assert relative_error(out.transpose(1, 2).cpu(), expected) < 1e-3
-    cache = torch.zeros(b, h, 12, head_dim, dtype=torch.float16, device=DEVICE)
+    expected_q = apply_rotary(q.transpose(1, 2), cos, sin)  # [B, H, T, D]
+    expected_k = apply_rotary(k.transpose(1, 2), cos, sin)
+    k_cache = torch.zeros(b, hkv, 12, head_dim, dtype=torch.float16, device=DEVICE)
+    v_cache = torch.zeros_like(k_cache)
     positions = torch.tensor([7, 8, 9, 10, 11], device=DEVICE)
-    rotary(x, cos, sin, cache, positions)
-    assert relative_error(cache[:, :, 7:].cpu(), expected) < 1e-3
-    assert not cache[:, :, :7].any()
+    dev = [p.to(DEVICE) for p in (qkv, cos, sin)]
+    q, k, v = (p.reshape(b, t, -1, head_dim) for p in dev[0].split([hq * head_dim, hkv * head_dim, hkv * head_dim], -1))
+    out = rotary_qkv(q, k, v, dev[1], dev[2], k_cache, v_cache, positions)
+    assert relative_error(out.transpose(1, 2).cpu(), expected_q) < 1e-3
+    assert relative_error(k_cache[:, :, 7:].cpu(), expected_k) < 1e-3
+    assert torch.equal(v_cache[:, :, 7:].cpu(), v.transpose(1, 2).cpu())
+    assert not k_cache[:, :, :7].any() and not v_cache[:, :, :7].any()
