@@ -39,7 +39,7 @@ def cuda_gemv_unavailable(device: torch.device) -> str | None:
 
 
 class ExllamaLinear(PackedGPTQLinear):
-    SHARED = ("g_idx", "perm", "q_invperm")
+    SHARED = ("g_idx", "perm", "q_invperm", "q_perm32")
 
     def __init__(self, t: GPTQTensors, qconfig: QuantConfig, dtype: torch.dtype, device: torch.device):
         super().__init__(t, qconfig, dtype, device)
@@ -47,6 +47,7 @@ class ExllamaLinear(PackedGPTQLinear):
             raise WeightsError(f"'{t.name}': its act-order groups cannot be made contiguous runs; "
                                "load the model with the triton backend")
         self.register_buffer("q_invperm", torch.argsort(self.perm) if self.perm is not None else None)
+        self.register_buffer("q_perm32", self.perm.to(torch.int32) if self.perm is not None else None)
         self.glu = False  # gate/up fused with interleaved tiles: see fuse_glu
         self.workspace: q4_gemv.Workspace | None = None
 
@@ -93,19 +94,24 @@ class ExllamaLinear(PackedGPTQLinear):
         return (x.is_cuda and x.shape[0] <= GEMV_MAX_ROWS and cuda_gemv_unavailable(x.device) is None
                 and q4_gemv.supports(self.out_features, self.in_features, self.group_size))
 
-    def _cuda_gemv(self, x: torch.Tensor, **epilogue) -> torch.Tensor:
+    def _cuda_gemv(self, x: torch.Tensor, *, permuted: bool = False, **epilogue) -> torch.Tensor:
+        """The CUDA GEMV of rows ``x``; unless ``permuted``, it gathers them through q_perm itself."""
         if self.workspace is None:  # on the first (eager) decode step, before any graph capture
             self.workspace = q4_gemv.Workspace(self.out_features, x.device)
         return q4_gemv.q4_gemv(x, self.qweight, self.scales, self.qzeros, self.zero_offset, self.group_size,
-                               self.workspace, **epilogue)
+                               self.workspace, perm=None if permuted else self.q_perm32, **epilogue)
 
-    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).to(torch.float16)
-        return (x2[:, self.perm] if self.perm is not None else x2).contiguous()
+    def _rows(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """fp16 rows ``[M, K]`` of ``x``, and whether the CUDA GEMV takes them (then in checkpoint order,
+        for the kernel gathers through q_perm while staging them; else already permuted)."""
+        x2 = x.reshape(-1, self.in_features).to(torch.float16).contiguous()
+        if self._cuda_rows(x2):
+            return x2, True
+        return (x2[:, self.perm].contiguous() if self.perm is not None else x2), False
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self._cuda_rows(x):
-            return self._cuda_gemv(x)
+            return self._cuda_gemv(x, permuted=True)
         k = self._kernels
         if x.shape[0] <= GEMV_MAX_ROWS:
             rows = [k.gptq_gemv(x[i : i + 1], self.qweight, self.scales, self.qzeros, 4, self.zero_offset,
@@ -115,22 +121,25 @@ class ExllamaLinear(PackedGPTQLinear):
                                      self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = super().forward(x)
+        x2, cuda = self._rows(x)
+        y = self._cuda_gemv(x2) if cuda else self.matmul(x2)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        if self.bias is not None:
+            y = y + self.bias
         return self._deinterleave(y) if self.glu else y
 
     def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """``residual + self(x)``, the add in the GEMV's epilogue where it can be."""
-        x2 = self._prepare(x)
-        if (self.bias is None and residual.dtype == torch.float16 and self._cuda_rows(x2)
-                and residual.numel() == x2.shape[0] * self.out_features):
+        x2, cuda = self._rows(x)
+        if cuda and self.bias is None and residual.dtype == torch.float16:
             return self._cuda_gemv(x2, residual=residual.contiguous()).view(residual.shape)
         return residual + self(x)
 
     def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
         """``silu(gate) * up`` of a :meth:`fuse_glu` layer, ``[..., out_features / 2]``."""
-        x2 = self._prepare(x)
+        x2, cuda = self._rows(x)
         half = self.out_features // 2
-        if self._cuda_rows(x2):
+        if cuda:
             y = self._cuda_gemv(x2, silu_mul=True)
         else:
             tiles = self.matmul(x2).view(x2.shape[0], -1, 2, q4_gemv.TILE_N)

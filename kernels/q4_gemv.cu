@@ -11,7 +11,7 @@
 // (w & 0x00F000F0) | 0x64006400 is (1024 + 16 q1, 1024 + 16 q5) -- the fp16 exponent trick, no
 // int-to-float conversions -- and w >> 8 gives q2, q6, q3, q7 the same way. Subtracting (1024 + zero),
 // or (1024 + 16 zero), leaves q - zero (times 16) exactly. x is staged in shared memory as the matching
-// pairs, divided by 16 (by 256 for the pairs that come times 16), so the 16 products of a chunk sum in
+// pairs (gathered through q_perm for act-order checkpoints), divided by 16 (by 256 for the pairs that come times 16), so the 16 products of a chunk sum in
 // half2 without overflow for |x| < 4096; each chunk's sum is then scaled (times 16) in fp32.
 //
 // Blocks along K add their partial sums into an fp32 workspace; the last block of a column tile (an
@@ -32,6 +32,7 @@ struct Q4GemvArgs {  // mirrored by q4_gemv.py's _Args
   const half* residual;      // [M, N] for ADD (may be out itself)
   float* ws;                 // [M, N] fp32 partial sums
   int* counters;             // [ceil(N / 128)] arrival counters
+  const int* perm;           // [K] or null: row k of W multiplies x[perm[k]] (act-order, q_perm)
   int N, K, group_size, zero_offset, epilogue, rows_per_warp;
 };
 
@@ -130,6 +131,7 @@ __global__ void __launch_bounds__(WARPS * 32) q4_gemv_kernel(const Q4GemvArgs ar
   const half* residual = args.residual;
   float* __restrict__ ws = args.ws;
   int* __restrict__ counters = args.counters;
+  const int* __restrict__ perm = args.perm;
   const int N = args.N, K = args.K, group_size = args.group_size, zero_offset = args.zero_offset;
   const int epilogue = args.epilogue, rows_per_warp = args.rows_per_warp;
   // Shared: x pairs for the block's rows (M x rows / 2 half2), then the per-warp sums.
@@ -168,8 +170,9 @@ __global__ void __launch_bounds__(WARPS * 32) q4_gemv_kernel(const Q4GemvArgs ar
     float lo = 0.f, hi = 0.f;
     if (k < K) {
       const float f = (j & 1) ? 1.f / 256.f : 1.f / 16.f;
-      lo = __half2float(x[(size_t)m * K + k]) * f;
-      hi = __half2float(x[(size_t)m * K + k + 4]) * f;
+      const int k_lo = perm ? perm[k] : k, k_hi = perm ? perm[k + 4] : k + 4;
+      lo = __half2float(x[(size_t)m * K + k_lo]) * f;
+      hi = __half2float(x[(size_t)m * K + k_hi]) * f;
     }
     xs[p] = __floats2half2_rn(lo, hi);
   }

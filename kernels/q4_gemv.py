@@ -34,7 +34,7 @@ PDL = os.environ.get("GPTQ_CUDA_PDL", "1") != "0"
 
 class _Args(ctypes.Structure):  # struct Q4GemvArgs in q4_gemv.cu
     _fields_ = [(name, ctypes.c_void_p) for name in
-                ("x", "qweight", "scales", "qzeros", "out", "residual", "ws", "counters")] + \
+                ("x", "qweight", "scales", "qzeros", "out", "residual", "ws", "counters", "perm")] + \
                [(name, ctypes.c_int) for name in ("N", "K", "group_size", "zero_offset", "epilogue", "rows_per_warp")]
 
 
@@ -182,11 +182,12 @@ TUNER = Tuner()
 
 def q4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, zero_offset: int,
             group_size: int, workspace: Workspace, *, residual: torch.Tensor | None = None,
-            silu_mul: bool = False, config: tuple[int, int, int] | None = None,
+            silu_mul: bool = False, perm: torch.Tensor | None = None, config: tuple[int, int, int] | None = None,
             lib: ctypes.CDLL | None = None, pdl: bool | None = None) -> torch.Tensor:
     """``x @ W`` for 1..4 fp16 rows; with ``residual``: ``residual + x @ W``; with ``silu_mul``: the
     columns are gate and up tiles of 128 interleaved (gate tile t at 2t, up at 2t + 1) and the result is
-    ``silu(gate) * up``, ``[M, N / 2]``. ``config``: (warps, rows per warp, depth), else the tuned one."""
+    ``silu(gate) * up``, ``[M, N / 2]``. ``perm``: int32 ``[K]``, row k of W multiplies ``x[:, perm[k]]``
+    (act-order rows sorted by group, the gather done while x is staged). ``config``: (warps, rows per warp, depth), else the tuned one."""
     m, k = x.shape
     n = qweight.shape[1]
     if not 1 <= m <= MAX_ROWS:
@@ -199,6 +200,8 @@ def q4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros
         residual = residual.reshape(m, n)
         if residual.dtype != torch.float16 or not residual.is_contiguous():
             raise ValueError("residual must be contiguous float16")
+    if perm is not None and (perm.dtype != torch.int32 or perm.shape != (k,) or not perm.is_contiguous()):
+        raise ValueError("perm must be a contiguous int32 tensor of K entries")
     lib = lib or library(arch_of(x.device))
 
     use_pdl = PDL and torch.cuda.get_device_capability(x.device)[0] >= 9 if pdl is None else pdl
@@ -207,7 +210,8 @@ def q4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros
         warps, rows, depth = cfg
         args = _Args(x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), qzeros.data_ptr(), out.data_ptr(),
                      residual.data_ptr() if residual is not None else None, workspace.sums.data_ptr(),
-                     workspace.counters.data_ptr(), n, k, group_size, zero_offset, epilogue, rows)
+                     workspace.counters.data_ptr(), perm.data_ptr() if perm is not None else None,
+                     n, k, group_size, zero_offset, epilogue, rows)
         stream = torch.cuda.current_stream(x.device).cuda_stream
         return lib.q4_gemv(ctypes.byref(args), m, warps, depth, int(use_pdl), stream)
 

@@ -42,6 +42,18 @@ def test_gemv_matches_reference_for_every_epilogue(k, n, group_size, sym):
     assert not ws.sums.any() and not ws.counters.any(), "the kernel leaves its workspace zeroed"
 
 
+def test_gemv_gathers_rows_through_perm():
+    from kernels import q4_gemv
+
+    k, n = 1024, 512
+    t = {key: v.cuda() for key, v in random_gptq_layer(k, n, 4, 128, False, False, np.random.default_rng(9)).items()}
+    w = dequantize(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, 1)
+    perm = torch.randperm(k, device="cuda").to(torch.int32)
+    x = torch.randn(3, k, device="cuda", dtype=torch.float16)
+    y = q4_gemv.q4_gemv(x, t["qweight"], t["scales"], t["qzeros"], 1, 128, q4_gemv.Workspace(n, x.device), perm=perm)
+    assert relative_error(y, x[:, perm.long()].float() @ w) < 1e-2
+
+
 def test_bad_arguments_are_refused():
     from kernels import q4_gemv
 
