@@ -173,7 +173,13 @@ class Tuner:
         candidates = [c for c in CONFIGS if _fits(c, m)]
         if torch.cuda.is_current_stream_capturing() or os.environ.get("GPTQ_CUDA_AUTOTUNE", "1") == "0":
             return candidates[0]
-        self.best[key] = min(candidates, key=lambda c: _graph_us(lambda: run(c)))
+
+        def timing(c: tuple[int, int, int]) -> float:
+            if run(c) != 0:  # refused (nothing launched): an empty graph would time as free
+                return float("inf")
+            return _graph_us(lambda: run(c))
+
+        self.best[key] = min(candidates, key=timing)
         return self.best[key]
 
 
