@@ -1,7 +1,7 @@
 """The CUDA 4-bit GEMV (q4_gemv.cu): built with nvcc on first use, called through ctypes.
 
 The library is compiled once per source version and GPU architecture into
-``$GPTQ_WORKBENCH_CACHE/cuda`` (default ``~/.cache/gptq-workbench/cuda``) and
+``$GPTQ_WB_CACHE/cuda`` (default ``~/.cache/gptq-workbench/cuda``) and
 loaded from there afterwards. It needs no torch headers and no ninja, only
 nvcc; where nvcc is missing or the build fails, :func:`unavailable_reason`
 says why and the callers fall back to the Triton GEMV.
@@ -43,7 +43,7 @@ class BuildError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("GPTQ_WORKBENCH_CACHE") or Path.home() / ".cache" / "gptq-workbench"
+    root = os.environ.get("GPTQ_WB_CACHE") or Path.home() / ".cache" / "gptq-workbench"
     return Path(root) / "cuda"
 
 
