@@ -104,3 +104,29 @@ def test_forward_add_is_residual_plus_forward():
     residual = torch.randn(1, 2, 128).to(DEVICE, torch.float16)
     expected = residual.float() + layer(x).float()
     assert relative_error(layer.forward_add(x, residual).float(), expected) < 1e-2
+
+
+def test_without_nvcc_the_build_says_so_and_the_backend_falls_back(tmp_path, monkeypatch):
+    from backends.exllama_backend import ExllamaBackend
+    from kernels import q4_gemv
+
+    monkeypatch.setenv("GPTQ_WB_CACHE", str(tmp_path))
+    monkeypatch.setattr(q4_gemv, "find_nvcc", lambda: None)
+    with pytest.raises(q4_gemv.BuildError, match="nvcc"):
+        q4_gemv.library.__wrapped__("86")
+    assert not list(tmp_path.rglob("*.so"))
+    assert "Triton" in ExllamaBackend().note(torch.device("cpu"))
+
+
+def test_a_failed_build_reports_the_compiler_error_and_leaves_no_library(tmp_path, monkeypatch):
+    from kernels import q4_gemv
+
+    if q4_gemv.find_nvcc() is None:
+        pytest.skip("no nvcc here")
+    broken = tmp_path / "broken.cu"
+    broken.write_text("this is not CUDA\n")
+    monkeypatch.setenv("GPTQ_WB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(q4_gemv, "SOURCE", broken)
+    with pytest.raises(q4_gemv.BuildError, match="could not build"):
+        q4_gemv.library.__wrapped__("90")
+    assert not list((tmp_path / "cache").rglob("*.so"))
