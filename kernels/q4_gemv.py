@@ -193,7 +193,8 @@ def q4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros
     """``x @ W`` for 1..4 fp16 rows; with ``residual``: ``residual + x @ W``; with ``silu_mul``: the
     columns are gate and up tiles of 128 interleaved (gate tile t at 2t, up at 2t + 1) and the result is
     ``silu(gate) * up``, ``[M, N / 2]``. ``perm``: int32 ``[K]``, row k of W multiplies ``x[:, perm[k]]``
-    (act-order rows sorted by group, the gather done while x is staged). ``config``: (warps, rows per warp, depth), else the tuned one."""
+    (act-order rows sorted by group, the gather done while x is staged). ``config``: (warps, rows per
+    warp, depth), else the tuned one. ``lib`` and ``pdl``: a variant library and launch mode (benchmarks)."""
     m, k = x.shape
     n = qweight.shape[1]
     if not 1 <= m <= MAX_ROWS:
