@@ -94,12 +94,12 @@ class ExllamaLinear(PackedGPTQLinear):
         return (x.is_cuda and x.shape[0] <= GEMV_MAX_ROWS and cuda_gemv_unavailable(x.device) is None
                 and q4_gemv.supports(self.out_features, self.in_features, self.group_size))
 
-    def _cuda_gemv(self, x: torch.Tensor, *, permuted: bool = False, **epilogue) -> torch.Tensor:
-        """The CUDA GEMV of rows ``x``; unless ``permuted``, it gathers them through q_perm itself."""
+    def _cuda_gemv(self, x: torch.Tensor, **epilogue) -> torch.Tensor:
+        """The CUDA GEMV of rows ``x`` in checkpoint order (it gathers them through q_perm itself)."""
         if self.workspace is None:  # on the first (eager) decode step, before any graph capture
             self.workspace = q4_gemv.Workspace(self.out_features, x.device)
         return q4_gemv.q4_gemv(x, self.qweight, self.scales, self.qzeros, self.zero_offset, self.group_size,
-                               self.workspace, perm=None if permuted else self.q_perm32, **epilogue)
+                               self.workspace, perm=self.q_perm32, **epilogue)
 
     def _rows(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """fp16 rows ``[M, K]`` of ``x``, and whether the CUDA GEMV takes them (then in checkpoint order,
@@ -110,8 +110,7 @@ class ExllamaLinear(PackedGPTQLinear):
         return (x2[:, self.perm].contiguous() if self.perm is not None else x2), False
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self._cuda_rows(x):
-            return self._cuda_gemv(x, permuted=True)
+        """Rows already permuted (see :meth:`_rows`; the CUDA GEMV path does not come here)."""
         k = self._kernels
         if x.shape[0] <= GEMV_MAX_ROWS:
             rows = [k.gptq_gemv(x[i : i + 1], self.qweight, self.scales, self.qzeros, 4, self.zero_offset,
@@ -120,20 +119,23 @@ class ExllamaLinear(PackedGPTQLinear):
         return x @ k.gptq_dequantize(self.qweight, self.scales, self.qzeros, None, 4, self.zero_offset,
                                      self.group_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2, cuda = self._rows(x)
+    def _project(self, x: torch.Tensor, x2: torch.Tensor, cuda: bool) -> torch.Tensor:
+        """The layer's output for input ``x`` from its prepared rows ``x2`` (see :meth:`_rows`)."""
         y = self._cuda_gemv(x2) if cuda else self.matmul(x2)
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         if self.bias is not None:
             y = y + self.bias
         return self._deinterleave(y) if self.glu else y
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._project(x, *self._rows(x))
+
     def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """``residual + self(x)``, the add in the GEMV's epilogue where it can be."""
         x2, cuda = self._rows(x)
         if cuda and self.bias is None and residual.dtype == torch.float16:
             return self._cuda_gemv(x2, residual=residual.contiguous()).view(residual.shape)
-        return residual + self(x)
+        return residual + self._project(x, x2, cuda)
 
     def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
         """``silu(gate) * up`` of a :meth:`fuse_glu` layer, ``[..., out_features / 2]``."""
