@@ -27,7 +27,7 @@ from backends.base import GPTQTensors
 from backends.packed_linear import PackedGPTQLinear, kernel_unavailable_reason
 from backends.quant_config import QuantConfig
 from backends.weights import WeightsError
-from kernels import q4_gemv
+from kernels import cuda_lib, q4_gemv
 
 GEMV_MAX_ROWS = q4_gemv.MAX_ROWS  # up to here the GEMV; above, dequantize + cuBLAS
 
@@ -35,11 +35,12 @@ GEMV_MAX_ROWS = q4_gemv.MAX_ROWS  # up to here the GEMV; above, dequantize + cuB
 @functools.cache
 def cuda_gemv_unavailable(device: torch.device) -> str | None:
     """Why the CUDA GEMV cannot run on ``device`` (building it on first use), or None."""
-    return q4_gemv.unavailable_reason(device)
+    return cuda_lib.unavailable_reason(device)
 
 
 class ExllamaLinear(PackedGPTQLinear):
     SHARED = ("g_idx", "perm", "q_invperm", "q_perm32")
+    folds_norm = True  # the model passes the layer's input norm along (model.normed_input): done in the GEMV
 
     def __init__(self, t: GPTQTensors, qconfig: QuantConfig, dtype: torch.dtype, device: torch.device):
         super().__init__(t, qconfig, dtype, device)
@@ -94,20 +95,26 @@ class ExllamaLinear(PackedGPTQLinear):
         return (x.is_cuda and x.shape[0] <= GEMV_MAX_ROWS and cuda_gemv_unavailable(x.device) is None
                 and q4_gemv.supports(self.out_features, self.in_features, self.group_size))
 
-    def _cuda_gemv(self, x: torch.Tensor, **epilogue) -> torch.Tensor:
-        """The CUDA GEMV of rows ``x`` in checkpoint order (it gathers them through q_perm itself)."""
+    def _cuda_gemv(self, x: torch.Tensor, norm: nn.Module | None = None, **epilogue) -> torch.Tensor:
+        """The CUDA GEMV of rows ``x`` in checkpoint order (it gathers them through q_perm itself), RMS-normed
+        by ``norm`` in the kernel if given."""
         if self.workspace is None:  # on the first (eager) decode step, before any graph capture
             self.workspace = q4_gemv.Workspace(self.out_features, x.device)
+        folded = (norm.weight, norm.eps) if norm is not None else None
         return q4_gemv.q4_gemv(x, self.qweight, self.scales, self.qzeros, self.zero_offset, self.group_size,
-                               self.workspace, perm=self.q_perm32, **epilogue)
+                               self.workspace, perm=self.q_perm32, norm=folded, **epilogue)
 
-    def _rows(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """fp16 rows ``[M, K]`` of ``x``, and whether the CUDA GEMV takes them (then in checkpoint order,
-        for the kernel gathers through q_perm while staging them; else already permuted)."""
-        x2 = x.reshape(-1, self.in_features).to(torch.float16).contiguous()
+    def _rows(self, x: torch.Tensor, norm: nn.Module | None = None) -> tuple[torch.Tensor, bool, nn.Module | None]:
+        """fp16 rows ``[M, K]`` of ``norm(x)``, whether the CUDA GEMV takes them (then in checkpoint order,
+        for the kernel gathers through q_perm while staging them; else already permuted), and the norm the
+        kernel still has to apply (None where it was applied here)."""
+        x2 = x.reshape(-1, self.in_features)
+        if norm is not None and not (self._cuda_rows(x2) and x2.dtype == norm.weight.dtype == torch.float16):
+            x2, norm = norm(x2), None
+        x2 = x2.to(torch.float16).contiguous()
         if self._cuda_rows(x2):
-            return x2, True
-        return (x2[:, self.perm].contiguous() if self.perm is not None else x2), False
+            return x2, True, norm
+        return (x2[:, self.perm].contiguous() if self.perm is not None else x2), False, None
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """Rows already permuted (see :meth:`_rows`; the CUDA GEMV path does not come here)."""
@@ -119,30 +126,31 @@ class ExllamaLinear(PackedGPTQLinear):
         return x @ k.gptq_dequantize(self.qweight, self.scales, self.qzeros, None, 4, self.zero_offset,
                                      self.group_size)
 
-    def _project(self, x: torch.Tensor, x2: torch.Tensor, cuda: bool) -> torch.Tensor:
+    def _project(self, x: torch.Tensor, x2: torch.Tensor, cuda: bool, norm: nn.Module | None) -> torch.Tensor:
         """The layer's output for input ``x`` from its prepared rows ``x2`` (see :meth:`_rows`)."""
-        y = self._cuda_gemv(x2) if cuda else self.matmul(x2)
+        y = self._cuda_gemv(x2, norm) if cuda else self.matmul(x2)
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         if self.bias is not None:
             y = y + self.bias
         return self._deinterleave(y) if self.glu else y
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._project(x, *self._rows(x))
+    def forward(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        """``self(norm(x))`` (RMSNorm keeps the dtype of x)."""
+        return self._project(x, *self._rows(x, norm))
 
     def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """``residual + self(x)``, the add in the GEMV's epilogue where it can be."""
-        x2, cuda = self._rows(x)
+        x2, cuda, _ = self._rows(x)
         if cuda and self.bias is None and residual.dtype == torch.float16:
             return self._cuda_gemv(x2, residual=residual.contiguous()).view(residual.shape)
-        return residual + self._project(x, x2, cuda)
+        return residual + self._project(x, x2, cuda, None)
 
-    def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
-        """``silu(gate) * up`` of a :meth:`fuse_glu` layer, ``[..., out_features / 2]``."""
-        x2, cuda = self._rows(x)
+    def silu_mul(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        """``silu(gate) * up`` of a :meth:`fuse_glu` layer for input ``norm(x)``, ``[..., out_features / 2]``."""
+        x2, cuda, norm = self._rows(x, norm)
         half = self.out_features // 2
         if cuda:
-            y = self._cuda_gemv(x2, silu_mul=True)
+            y = self._cuda_gemv(x2, norm, silu_mul=True)
         else:
             tiles = self.matmul(x2).view(x2.shape[0], -1, 2, q4_gemv.TILE_N)
             y = (F.silu(tiles[:, :, 0].float()) * tiles[:, :, 1].float()).to(torch.float16).reshape(-1, half)

@@ -59,6 +59,16 @@ def _fused_rotary():
 
 
 @functools.cache
+def decode_attention_kernel(device: torch.device):
+    """kernels.decode_attention where its CUDA library builds and runs on ``device``, else None."""
+    try:
+        from kernels import cuda_lib, decode_attention
+    except ImportError:
+        return None
+    return decode_attention if cuda_lib.unavailable_reason(device) is None else None
+
+
+@functools.cache
 def _fused_rmsnorm():
     """The one-kernel RMSNorm for GPUs (the torch form above is its reference), imported on first use."""
     try:
@@ -156,15 +166,22 @@ class Attention(nn.Module):
         self.o_proj = make_linear(f"{prefix}.o_proj", q_out, args.hidden_size, False)
         self.qkv_proj: nn.Module | None = None  # set by Transformer.fuse_projections
         self.split_sizes = [q_out, kv_out, kv_out]
+        self.sliding_window = args.sliding_window
         self.kv_cache: KVCache | None = None
+        self.decode_workspace = None  # kernels.decode_attention.Workspace, shared by the layers (setup_cache)
 
-    def forward(self, x, cos, sin, positions, mask, kv_len: int, residual: torch.Tensor) -> torch.Tensor:
-        """``residual`` + attention of ``x``."""
+    def forward(self, x, norm: RMSNorm, cos, sin, positions, mask, kv_len: int, residual: torch.Tensor,
+                decode_kernel: bool = False) -> torch.Tensor:
+        """``residual`` + attention of ``norm(x)``. ``decode_kernel``: one token of batch 1, attended to
+        by kernels.decode_attention (rotary and the cache write included; ``mask`` is then unused)."""
         bsz, seqlen, _ = x.shape
-        if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self._qkv(x, norm)
+        if decode_kernel:
+            kernel = decode_attention_kernel(x.device)
+            out = kernel.decode_attention(q.reshape(-1), k.reshape(-1), v.reshape(-1), cos.view(-1), sin.view(-1),
+                                          positions, self.kv_cache.k, self.kv_cache.v, kv_len, self.sliding_window,
+                                          self.decode_workspace).view(bsz, seqlen, -1)
+            return linear_add(self.o_proj, out, residual)
         q = q.view(bsz, seqlen, self.n_heads, self.head_dim)
         k = k.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         v = v.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
@@ -187,6 +204,12 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(bsz, seqlen, self.n_heads * self.head_dim)
         return linear_add(self.o_proj, out, residual)
 
+    def _qkv(self, x: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.qkv_proj is not None:
+            return self.qkv_proj(*normed_input(self.qkv_proj, x, norm)).split(self.split_sizes, dim=-1)
+        x = norm(x)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
 
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs, prefix: str, make_linear: LinearFactory):
@@ -197,12 +220,13 @@ class FeedForward(nn.Module):
         self.down_proj = make_linear(f"{prefix}.down_proj", i, h, b)
         self.gate_up_proj: nn.Module | None = None  # set by Transformer.fuse_projections
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """``residual`` + the MLP of ``x``."""
+    def forward(self, x: torch.Tensor, norm: RMSNorm, residual: torch.Tensor) -> torch.Tensor:
+        """``residual`` + the MLP of ``norm(x)``."""
         fused_glu = getattr(self.gate_up_proj, "silu_mul", None)
         if fused_glu is not None and getattr(self.gate_up_proj, "glu", False):
-            hidden = fused_glu(x)
+            hidden = fused_glu(*normed_input(self.gate_up_proj, x, norm))
         else:
+            x = norm(x)
             if self.gate_up_proj is not None:
                 gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
             else:
@@ -220,9 +244,16 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, x, cos, sin, positions, mask, kv_len: int) -> torch.Tensor:
-        h = self.self_attn(self.input_layernorm(x), cos, sin, positions, mask, kv_len, residual=x)
-        return self.mlp(self.post_attention_layernorm(h), residual=h)
+    def forward(self, x, cos, sin, positions, mask, kv_len: int, decode_kernel: bool = False) -> torch.Tensor:
+        h = self.self_attn(x, self.input_layernorm, cos, sin, positions, mask, kv_len, residual=x,
+                           decode_kernel=decode_kernel)
+        return self.mlp(h, self.post_attention_layernorm, residual=h)
+
+
+def normed_input(linear: nn.Module, x: torch.Tensor, norm: RMSNorm) -> tuple:
+    """The arguments that make ``linear`` compute ``linear(norm(x))``: a layer with ``folds_norm`` takes the
+    norm along and applies it in its own kernel (no separate RMSNorm kernel per layer input)."""
+    return (x, norm) if getattr(linear, "folds_norm", False) else (norm(x),)
 
 
 def linear_add(linear: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -279,10 +310,14 @@ class Transformer(nn.Module):
         dtype = self.embed_tokens.weight.dtype
         device = self.embed_tokens.weight.device
         self.max_seq_len = max_seq_len
+        a = self.args
+        kernel = decode_attention_kernel(device) if device.type == "cuda" else None
+        workspace = None
+        if batch == 1 and kernel is not None and kernel.supported(a.head_dim, a.n_heads, a.n_kv_heads):
+            workspace = kernel.Workspace(a.n_heads, a.n_kv_heads, a.head_dim, device)
         for layer in self.layers:
-            layer.self_attn.kv_cache = KVCache(
-                batch, self.args.n_kv_heads, max_seq_len, self.args.head_dim, dtype, device
-            )
+            layer.self_attn.kv_cache = KVCache(batch, a.n_kv_heads, max_seq_len, a.head_dim, dtype, device)
+            layer.self_attn.decode_workspace = workspace
 
     def attention_mask(self, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         keys = torch.arange(kv_len, device=positions.device)
@@ -307,11 +342,15 @@ class Transformer(nn.Module):
         x = self.embed_tokens(tokens)
         cos, sin = self.rotary(positions)
         plain_causal = self.args.sliding_window is None and tokens.shape[1] == kv_len > 1
+        a = self.args
+        decode_kernel = (tokens.shape == (1, 1) and x.dtype == torch.float16
+                         and self.layers[0].self_attn.decode_workspace is not None
+                         and decode_attention_kernel(x.device).faster_than_sdpa(kv_len, a.n_heads, a.n_kv_heads))
         mask = None
-        if not plain_causal:
+        if not plain_causal and not decode_kernel:
             # Additive, in the activations' dtype, once per step: a boolean mask is converted in every layer.
             allowed = self.attention_mask(positions, kv_len)
             mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill_(~allowed, float("-inf"))
         for layer in self.layers:
-            x = layer(x, cos, sin, positions, mask, kv_len)
+            x = layer(x, cos, sin, positions, mask, kv_len, decode_kernel)
         return self.lm_head(self.norm(x)).float()

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.triton_matmul import copy_bandwidth, graph_us, make_layer  # noqa: E402
+from kernels import cuda_lib  # noqa: E402
 from kernels import q4_gemv as cuda_gemv  # noqa: E402
 from kernels import triton_gptq  # noqa: E402
 from kernels.gptq_format import dequantize  # noqa: E402
@@ -70,7 +71,7 @@ def main() -> None:
     props = torch.cuda.get_device_properties(0)
     print(f"{props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}", flush=True)
     t0 = time.time()
-    cuda_gemv.library(cuda_gemv.arch_of(torch.device("cuda")))
+    cuda_lib.library(cuda_lib.arch_of(torch.device("cuda")))
     print(f"built/loaded the CUDA library in {time.time() - t0:.1f} s", flush=True)
     bw = copy_bandwidth()
     print(f"copy bandwidth (read+write) {bw / 1e9:.0f} GB/s", flush=True)

@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.triton_matmul import copy_bandwidth, graph_us, make_layer  # noqa: E402
+from kernels import cuda_lib  # noqa: E402
 from kernels import q4_gemv as cuda_gemv  # noqa: E402
 
 SHAPES = {"7B o": (4096, 4096), "7B qkv fused": (4096, 12288), "7B gate+up fused": (4096, 22016),
@@ -42,9 +43,9 @@ def main() -> None:
         return one_call(*opts.one)
     props = torch.cuda.get_device_properties(0)
     bw = copy_bandwidth()
-    arch = cuda_gemv.arch_of(torch.device("cuda"))
-    libs = {"full": (cuda_gemv.library(arch), True), "no PDL": (cuda_gemv.library(arch), False),
-            "load-only": (cuda_gemv.library(arch, ("Q4_GEMV_LOAD_ONLY",)), True)}
+    arch = cuda_lib.arch_of(torch.device("cuda"))
+    libs = {"full": (cuda_lib.library(arch), True), "no PDL": (cuda_lib.library(arch), False),
+            "load-only": (cuda_lib.library(arch, ("Q4_GEMV_LOAD_ONLY",)), True)}
     print(f"{props.name}, copy bandwidth {bw / 1e9:.0f} GB/s")
     print("| shape | config (warps, rows/warp) | " + " | ".join(f"{v} µs" for v in libs) + " | full of copy BW | load-only of copy BW |")
     print("|---|---|" + "---|" * (len(libs) + 2))

@@ -33,7 +33,9 @@ struct Q4GemvArgs {  // mirrored by q4_gemv.py's _Args
   float* ws;                 // [M, N] fp32 partial sums
   int* counters;             // [ceil(N / 128)] arrival counters
   const int* perm;           // [K] or null: row k of W multiplies x[perm[k]] (act-order, q_perm)
+  const half* norm_weight;   // [K] or null: x is RMS-normalized first (the layer's input norm, folded in)
   int N, K, group_size, zero_offset, epilogue, rows_per_warp;
+  float norm_eps;
 };
 
 namespace {
@@ -121,6 +123,39 @@ __device__ __forceinline__ void compute_chunk(const Chunk& c, const uint4* xs, i
   }
 }
 
+// inv_rms[m] = rsqrt(mean(x[m]^2) + eps) over the whole row (every block of the grid reads the full rows of x,
+// from L2: 8 KB for a 4096-wide row). K is a multiple of 32 and x 16-byte aligned.
+template <int M, int WARPS>
+__device__ void rms_of_rows(const half* __restrict__ x, int K, float eps, float* inv_rms) {
+  __shared__ float partial[WARPS][M];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    float ss = 0.f;
+    const uint4* row = reinterpret_cast<const uint4*>(x + (size_t)m * K);
+    for (int i = threadIdx.x; i < K / 8; i += WARPS * 32) {
+      const uint4 v = row[i];
+      const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float2 f = __half22float2(as_half2(words[j]));
+        ss = fmaf(f.x, f.x, fmaf(f.y, f.y, ss));
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    if (lane == 0) partial[warp][m] = ss;
+  }
+  __syncthreads();
+  if (threadIdx.x < M) {
+    float ss = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) ss += partial[w][threadIdx.x];
+    inv_rms[threadIdx.x] = rsqrtf(ss / K + eps);
+  }
+  __syncthreads();
+}
+
 template <int M, int WARPS, int DEPTH>
 __global__ void __launch_bounds__(WARPS * 32) q4_gemv_kernel(const Q4GemvArgs args) {
   const half* __restrict__ x = args.x;
@@ -132,11 +167,13 @@ __global__ void __launch_bounds__(WARPS * 32) q4_gemv_kernel(const Q4GemvArgs ar
   float* __restrict__ ws = args.ws;
   int* __restrict__ counters = args.counters;
   const int* __restrict__ perm = args.perm;
+  const half* __restrict__ norm_weight = args.norm_weight;
   const int N = args.N, K = args.K, group_size = args.group_size, zero_offset = args.zero_offset;
   const int epilogue = args.epilogue, rows_per_warp = args.rows_per_warp;
   // Shared: x pairs for the block's rows (M x rows / 2 half2), then the per-warp sums.
   extern __shared__ uint4 smem[];
   __shared__ float red[WARPS][M][TILE_N];
+  __shared__ float inv_rms[M];
   __shared__ int is_last;
 
   const int lane = threadIdx.x & 31;
@@ -161,6 +198,8 @@ __global__ void __launch_bounds__(WARPS * 32) q4_gemv_kernel(const Q4GemvArgs ar
   asm volatile("griddepcontrol.launch_dependents;");
 #endif
 
+  if (norm_weight) rms_of_rows<M, WARPS>(x, K, args.norm_eps, inv_rms);
+
   const int pairs_per_m = block_rows / 2;
   half2* xs = reinterpret_cast<half2*>(smem);
   for (int p = threadIdx.x; p < M * pairs_per_m; p += WARPS * 32) {
@@ -171,8 +210,14 @@ __global__ void __launch_bounds__(WARPS * 32) q4_gemv_kernel(const Q4GemvArgs ar
     if (k < K) {
       const float f = (j & 1) ? 1.f / 256.f : 1.f / 16.f;
       const int k_lo = perm ? perm[k] : k, k_hi = perm ? perm[k + 4] : k + 4;
-      lo = __half2float(x[(size_t)m * K + k_lo]) * f;
-      hi = __half2float(x[(size_t)m * K + k_hi]) * f;
+      lo = __half2float(x[(size_t)m * K + k_lo]);
+      hi = __half2float(x[(size_t)m * K + k_hi]);
+      if (norm_weight) {  // RMSNorm's output, rounded to fp16 as the separate kernel would store it
+        lo = __half2float(__float2half(lo * inv_rms[m] * __half2float(norm_weight[k_lo])));
+        hi = __half2float(__float2half(hi * inv_rms[m] * __half2float(norm_weight[k_hi])));
+      }
+      lo *= f;
+      hi *= f;
     }
     xs[p] = __floats2half2_rn(lo, hi);
   }

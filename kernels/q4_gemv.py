@@ -1,26 +1,14 @@
-"""The CUDA 4-bit GEMV (q4_gemv.cu): built with nvcc on first use, called through ctypes.
-
-The library is compiled once per source version and GPU architecture into
-``$GPTQ_WB_CACHE/cuda`` (default ``~/.cache/gptq-workbench/cuda``) and
-loaded from there afterwards. It needs no torch headers and no ninja, only
-nvcc; where nvcc is missing or the build fails, :func:`unavailable_reason`
-says why and the callers fall back to the Triton GEMV.
-"""
+"""The CUDA 4-bit GEMV (q4_gemv.cu), built and loaded by kernels.cuda_lib, called through ctypes."""
 
 from __future__ import annotations
 
 import ctypes
-import functools
-import hashlib
 import os
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("q4_gemv.cu")
+from kernels import cuda_lib
+
 MAX_ROWS = 4
 TILE_N = 128  # columns per block, as in the source
 STORE, ADD, SILU_MUL = 0, 1, 2
@@ -28,84 +16,15 @@ STORE, ADD, SILU_MUL = 0, 1, 2
 # is compiled for 4 and 8 warps and depths 2 and 4.
 CONFIGS = tuple((w, r, d) for d in (2, 4) for w, r in ((4, 128), (8, 128), (4, 256), (8, 256), (4, 512), (8, 64),
                                                     (4, 64)))
-# Programmatic dependent launch (Hopper and later): a GEMV's weight loads overlap the previous kernel's tail.
-PDL = os.environ.get("GPTQ_CUDA_PDL", "1") != "0"
+
+
 
 
 class _Args(ctypes.Structure):  # struct Q4GemvArgs in q4_gemv.cu
     _fields_ = [(name, ctypes.c_void_p) for name in
-                ("x", "qweight", "scales", "qzeros", "out", "residual", "ws", "counters", "perm")] + \
-               [(name, ctypes.c_int) for name in ("N", "K", "group_size", "zero_offset", "epilogue", "rows_per_warp")]
-
-
-class BuildError(RuntimeError):
-    """nvcc is missing or could not build the kernel."""
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("GPTQ_WB_CACHE") or Path.home() / ".cache" / "gptq-workbench"
-    return Path(root) / "cuda"
-
-
-def find_nvcc() -> str | None:
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
-    try:
-        from torch.utils.cpp_extension import CUDA_HOME
-
-        candidates.append(CUDA_HOME)
-    except Exception:  # noqa: BLE001 - torch without its extension helpers
-        pass
-    for home in filter(None, candidates):
-        nvcc = Path(home) / "bin" / "nvcc"
-        if nvcc.is_file():
-            return str(nvcc)
-    return shutil.which("nvcc") or (str(p) if (p := Path("/usr/local/cuda/bin/nvcc")).is_file() else None)
-
-
-@functools.cache
-def library(arch: str, defines: tuple[str, ...] = ()) -> ctypes.CDLL:
-    """The built library for compute capability ``arch`` (e.g. "90"), compiling it if needed.
-
-    ``defines``: preprocessor macros, for benchmark variants of the kernel."""
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + arch.encode() + repr(defines).encode()).hexdigest()[:16]
-    target = cache_dir() / f"q4_gemv-sm{arch}-{digest}.so"
-    if not target.is_file():
-        nvcc = find_nvcc()
-        if nvcc is None:
-            raise BuildError("nvcc (the CUDA compiler) was not found; set CUDA_HOME")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            built = Path(tmp) / target.name
-            cmd = [nvcc, "-O3", "-shared", "-Xcompiler", "-fPIC", "-std=c++17", *(f"-D{d}" for d in defines),
-                   f"-gencode=arch=compute_{arch},code=sm_{arch}", "-o", str(built), str(SOURCE)]
-            try:
-                result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-            except (OSError, subprocess.TimeoutExpired) as exc:
-                raise BuildError(f"nvcc failed to run: {exc}") from exc
-            if result.returncode != 0:
-                raise BuildError(f"nvcc could not build {SOURCE.name}: {result.stderr.strip()[-2000:]}")
-            os.replace(built, target)  # atomic: a concurrent or interrupted build leaves no broken library
-    lib = ctypes.CDLL(str(target))
-    lib.q4_gemv.restype = ctypes.c_int
-    lib.q4_gemv.argtypes = [ctypes.POINTER(_Args)] + [ctypes.c_int] * 4 + [ctypes.c_void_p]
-    return lib
-
-
-def arch_of(device: torch.device) -> str:
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"{major}{minor}"
-
-
-def unavailable_reason(device: torch.device) -> str | None:
-    """Why the CUDA GEMV cannot run on ``device``, or None (building it if that has not happened yet)."""
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return "it needs a CUDA GPU"
-    try:
-        library(arch_of(device))
-    except (BuildError, OSError) as exc:
-        return str(exc)
-    return None
+                ("x", "qweight", "scales", "qzeros", "out", "residual", "ws", "counters", "perm", "norm_weight")] + \
+               [(name, ctypes.c_int) for name in ("N", "K", "group_size", "zero_offset", "epilogue", "rows_per_warp")] + \
+               [("norm_eps", ctypes.c_float)]
 
 
 class Workspace:
@@ -161,13 +80,13 @@ def _graph_us(fn, calls: int = 20) -> float:
 
 
 class Tuner:
-    """The fastest launch configuration per (M, N, K), timed once on first use outside a graph capture."""
+    """The fastest launch configuration per (M, N, K, normed), timed once on first use outside a graph capture."""
 
     def __init__(self):
-        self.best: dict[tuple[int, int, int], tuple[int, int, int]] = {}
+        self.best: dict[tuple[int, int, int, bool], tuple[int, int, int]] = {}
 
-    def config(self, m: int, n: int, k: int, run) -> tuple[int, int, int]:
-        key = (m, n, k)
+    def config(self, key: tuple[int, int, int, bool], run) -> tuple[int, int, int]:
+        m = key[0]
         if key in self.best:
             return self.best[key]
         candidates = [c for c in CONFIGS if _fits(c, m)]
@@ -188,12 +107,15 @@ TUNER = Tuner()
 
 def q4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, zero_offset: int,
             group_size: int, workspace: Workspace, *, residual: torch.Tensor | None = None,
-            silu_mul: bool = False, perm: torch.Tensor | None = None, config: tuple[int, int, int] | None = None,
+            silu_mul: bool = False, perm: torch.Tensor | None = None,
+            norm: tuple[torch.Tensor, float] | None = None, config: tuple[int, int, int] | None = None,
             lib: ctypes.CDLL | None = None, pdl: bool | None = None) -> torch.Tensor:
     """``x @ W`` for 1..4 fp16 rows; with ``residual``: ``residual + x @ W``; with ``silu_mul``: the
     columns are gate and up tiles of 128 interleaved (gate tile t at 2t, up at 2t + 1) and the result is
     ``silu(gate) * up``, ``[M, N / 2]``. ``perm``: int32 ``[K]``, row k of W multiplies ``x[:, perm[k]]``
-    (act-order rows sorted by group, the gather done while x is staged). ``config``: (warps, rows per
+    (act-order rows sorted by group, the gather done while x is staged). ``norm``: (weight ``[K]`` fp16, eps):
+    the rows are RMS-normalized first, ``x * rsqrt(mean(x^2) + eps) * weight`` (fp32, rounded to fp16 as
+    RMSNorm's output is), inside the kernel. ``config``: (warps, rows per
     warp, depth), else the tuned one. ``lib`` and ``pdl``: a variant library and launch mode (benchmarks)."""
     m, k = x.shape
     n = qweight.shape[1]
@@ -209,22 +131,27 @@ def q4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros
             raise ValueError("residual must be contiguous float16")
     if perm is not None and (perm.dtype != torch.int32 or perm.shape != (k,) or not perm.is_contiguous()):
         raise ValueError("perm must be a contiguous int32 tensor of K entries")
-    lib = lib or library(arch_of(x.device))
-
-    use_pdl = PDL and torch.cuda.get_device_capability(x.device)[0] >= 9 if pdl is None else pdl
+    if norm is not None and (norm[0].dtype != torch.float16 or norm[0].shape != (k,) or not norm[0].is_contiguous()):
+        raise ValueError("the norm weight must be a contiguous float16 tensor of K entries")
+    if norm is not None and x.data_ptr() % 16:
+        x = x.clone()  # the norm's row sums read x 16 bytes at a time
+    lib = lib or cuda_lib.library(cuda_lib.arch_of(x.device))
+    use_pdl = cuda_lib.pdl_default(x.device) if pdl is None else pdl
+    norm_weight, norm_eps = norm if norm is not None else (None, 0.0)
 
     def run(cfg: tuple[int, int, int]) -> int:
         warps, rows, depth = cfg
         args = _Args(x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), qzeros.data_ptr(), out.data_ptr(),
                      residual.data_ptr() if residual is not None else None, workspace.sums.data_ptr(),
                      workspace.counters.data_ptr(), perm.data_ptr() if perm is not None else None,
-                     n, k, group_size, zero_offset, epilogue, rows)
+                     norm_weight.data_ptr() if norm_weight is not None else None,
+                     n, k, group_size, zero_offset, epilogue, rows, norm_eps)
         stream = torch.cuda.current_stream(x.device).cuda_stream
         return lib.q4_gemv(ctypes.byref(args), m, warps, depth, int(use_pdl), stream)
 
     if config is not None and not _fits(config, m):
         raise ValueError(f"configuration {config} does not fit {m} rows")
-    rc = run(config or TUNER.config(m, n, k, run))
+    rc = run(config or TUNER.config((m, n, k, norm is not None), run))
     if rc != 0:
         raise RuntimeError(f"q4_gemv failed ({'unsupported shape' if rc == -1 else f'CUDA error {rc}'}): "
                            f"M={m} N={n} K={k} group_size={group_size}")

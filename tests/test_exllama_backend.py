@@ -108,25 +108,25 @@ def test_forward_add_is_residual_plus_forward():
 
 def test_without_nvcc_the_build_says_so_and_the_backend_falls_back(tmp_path, monkeypatch):
     from backends.exllama_backend import ExllamaBackend
-    from kernels import q4_gemv
+    from kernels import cuda_lib
 
     monkeypatch.setenv("GPTQ_WB_CACHE", str(tmp_path))
-    monkeypatch.setattr(q4_gemv, "find_nvcc", lambda: None)
-    with pytest.raises(q4_gemv.BuildError, match="nvcc"):
-        q4_gemv.library.__wrapped__("86")
+    monkeypatch.setattr(cuda_lib, "find_nvcc", lambda: None)
+    with pytest.raises(cuda_lib.BuildError, match="nvcc"):
+        cuda_lib.library.__wrapped__("86")
     assert not list(tmp_path.rglob("*.so"))
     assert "Triton" in ExllamaBackend().note(torch.device("cpu"))
 
 
 def test_a_failed_build_reports_the_compiler_error_and_leaves_no_library(tmp_path, monkeypatch):
-    from kernels import q4_gemv
+    from kernels import cuda_lib
 
-    if q4_gemv.find_nvcc() is None:
+    if cuda_lib.find_nvcc() is None:
         pytest.skip("no nvcc here")
     broken = tmp_path / "broken.cu"
     broken.write_text("this is not CUDA\n")
     monkeypatch.setenv("GPTQ_WB_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(q4_gemv, "SOURCE", broken)
-    with pytest.raises(q4_gemv.BuildError, match="could not build"):
-        q4_gemv.library.__wrapped__("90")
+    monkeypatch.setattr(cuda_lib, "SOURCES", (*cuda_lib.SOURCES, broken))
+    with pytest.raises(cuda_lib.BuildError, match="could not build"):
+        cuda_lib.library.__wrapped__("90")
     assert not list((tmp_path / "cache").rglob("*.so"))

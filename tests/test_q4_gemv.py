@@ -42,6 +42,37 @@ def test_gemv_matches_reference_for_every_epilogue(k, n, group_size, sym):
     assert not ws.sums.any() and not ws.counters.any(), "the kernel leaves its workspace zeroed"
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gemv_folds_the_rms_norm_of_its_input(act_order):
+    """norm=(weight, eps): the kernel computes RMSNorm(x) itself (every epilogue, 1..4 rows)."""
+    from backends.model import RMSNorm
+    from kernels import q4_gemv
+
+    k, n = 4096, 1024
+    t = {key: v.cuda() for key, v in random_gptq_layer(k, n, 4, 128, False, True, np.random.default_rng(3)).items()}
+    w = dequantize(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, 1)
+    perm = torch.randperm(k, device="cuda").to(torch.int32) if act_order else None
+    norm = RMSNorm(k, 1e-5)
+    norm.weight = torch.nn.Parameter(torch.rand(k, device="cuda", dtype=torch.float16) + 0.5)
+    ws = q4_gemv.Workspace(n, torch.device("cuda"))
+    glu = [q4_gemv.interleave_glu(t["qweight"]), q4_gemv.interleave_glu(t["scales"]),
+           q4_gemv.interleave_glu(t["qzeros"], 8)]
+    for m in range(1, 5):
+        x = (torch.randn(m, k, device="cuda") * 20).to(torch.float16)  # far from unit RMS
+        xn = norm(x)
+        xn = xn[:, perm.long()] if act_order else xn
+        ref = xn.float() @ w
+        residual = torch.randn(m, n, device="cuda", dtype=torch.float16)
+        args = dict(perm=perm, norm=(norm.weight, norm.eps))
+        y = q4_gemv.q4_gemv(x, t["qweight"], t["scales"], t["qzeros"], 1, 128, ws, **args)
+        assert relative_error(y, ref) < 1e-2, m
+        y = q4_gemv.q4_gemv(x, t["qweight"], t["scales"], t["qzeros"], 1, 128, ws, residual=residual, **args)
+        assert relative_error(y, ref + residual.float()) < 1e-2, m
+        y = q4_gemv.q4_gemv(x, *glu, 1, 128, ws, silu_mul=True, **args)
+        gate, up = ref.chunk(2, dim=1)
+        assert relative_error(y, torch.nn.functional.silu(gate) * up) < 1e-2, m
+
+
 def test_gemv_gathers_rows_through_perm():
     from kernels import q4_gemv
 

@@ -1,0 +1,70 @@
+"""Which of the decode step's fusions pays: one 7B model, its CUDA-graph step timed with each switched on/off.
+
+    python benchmarks/decode_variants.py [--size 7B] [--act-order]
+
+Variants: the RMSNorm folded into the GEMVs (else a kernel per norm), the
+one-token attention kernel (else the rotary kernel + cuDNN SDPA with an
+additive mask), programmatic dependent launch of the CUDA kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from backends.cuda_graph import GraphedDecoder  # noqa: E402
+from backends.exllama_backend import ExllamaLinear  # noqa: E402
+from backends.loader import LoadOptions, build_model  # noqa: E402
+from benchmarks.decode import CONTEXT, SIZES, llama2_config, write_random_gptq  # noqa: E402
+
+
+def step_ms(model, steps: int = 128, start: int = 16) -> float:
+    decoder = GraphedDecoder(model)
+    with torch.inference_mode():
+        for i in range(4):
+            decoder.step(1, start + i)
+        torch.cuda.synchronize()
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        for i in range(steps):
+            decoder.step(1, start + i)
+        end.record()
+        end.synchronize()
+    return begin.elapsed_time(end) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size", default="7B", choices=list(SIZES))
+    parser.add_argument("--act-order", action="store_true")
+    opts = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_random_gptq(Path(tmp) / "m", llama2_config(opts.size), opts.act_order)
+        model, *_ = build_model(path, LoadOptions(backend="exllama", context_length=CONTEXT))
+    linears = [m for m in model.modules() if isinstance(m, ExllamaLinear)]
+    print(f"{opts.size} act-order={opts.act_order}, {torch.cuda.get_device_name()}")
+    print("| norm folded | attention kernel | PDL | step ms | tok/s |")
+    print("|---|---|---|---|---|")
+    for fold, attn, pdl in itertools.product((False, True), (False, True), (True, False)):
+        os.environ["GPTQ_CUDA_PDL"] = "1" if pdl else "0"
+        for m in linears:
+            m.folds_norm = fold
+        model.setup_cache(batch=1, max_seq_len=CONTEXT)
+        if not attn:
+            for layer in model.layers:
+                layer.self_attn.decode_workspace = None
+        ms = step_ms(model)
+        print(f"| {fold} | {attn} | {pdl} | {ms:.3f} | {1e3 / ms:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

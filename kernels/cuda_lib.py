@@ -1,0 +1,105 @@
+"""The CUDA kernels (kernels/*.cu listed in SOURCES): built with nvcc on first use, called through ctypes.
+
+One shared library per source version and GPU architecture, compiled into
+``$GPTQ_WB_CACHE/cuda`` (default ``~/.cache/gptq-workbench/cuda``) and loaded
+from there afterwards. It needs no torch headers and no ninja, only nvcc;
+where nvcc is missing or the build fails, :func:`unavailable_reason` says why
+and the callers fall back to their Triton or torch paths.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).parent
+SOURCES = (HERE / "q4_gemv.cu", HERE / "decode_attention.cu")
+
+
+class BuildError(RuntimeError):
+    """nvcc is missing or could not build the kernels."""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("GPTQ_WB_CACHE") or Path.home() / ".cache" / "gptq-workbench"
+    return Path(root) / "cuda"
+
+
+def find_nvcc() -> str | None:
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    try:
+        from torch.utils.cpp_extension import CUDA_HOME
+
+        candidates.append(CUDA_HOME)
+    except Exception:  # noqa: BLE001 - torch without its extension helpers
+        pass
+    for home in filter(None, candidates):
+        nvcc = Path(home) / "bin" / "nvcc"
+        if nvcc.is_file():
+            return str(nvcc)
+    return shutil.which("nvcc") or (str(p) if (p := Path("/usr/local/cuda/bin/nvcc")).is_file() else None)
+
+
+@functools.cache
+def library(arch: str, defines: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """The built library for compute capability ``arch`` (e.g. "90"), compiling it if needed.
+
+    ``defines``: preprocessor macros, for benchmark variants of the kernels."""
+    digest = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + arch.encode() + repr(defines).encode())
+    target = cache_dir() / f"gptq_wb_kernels-sm{arch}-{digest.hexdigest()[:16]}.so"
+    if not target.is_file():
+        _build(target, arch, defines)
+    lib = ctypes.CDLL(str(target))
+    lib.q4_gemv.restype = ctypes.c_int
+    lib.q4_gemv.argtypes = [ctypes.c_void_p] + [ctypes.c_int] * 4 + [ctypes.c_void_p]
+    lib.decode_attention.restype = ctypes.c_int
+    lib.decode_attention.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    return lib
+
+
+def _build(target: Path, arch: str, defines: tuple[str, ...]) -> None:
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise BuildError("nvcc (the CUDA compiler) was not found; set CUDA_HOME")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        cmd = [nvcc, "-O3", "-shared", "-Xcompiler", "-fPIC", "-std=c++17", *(f"-D{d}" for d in defines),
+               f"-gencode=arch=compute_{arch},code=sm_{arch}", "-o", str(built), *map(str, SOURCES)]
+        try:
+            result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise BuildError(f"nvcc failed to run: {exc}") from exc
+        if result.returncode != 0:
+            names = ", ".join(s.name for s in SOURCES)
+            raise BuildError(f"nvcc could not build {names}: {result.stderr.strip()[-2000:]}")
+        os.replace(built, target)  # atomic: a concurrent or interrupted build leaves no broken library
+
+
+def arch_of(device: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{major}{minor}"
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """Why the CUDA kernels cannot run on ``device``, or None (building them if that has not happened yet)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return "it needs a CUDA GPU"
+    try:
+        library(arch_of(device))
+    except (BuildError, OSError) as exc:
+        return str(exc)
+    return None
+
+
+def pdl_default(device: torch.device) -> bool:
+    """Programmatic dependent launch (Hopper and later), unless GPTQ_CUDA_PDL=0."""
+    return os.environ.get("GPTQ_CUDA_PDL", "1") != "0" and torch.cuda.get_device_capability(device)[0] >= 9
