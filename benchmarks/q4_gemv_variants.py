@@ -30,7 +30,7 @@ def one_call(k: int, n: int) -> None:
     ws = cuda_gemv.Workspace(n, torch.device("cuda"))
     x = torch.randn(1, k, device="cuda", dtype=torch.float16)
     for _ in range(3):
-        cuda_gemv.q4_gemv(x, t["qweight"], t["scales"], t["qzeros"], 1, 128, ws, config=(4, 256, 4, False))
+        cuda_gemv.q4_gemv(x, t["qweight"], t["scales"], t["qzeros"], 1, 128, ws, config=(4, 256, 4))
     torch.cuda.synchronize()
 
 
@@ -47,7 +47,7 @@ def main() -> None:
     libs = {"full": (cuda_lib.library(arch), True), "no PDL": (cuda_lib.library(arch), False),
             "load-only": (cuda_lib.library(arch, ("Q4_GEMV_LOAD_ONLY",)), True)}
     print(f"{props.name}, copy bandwidth {bw / 1e9:.0f} GB/s")
-    print("| shape | config (warps, rows/warp, depth, clusters) | " + " | ".join(f"{v} µs" for v in libs) + " | full of copy BW | load-only of copy BW |")
+    print("| shape | config (warps, rows/warp) | " + " | ".join(f"{v} µs" for v in libs) + " | full of copy BW | load-only of copy BW |")
     print("|---|---|" + "---|" * (len(libs) + 2))
     for name, (k, n) in SHAPES.items():
         layer_bytes = k * n // 2 + (k // 128) * n * 2 + (k // 128) * n // 2

@@ -59,7 +59,7 @@ def library(arch: str, defines: tuple[str, ...] = ()) -> ctypes.CDLL:
         _build(target, arch, defines)
     lib = ctypes.CDLL(str(target))
     lib.q4_gemv.restype = ctypes.c_int
-    lib.q4_gemv.argtypes = [ctypes.c_void_p] + [ctypes.c_int] * 5 + [ctypes.c_void_p]
+    lib.q4_gemv.argtypes = [ctypes.c_void_p] + [ctypes.c_int] * 4 + [ctypes.c_void_p]
     lib.decode_attention.restype = ctypes.c_int
     lib.decode_attention.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     return lib

@@ -20,7 +20,6 @@
 // zero-fill and no cast kernels around it, which matters when a decode step is hundreds of kernels.
 
 #include <cuda_fp16.h>
-#include <cooperative_groups.h>
 #include <cstdint>
 
 // Outside the anonymous namespace: q4_gemv() below is exported with it.
@@ -157,47 +156,8 @@ __device__ void rms_of_rows(const half* __restrict__ x, int K, float eps, float*
   __syncthreads();
 }
 
-// The split-K sum through distributed shared memory: the blocks along K of a column tile (and, for SILU_MUL, of
-// its gate/up pair) form one thread block cluster; after a cluster barrier the first of them reads the
-// others' partial sums straight from their shared memory and applies the epilogue. No global atomics, no
-// workspace, no arrival counter: two barriers instead of three dependent trips to L2.
-template <int M, int WARPS>
-__device__ void cluster_epilogue(float (&red)[WARPS][M][TILE_N], half* out, const half* residual, int N,
-                                 int epilogue, int tile) {
-  namespace cg = cooperative_groups;
-  cg::cluster_group cluster = cg::this_cluster();
-  for (int t = threadIdx.x; t < M * TILE_N; t += WARPS * 32) {  // this block's warps summed into red[0]
-    const int m = t / TILE_N, c = t % TILE_N;
-    float v = 0.f;
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) v += red[w][m][c];
-    red[0][m][c] = v;
-  }
-  cluster.sync();
-  const dim3 shape = cluster.dim_blocks(), me = cluster.block_index();
-  if (me.x == 0 && me.y == 0) {
-    for (int t = threadIdx.x; t < M * TILE_N; t += WARPS * 32) {
-      const int m = t / TILE_N, c = t % TILE_N;
-      float v = 0.f, up = 0.f;  // the tile (the gate tile for SILU_MUL), and the up tile
-      for (int y = 0; y < (int)shape.y; ++y) {
-        v += cluster.map_shared_rank(&red[0][0][0], y * shape.x)[m * TILE_N + c];
-        if (shape.x == 2) up += cluster.map_shared_rank(&red[0][0][0], 1 + y * shape.x)[m * TILE_N + c];
-      }
-      if (epilogue == SILU_MUL) {
-        out[(size_t)m * (N / 2) + (tile / 2) * TILE_N + c] = __float2half(v / (1.f + __expf(-v)) * up);
-      } else {
-        const int n = tile * TILE_N + c;
-        if (n >= N) continue;
-        if (epilogue == ADD) v += __half2float(residual[(size_t)m * N + n]);
-        out[(size_t)m * N + n] = __float2half(v);
-      }
-    }
-  }
-  cluster.sync();  // the others' shared memory must outlive the reads
-}
-
 template <int M, int WARPS, int DEPTH>
-__global__ void __launch_bounds__(WARPS * 32) q4_gemv_kernel(const Q4GemvArgs args, int use_cluster) {
+__global__ void __launch_bounds__(WARPS * 32) q4_gemv_kernel(const Q4GemvArgs args) {
   const half* __restrict__ x = args.x;
   const uint32_t* __restrict__ qweight = args.qweight;
   const half* __restrict__ scales = args.scales;
@@ -289,10 +249,6 @@ __global__ void __launch_bounds__(WARPS * 32) q4_gemv_kernel(const Q4GemvArgs ar
     for (int c = 0; c < 4; ++c) red[warp][m][lane * 4 + c] = acc[m][c];
   __syncthreads();
 
-  if (use_cluster) {
-    cluster_epilogue<M, WARPS>(red, out, residual, N, epilogue, tile);
-    return;
-  }
   const bool direct = gridDim.y == 1 && epilogue != SILU_MUL;
   for (int t = threadIdx.x; t < M * TILE_N; t += WARPS * 32) {
     const int m = t / TILE_N, n = tile * TILE_N + t % TILE_N;
@@ -344,51 +300,36 @@ __global__ void __launch_bounds__(WARPS * 32) q4_gemv_kernel(const Q4GemvArgs ar
   if (threadIdx.x == 0) counters[counter] = 0;
 }
 
-// The K splits of a tile (of a gate/up pair) as one cluster where they fit the portable cluster size of 8.
-constexpr int MAX_CLUSTER = 8;
-
 template <int M, int WARPS, int DEPTH>
-cudaError_t launch(const Q4GemvArgs& args, bool pdl, bool clusters, cudaStream_t stream) {
+cudaError_t launch(const Q4GemvArgs& args, bool pdl, cudaStream_t stream) {
   const int block_rows = WARPS * args.rows_per_warp;
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3((args.N + TILE_N - 1) / TILE_N, (args.K + block_rows - 1) / block_rows);
   config.blockDim = dim3(WARPS * 32);
   config.dynamicSmemBytes = (size_t)M * block_rows * sizeof(half);
   config.stream = stream;
-  const int cluster_x = args.epilogue == SILU_MUL ? 2 : 1;
-  const bool cluster = clusters && (config.gridDim.y > 1 || cluster_x > 1) && cluster_x * config.gridDim.y <= MAX_CLUSTER;
-  cudaLaunchAttribute attribute[2];
-  int n = 0;
-  if (pdl) {
-    attribute[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attribute[n++].val.programmaticStreamSerializationAllowed = 1;
-  }
-  if (cluster) {
-    attribute[n].id = cudaLaunchAttributeClusterDimension;
-    attribute[n].val.clusterDim.x = cluster_x;
-    attribute[n].val.clusterDim.y = config.gridDim.y;
-    attribute[n++].val.clusterDim.z = 1;
-  }
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attribute;
-  config.numAttrs = n;
-  return cudaLaunchKernelEx(&config, q4_gemv_kernel<M, WARPS, DEPTH>, args, static_cast<int>(cluster));
+  config.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&config, q4_gemv_kernel<M, WARPS, DEPTH>, args);
 }
 
 template <int M, int WARPS>
-cudaError_t launch_depth(const Q4GemvArgs& args, int depth, bool pdl, bool clusters, cudaStream_t stream) {
+cudaError_t launch_depth(const Q4GemvArgs& args, int depth, bool pdl, cudaStream_t stream) {
   switch (depth) {
-    case 2: return launch<M, WARPS, 2>(args, pdl, clusters, stream);
-    case 4: return launch<M, WARPS, 4>(args, pdl, clusters, stream);
+    case 2: return launch<M, WARPS, 2>(args, pdl, stream);
+    case 4: return launch<M, WARPS, 4>(args, pdl, stream);
     default: return cudaErrorInvalidValue;
   }
 }
 
 template <int M>
-cudaError_t launch_warps(const Q4GemvArgs& args, int warps, int depth, bool pdl, bool clusters,
-                         cudaStream_t stream) {
+cudaError_t launch_warps(const Q4GemvArgs& args, int warps, int depth, bool pdl, cudaStream_t stream) {
   switch (warps) {
-    case 4: return launch_depth<M, 4>(args, depth, pdl, clusters, stream);
-    case 8: return launch_depth<M, 8>(args, depth, pdl, clusters, stream);
+    case 4: return launch_depth<M, 4>(args, depth, pdl, stream);
+    case 8: return launch_depth<M, 8>(args, depth, pdl, stream);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -401,9 +342,8 @@ extern "C" {
 // asynchronous). rows_per_warp: a multiple of 32 with M * warps * rows_per_warp <= 16384. ws: fp32
 // [M, N] and counters: int32 [ceil(N / 128)], both zero before the first call; the kernel leaves them
 // zero. For SILU_MUL, out is [M, N / 2] and N a multiple of 256. pdl: launch as a programmatic
-// dependent of the previous kernel in the stream (Hopper and later). clusters: sum the K splits in a thread
-// block cluster where they fit one (Hopper and later), else through the workspace.
-int q4_gemv(const Q4GemvArgs* args, int M, int warps, int depth, int pdl, int clusters, void* stream) {
+// dependent of the previous kernel in the stream (Hopper and later).
+int q4_gemv(const Q4GemvArgs* args, int M, int warps, int depth, int pdl, void* stream) {
   const Q4GemvArgs& a = *args;
   if (a.N % 8 || a.K % 32 || a.group_size % 32 || a.group_size <= 0) return -1;
   if (a.epilogue == SILU_MUL && a.N % (2 * TILE_N)) return -1;
@@ -411,10 +351,10 @@ int q4_gemv(const Q4GemvArgs* args, int M, int warps, int depth, int pdl, int cl
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   cudaError_t rc;
   switch (M) {
-    case 1: rc = launch_warps<1>(a, warps, depth, pdl, clusters, s); break;
-    case 2: rc = launch_warps<2>(a, warps, depth, pdl, clusters, s); break;
-    case 3: rc = launch_warps<3>(a, warps, depth, pdl, clusters, s); break;
-    case 4: rc = launch_warps<4>(a, warps, depth, pdl, clusters, s); break;
+    case 1: rc = launch_warps<1>(a, warps, depth, pdl, s); break;
+    case 2: rc = launch_warps<2>(a, warps, depth, pdl, s); break;
+    case 3: rc = launch_warps<3>(a, warps, depth, pdl, s); break;
+    case 4: rc = launch_warps<4>(a, warps, depth, pdl, s); break;
     default: return -1;
   }
   return rc == cudaErrorInvalidValue ? -1 : static_cast<int>(rc);

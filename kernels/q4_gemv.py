@@ -12,12 +12,12 @@ from kernels import cuda_lib
 MAX_ROWS = 4
 TILE_N = 128  # columns per block, as in the source
 STORE, ADD, SILU_MUL = 0, 1, 2
-# (warps per block, K rows per warp, chunks in flight per warp, K splits summed in a thread block cluster)
-# candidates, the default first; the kernel is compiled for 4 and 8 warps and depths 2 and 4. Clusters
-# (Hopper and later) apply where the K splits of a tile fit one; neither way of summing them wins at every
-# shape (benchmarks/q4_gemv_variants.py), so the tuner picks.
-CONFIGS = tuple((w, r, d, c) for c in (False, True) for d in (2, 4)
-                for w, r in ((4, 128), (8, 128), (4, 256), (8, 256), (4, 512), (8, 64), (4, 64)))
+# (warps per block, K rows per warp, chunks in flight per warp) candidates, the default first; the kernel
+# is compiled for 4 and 8 warps and depths 2 and 4.
+CONFIGS = tuple((w, r, d) for d in (2, 4) for w, r in ((4, 128), (8, 128), (4, 256), (8, 256), (4, 512), (8, 64),
+                                                    (4, 64)))
+
+
 
 
 class _Args(ctypes.Structure):  # struct Q4GemvArgs in q4_gemv.cu
@@ -51,8 +51,8 @@ def interleave_glu(t: torch.Tensor, per_word: int = 1) -> torch.Tensor:
     return torch.stack((gate, up), dim=2).reshape(t.shape[0], -1).contiguous()
 
 
-def _fits(config: tuple, m: int) -> bool:
-    warps, rows = config[:2]
+def _fits(config: tuple[int, int, int], m: int) -> bool:
+    warps, rows, _ = config
     return m * warps * rows <= 16384  # the x rows staged in shared memory: 32 KB
 
 
@@ -83,9 +83,9 @@ class Tuner:
     """The fastest launch configuration per (M, N, K, normed), timed once on first use outside a graph capture."""
 
     def __init__(self):
-        self.best: dict[tuple[int, int, int, bool], tuple[int, int, int, bool]] = {}
+        self.best: dict[tuple[int, int, int, bool], tuple[int, int, int]] = {}
 
-    def config(self, key: tuple[int, int, int, bool], run) -> tuple[int, int, int, bool]:
+    def config(self, key: tuple[int, int, int, bool], run) -> tuple[int, int, int]:
         m = key[0]
         if key in self.best:
             return self.best[key]
@@ -93,7 +93,7 @@ class Tuner:
         if torch.cuda.is_current_stream_capturing() or os.environ.get("GPTQ_CUDA_AUTOTUNE", "1") == "0":
             return candidates[0]
 
-        def timing(c: tuple[int, int, int, bool]) -> float:
+        def timing(c: tuple[int, int, int]) -> float:
             if run(c) != 0:  # refused (nothing launched): an empty graph would time as free
                 return float("inf")
             return _graph_us(lambda: run(c))
@@ -108,7 +108,7 @@ TUNER = Tuner()
 def q4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, zero_offset: int,
             group_size: int, workspace: Workspace, *, residual: torch.Tensor | None = None,
             silu_mul: bool = False, perm: torch.Tensor | None = None,
-            norm: tuple[torch.Tensor, float] | None = None, config: tuple[int, int, int, bool] | None = None,
+            norm: tuple[torch.Tensor, float] | None = None, config: tuple[int, int, int] | None = None,
             lib: ctypes.CDLL | None = None, pdl: bool | None = None) -> torch.Tensor:
     """``x @ W`` for 1..4 fp16 rows; with ``residual``: ``residual + x @ W``; with ``silu_mul``: the
     columns are gate and up tiles of 128 interleaved (gate tile t at 2t, up at 2t + 1) and the result is
@@ -116,7 +116,7 @@ def q4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros
     (act-order rows sorted by group, the gather done while x is staged). ``norm``: (weight ``[K]`` fp16, eps):
     the rows are RMS-normalized first, ``x * rsqrt(mean(x^2) + eps) * weight`` (fp32, rounded to fp16 as
     RMSNorm's output is), inside the kernel. ``config``: (warps, rows per
-    warp, depth, clusters), else the tuned one. ``lib`` and ``pdl``: a variant library and launch mode (benchmarks)."""
+    warp, depth), else the tuned one. ``lib`` and ``pdl``: a variant library and launch mode (benchmarks)."""
     m, k = x.shape
     n = qweight.shape[1]
     if not 1 <= m <= MAX_ROWS:
@@ -137,18 +137,17 @@ def q4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros
         x = x.clone()  # the norm's row sums read x 16 bytes at a time
     lib = lib or cuda_lib.library(cuda_lib.arch_of(x.device))
     use_pdl = cuda_lib.pdl_default(x.device) if pdl is None else pdl
-    hopper = torch.cuda.get_device_capability(x.device)[0] >= 9
     norm_weight, norm_eps = norm if norm is not None else (None, 0.0)
 
-    def run(cfg: tuple[int, int, int, bool]) -> int:
-        warps, rows, depth, clusters = cfg
+    def run(cfg: tuple[int, int, int]) -> int:
+        warps, rows, depth = cfg
         args = _Args(x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), qzeros.data_ptr(), out.data_ptr(),
                      residual.data_ptr() if residual is not None else None, workspace.sums.data_ptr(),
                      workspace.counters.data_ptr(), perm.data_ptr() if perm is not None else None,
                      norm_weight.data_ptr() if norm_weight is not None else None,
                      n, k, group_size, zero_offset, epilogue, rows, norm_eps)
         stream = torch.cuda.current_stream(x.device).cuda_stream
-        return lib.q4_gemv(ctypes.byref(args), m, warps, depth, int(use_pdl), int(clusters and hopper), stream)
+        return lib.q4_gemv(ctypes.byref(args), m, warps, depth, int(use_pdl), stream)
 
     if config is not None and not _fits(config, m):
         raise ValueError(f"configuration {config} does not fit {m} rows")
