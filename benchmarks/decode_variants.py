@@ -25,6 +25,7 @@ from backends.cuda_graph import GraphedDecoder  # noqa: E402
 from backends.exllama_backend import ExllamaLinear  # noqa: E402
 from backends.loader import LoadOptions, build_model  # noqa: E402
 from benchmarks.decode import CONTEXT, SIZES, llama2_config, write_random_gptq  # noqa: E402
+from kernels import cuda_lib, q4_gemv  # noqa: E402
 
 
 def step_ms(model, steps: int = 128, start: int = 16) -> float:
@@ -46,6 +47,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", default="7B", choices=list(SIZES))
     parser.add_argument("--act-order", action="store_true")
+    parser.add_argument("--define", nargs="*", default=[], help="GEMV library variants to time as well")
     opts = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = write_random_gptq(Path(tmp) / "m", llama2_config(opts.size), opts.act_order)
@@ -64,6 +66,18 @@ def main() -> None:
                 layer.self_attn.decode_workspace = None
         ms = step_ms(model)
         print(f"| {fold} | {attn} | {pdl} | {ms:.3f} | {1e3 / ms:.0f} |", flush=True)
+    # All on, with a variant of the GEMV library (e.g. Q4_GEMV_SMEM_WEIGHTS), re-tuned.
+    for define in opts.define:
+        os.environ["GPTQ_CUDA_PDL"] = "1"
+        for m in linears:
+            m.folds_norm = True
+        model.setup_cache(batch=1, max_seq_len=CONTEXT)
+        built = cuda_lib.library
+        cuda_lib.library = lambda arch, defines=(): built(arch, (*defines, define))
+        q4_gemv.TUNER.best.clear()
+        ms = step_ms(model)
+        print(f"| True | True | True, {define} | {ms:.3f} | {1e3 / ms:.0f} |", flush=True)
+        cuda_lib.library = built
 
 
 if __name__ == "__main__":
