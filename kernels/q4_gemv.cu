@@ -68,23 +68,6 @@ __device__ __forceinline__ void load_chunk(Chunk& c, const uint32_t* __restrict_
   c.zeros = __ldg(qzeros + (size_t)g * (N / 8) + col / 8) >> (4 * (col % 8));
 }
 
-// load_chunk's bytes into a Chunk in shared memory, asynchronously (cp.async; 16, 8 and 4 bytes).
-__device__ __forceinline__ void copy_chunk(Chunk* dst, const uint32_t* __restrict__ qweight,
-                                           const half* __restrict__ scales, const uint32_t* __restrict__ qzeros,
-                                           int k, int col, int N, int group_size) {
-  const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-#pragma unroll
-  for (int r = 0; r < CHUNK / 8; ++r) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(base + r * 16),
-                 "l"(qweight + (size_t)(k / 8 + r) * N + col) : "memory");
-  }
-  const int g = k / group_size;
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(base + static_cast<uint32_t>(offsetof(Chunk, scales))),
-               "l"(scales + (size_t)g * N + col) : "memory");
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(base + static_cast<uint32_t>(offsetof(Chunk, zeros))),
-               "l"(qzeros + (size_t)g * (N / 8) + col / 8) : "memory");
-}
-
 template <int M>
 __device__ __forceinline__ void compute_chunk(const Chunk& c, const uint4* xs, int zero_offset, float (&acc)[M][4],
                                               int pairs_per_m) {
@@ -205,21 +188,11 @@ __global__ void __launch_bounds__(WARPS * 32) q4_gemv_kernel(const Q4GemvArgs ar
   // Weight loads first: they do not depend on the previous kernel, so under programmatic dependent
   // launch they overlap its tail. Everything it writes (x, residual, and the memory of out) is touched
   // only after griddepcontrol.wait.
-#ifdef Q4_GEMV_SMEM_WEIGHTS
-  // Every chunk of the warp's weights copied to shared memory (cp.async, no registers held) before the wait;
-  // each lane later reads back only what it copied itself, so cp.async.wait_all is the only synchronisation.
-  Chunk* staged = reinterpret_cast<Chunk*>(smem + (M * block_rows * sizeof(half) + 15) / 16) +
-                  (size_t)warp * (rows_per_warp / CHUNK) * 32 + lane;
-  for (int ch = 0; ch < n_chunks; ++ch) copy_chunk(staged + ch * 32, qweight, scales, qzeros, k_warp + ch * CHUNK,
-                                                   col, N, group_size);
-  asm volatile("cp.async.commit_group;" ::: "memory");
-#else
   Chunk ring[DEPTH];
 #pragma unroll
   for (int d = 0; d < DEPTH; ++d) {
     if (d < n_chunks) load_chunk(ring[d], qweight, scales, qzeros, k_warp + d * CHUNK, col, N, group_size);
   }
-#endif
 #if __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
   asm volatile("griddepcontrol.launch_dependents;");
@@ -257,14 +230,6 @@ __global__ void __launch_bounds__(WARPS * 32) q4_gemv_kernel(const Q4GemvArgs ar
     for (int c = 0; c < 4; ++c) acc[m][c] = 0.f;
 
   const uint4* xw = smem + warp * (rows_per_warp / 8);  // this warp's rows, 4 pairs per uint4
-#ifdef Q4_GEMV_SMEM_WEIGHTS
-  asm volatile("cp.async.wait_all;" ::: "memory");
-  for (int ch = 0; ch < n_chunks; ++ch) {
-    Chunk c = staged[ch * 32];
-    c.zeros >>= 4 * (col % 8);
-    compute_chunk<M>(c, xw + ch * (CHUNK / 8), zero_offset, acc, pairs_per_m);
-  }
-#else
   for (int c0 = 0; c0 < n_chunks; c0 += DEPTH) {
 #pragma unroll
     for (int d = 0; d < DEPTH; ++d) {
@@ -277,7 +242,6 @@ __global__ void __launch_bounds__(WARPS * 32) q4_gemv_kernel(const Q4GemvArgs ar
       }
     }
   }
-#endif
 
 #pragma unroll
   for (int m = 0; m < M; ++m)
@@ -343,16 +307,6 @@ cudaError_t launch(const Q4GemvArgs& args, bool pdl, cudaStream_t stream) {
   config.gridDim = dim3((args.N + TILE_N - 1) / TILE_N, (args.K + block_rows - 1) / block_rows);
   config.blockDim = dim3(WARPS * 32);
   config.dynamicSmemBytes = (size_t)M * block_rows * sizeof(half);
-#ifdef Q4_GEMV_SMEM_WEIGHTS
-  config.dynamicSmemBytes = (config.dynamicSmemBytes + 15) / 16 * 16 +
-                            (size_t)WARPS * (args.rows_per_warp / CHUNK) * 32 * sizeof(Chunk);
-  if (config.dynamicSmemBytes > 200 * 1024) return cudaErrorInvalidValue;
-  static bool raised = false;  // the dynamic shared memory limit, once per instantiation
-  if (!raised) {
-    cudaFuncSetAttribute(q4_gemv_kernel<M, WARPS, DEPTH>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024);
-    raised = true;
-  }
-#endif
   config.stream = stream;
   cudaLaunchAttribute attribute[1];
   attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
