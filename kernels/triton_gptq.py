@@ -8,7 +8,8 @@ row through ``g_idx`` (act-order).
 Three paths, chosen by M:
 - M = 1 with contiguous groups (decode): a GEMV kernel that reads each packed
   word once, expands it in registers, and keeps per-lane partial products
-  so that it reduces over K once, at the end.
+  so that it reduces over K once, at the end; with K split across programs,
+  the last one to finish a column block writes it (one kernel per call).
 - small M, or act-order groups read through g_idx: the fused tiled kernel
   (tl.dot); small M splits K across programs and sums with atomics.
 - M >= DEQUANT_MIN_M: dequantize into an fp16 scratch matrix with a Triton
@@ -107,6 +108,7 @@ def _expand(words, BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.conste
 @triton.jit
 def _gptq_gemv_kernel(
     x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, out_ptr,
+    ws_ptr, counter_ptr,  # SPLIT_K > 1: fp32 [N] partial sums and int32 arrival counters per column block, zero
     N, K, group_size,  # contiguous groups; BLOCK_K divides group_size
     BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -151,7 +153,16 @@ def _gptq_gemv_kernel(
     if SPLIT_K == 1:
         tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
     else:
-        tl.atomic_add(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
+        # Partial sums meet in the fp32 workspace; the last program of the column block to arrive writes the
+        # output and zeroes the workspace and its counter for the next call: one kernel, no memset, no cast.
+        tl.atomic_add(ws_ptr + offs_n, acc, mask=mask_n)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(counter_ptr + pid_n, 1)  # acq_rel: orders the adds above before it
+        if arrived == SPLIT_K - 1:
+            total = tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptr + offs_n, total.to(out_ptr.dtype.element_ty), mask=mask_n)
+            tl.store(ws_ptr + offs_n, tl.zeros_like(total), mask=mask_n)
+            tl.atomic_xchg(counter_ptr + pid_n, 0)
 
 
 @triton.jit
@@ -206,6 +217,7 @@ def _m_bucket(m: int) -> int:
 
 
 _TUNED: dict[tuple, triton.Config] = {}
+_WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # see _gemv_workspace
 
 
 def _time(fn) -> float:
@@ -277,24 +289,33 @@ def _gemv_configs(n: int, k: int, group_size: int) -> list[dict]:
     shapes = [(128, 64, 16, 4), (64, 64, 16, 2), (256, 64, 16, 8), (64, 128, 8, 4), (128, 64, 8, 4), (32, 64, 8, 2),
               (64, 128, 4, 4), (128, 128, 2, 4), (64, 128, 1, 4), (32, 128, 1, 4), (64, 32, 16, 4), (128, 32, 8, 4),
               (128, 128, 8, 4), (256, 128, 4, 8), (128, 128, 4, 4)]
-    # OUT32: split-K partial sums meet in an fp32 buffer (then a cast), else in the fp16 output directly.
-    return [{"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": w, "MAGIC": magic, "OUT32": out32}
-            for magic in (True, False) for out32 in (False, True) for bn, bk, sk, w in shapes
-            if group_size % bk == 0 and k % bk == 0 and (sk > 1 or not out32)]
+    return [{"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": w, "MAGIC": magic}
+            for magic in (True, False) for bn, bk, sk, w in shapes if group_size % bk == 0 and k % bk == 0]
+
+
+MIN_GEMV_BLOCK_N = 32  # the narrowest column block among the configurations: sizes the counters
+
+
+def _gemv_workspace(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split-K partial sums and arrival counters for N columns on ``device``, zero, shared by every GEMV
+    of that width: each call leaves them zero and calls on a stream run one after another."""
+    key = (n, device)
+    if key not in _WORKSPACES:
+        _WORKSPACES[key] = (torch.zeros(n, dtype=torch.float32, device=device),
+                            torch.zeros(triton.cdiv(n, MIN_GEMV_BLOCK_N), dtype=torch.int32, device=device))
+    return _WORKSPACES[key]
 
 
 def _run_gemv(cfg: dict, x, qweight, scales, qzeros, bits, zero_offset, group_size) -> torch.Tensor:
     k, n = x.shape[1], qweight.shape[1]
     split = cfg["SPLIT_K"]
-    if split == 1:
-        out = torch.empty((1, n), device=x.device, dtype=x.dtype)
-    else:
-        out = torch.zeros((1, n), device=x.device, dtype=torch.float32 if cfg["OUT32"] else x.dtype)
+    out = torch.empty((1, n), device=x.device, dtype=x.dtype)
+    ws, counters = _gemv_workspace(n, x.device) if split > 1 else (out, out)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), split)
-    _gptq_gemv_kernel[grid](x, qweight, scales, qzeros, out, n, k, group_size, BITS=bits, ZERO_OFFSET=zero_offset,
-                            BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split, MAGIC=cfg["MAGIC"],
-                            num_warps=cfg["num_warps"])
-    return out.to(x.dtype)  # a no-op unless OUT32
+    _gptq_gemv_kernel[grid](x, qweight, scales, qzeros, out, ws, counters, n, k, group_size, BITS=bits,
+                            ZERO_OFFSET=zero_offset, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split,
+                            MAGIC=cfg["MAGIC"], num_warps=cfg["num_warps"])
+    return out
 
 
 def gptq_gemv(x, qweight, scales, qzeros, bits: int, zero_offset: int, group_size: int) -> torch.Tensor:

@@ -52,6 +52,8 @@ def test_every_gemv_configuration(bits, group_size):
     for cfg in configs:
         out = triton_gptq._run_gemv(cfg, x, t["qweight"], t["scales"], t["qzeros"], bits, 1, group_size)
         assert out.dtype == torch.float16 and relative_error(out, expected) < 1e-2, cfg
+    sums, counters = triton_gptq._gemv_workspace(n, x.device)
+    assert not sums.any() and not counters.any(), "the split-K programs leave their workspace zero"
 
 
 @pytest.mark.parametrize("act_order", [False, True])
