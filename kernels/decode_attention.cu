@@ -1,19 +1,23 @@
 // Attention for one decoded token (batch 1), with the rotary embedding and the KV cache write folded in.
 //
 // Inputs are a layer's q, k and v projections of the new token (the fused qkv GEMV's output, un-rotated).
-// A block owns one kv head (its G = n_heads / n_kv_heads q heads, as repeat_kv groups them) and one of
-// `splits` equal parts of the keys it attends to: positions [lo, pos], lo = pos - window + 1 for a sliding
-// window, else 0. Every block rotates q (folding in 1 / sqrt(D) and log2(e), for exp2) and the new k itself;
-// the block whose part holds pos writes the rotated k and v into the cache and uses them from registers, so
-// no block reads a cache slot another block of the same launch writes.
+// A block owns one kv head (its G = n_heads / n_kv_heads q heads, as repeat_kv groups them; G is a template
+// parameter) and one of `splits` equal parts of the keys it attends to: positions [lo, pos], lo = pos -
+// window + 1 for a sliding window, else 0. Every block rotates q (folding in 1 / sqrt(D) and log2(e), for
+// exp2) and the new k itself; the block whose part holds pos writes the rotated k and v into the cache and
+// takes them from shared memory, so no block reads a cache slot another block of the same launch writes.
 //
-// Keys are taken in chunks of 128 with an online softmax: scores into shared memory (a thread per key: its
-// whole row in 16-byte loads against the group's q heads, no shuffles), the chunk's max and sum per head,
-// then the probabilities times v (a warp per key, a lane per D / 32 dimensions). With more than one split, each block stores its unnormalised output, max and sum to a
-// workspace and the last block of a kv head (an arrival counter) combines them, so a call is one kernel.
+// Keys are taken in chunks of 128 with an online softmax. A chunk's k and v are loaded into registers at
+// once (thread t: key t's whole row of k; warp w: lane-sized slices of the v rows of keys 32w..32w+31), then
+// the scores (a thread per key against the group's q heads, no shuffles), the chunk's max and sum per head
+// (a warp per head), and the probabilities times v (a lane per D / 32 dimensions). With more than one split,
+// each block stores its unnormalised output, max and sum to a workspace and the last block of a kv head (an
+// arrival counter) combines them, so a call is one kernel.
 //
-// Launched as a programmatic dependent: griddepcontrol.wait before anything the previous kernel writes
-// is read, launch_dependents right after so the next GEMV streams its weights while this runs.
+// Launched as a programmatic dependent. The position, cos/sin and the cache's earlier slots are written
+// before the previous kernel (the qkv GEMV) starts, so the first chunk's loads are issued before
+// griddepcontrol.wait; q, k and v are read after it. launch_dependents follows the wait at once, so the
+// o_proj GEMV streams its weights while this kernel runs.
 
 #include <cuda_fp16.h>
 #include <cstdint>

@@ -11,8 +11,13 @@
 // (w & 0x00F000F0) | 0x64006400 is (1024 + 16 q1, 1024 + 16 q5) -- the fp16 exponent trick, no
 // int-to-float conversions -- and w >> 8 gives q2, q6, q3, q7 the same way. Subtracting (1024 + zero),
 // or (1024 + 16 zero), leaves q - zero (times 16) exactly. x is staged in shared memory as the matching
-// pairs (gathered through q_perm for act-order checkpoints), divided by 16 (by 256 for the pairs that come times 16), so the 16 products of a chunk sum in
-// half2 without overflow for |x| < 4096; each chunk's sum is then scaled (times 16) in fp32.
+// pairs (gathered through q_perm for act-order checkpoints), divided by 16 (by 256 for the pairs that come
+// times 16), so the 16 products of a chunk sum in half2 without overflow for |x| < 4096; each chunk's sum
+// is then scaled (times 16) in fp32. With norm_weight, x is the layer's input before its RMSNorm: every
+// block first reduces the sum of squares of the full rows, then stages the normalised values.
+//
+// The first DEPTH chunks' loads are issued before griddepcontrol.wait (programmatic dependent launch):
+// weights never depend on the previous kernel, so they stream while it finishes.
 //
 // Blocks along K add their partial sums into an fp32 workspace; the last block of a column tile (an
 // arrival counter says which) applies the epilogue -- store, add a residual, or SiLU(gate) * up -- and
