@@ -118,7 +118,13 @@ def _cold_copies(weights: tuple[torch.Tensor, ...]) -> list[tuple[torch.Tensor, 
     size = sum(t.numel() * t.element_size() for t in weights)
     l2 = torch.cuda.get_device_properties(weights[0].device).L2_cache_size
     n = max(2, -(-2 * l2 // size) + 1)
-    return [weights] + [tuple(t.clone() for t in weights) for _ in range(n - 1)]
+    copies = [weights]
+    try:
+        while len(copies) < n:
+            copies.append(tuple(t.clone() for t in weights))
+    except torch.cuda.OutOfMemoryError:  # a model that nearly fills the GPU: tune on what fits (warmer)
+        torch.cuda.empty_cache()
+    return copies
 
 
 TUNER = Tuner()
