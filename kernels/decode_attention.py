@@ -75,6 +75,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     if cos.dtype != torch.float32 or cos.numel() != head_dim or sin.numel() != head_dim:
         raise ValueError("cos and sin must be float32 [D]")
     cos, sin = cos.contiguous(), sin.contiguous()
+    position = position.to(torch.int64)  # as the kernel reads it (a no-op for the model's positions)
     splits = splits or splits_for(kv_len, n_kv_heads, q.device)
     out = torch.empty(n_heads * head_dim, dtype=torch.float16, device=q.device)
     args = _Args(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(), position.data_ptr(),
