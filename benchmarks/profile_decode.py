@@ -1,11 +1,16 @@
 """Where a decode step's GPU time goes: kernels of one eager 7B decode step, by total time.
 
-    python benchmarks/profile_decode.py [--size 7B] [--backend exllama]
+    python benchmarks/profile_decode.py [--size 7B] [--backend exllama] [--pdl]
+
+Programmatic dependent launch is off unless --pdl: a kernel launched early
+counts the time it waits on its predecessor as its own, so with it the
+per-kernel times overlap and add up to more than the step.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -24,7 +29,10 @@ def main() -> None:
     parser.add_argument("--size", default="7B", choices=list(SIZES))
     parser.add_argument("--backend", default="exllama")
     parser.add_argument("--act-order", action="store_true")
+    parser.add_argument("--pdl", action="store_true", help="keep programmatic dependent launch on")
     opts = parser.parse_args()
+    if not opts.pdl:
+        os.environ["GPTQ_CUDA_PDL"] = "0"
     with tempfile.TemporaryDirectory() as tmp:
         path = write_random_gptq(Path(tmp) / "m", llama2_config(opts.size), opts.act_order)
         model, *_ = build_model(path, LoadOptions(backend=opts.backend, context_length=CONTEXT))
