@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--size", default="7B", choices=list(SIZES))
     parser.add_argument("--act-order", action="store_true")
     parser.add_argument("--define", nargs="*", default=[], help="GEMV library variants to time as well")
+    parser.add_argument("--quick", action="store_true", help="only everything on (and the --define variants)")
     opts = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = write_random_gptq(Path(tmp) / "m", llama2_config(opts.size), opts.act_order)
@@ -56,7 +57,8 @@ def main() -> None:
     print(f"{opts.size} act-order={opts.act_order}, {torch.cuda.get_device_name()}")
     print("| norm folded | attention kernel | PDL | step ms | tok/s |")
     print("|---|---|---|---|---|")
-    for fold, attn, pdl in itertools.product((False, True), (False, True), (True, False)):
+    combos = [(True, True, True)] if opts.quick else itertools.product((False, True), (False, True), (True, False))
+    for fold, attn, pdl in combos:
         os.environ["GPTQ_CUDA_PDL"] = "1" if pdl else "0"
         for m in linears:
             m.folds_norm = fold
