@@ -66,13 +66,7 @@ __device__ __forceinline__ void load_chunk(Chunk& c, const uint32_t* __restrict_
                                            int k, int col, int N, int group_size) {
 #pragma unroll
   for (int r = 0; r < CHUNK / 8; ++r) {
-#ifdef Q4_GEMV_L2_256B  // benchmark variant: read-only path, no L1 allocation, 256-byte L2 fetches
-    const uint32_t* p = qweight + (size_t)(k / 8 + r) * N + col;
-    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(c.words[r].x), "=r"(c.words[r].y), "=r"(c.words[r].z), "=r"(c.words[r].w) : "l"(p));
-#else
-    c.words[r] = __ldcs(reinterpret_cast<const uint4*>(qweight + (size_t)(k / 8 + r) * N + col));
-#endif
+c.words[r] = __ldcs(reinterpret_cast<const uint4*>(qweight + (size_t)(k / 8 + r) * N + col));
   }
   const int g = k / group_size;
   c.scales = __ldg(reinterpret_cast<const uint2*>(scales + (size_t)g * N + col));
