@@ -66,7 +66,7 @@ __device__ __forceinline__ void load_chunk(Chunk& c, const uint32_t* __restrict_
                                            int k, int col, int N, int group_size) {
 #pragma unroll
   for (int r = 0; r < CHUNK / 8; ++r) {
-c.words[r] = __ldcs(reinterpret_cast<const uint4*>(qweight + (size_t)(k / 8 + r) * N + col));
+    c.words[r] = __ldcs(reinterpret_cast<const uint4*>(qweight + (size_t)(k / 8 + r) * N + col));
   }
   const int g = k / group_size;
   c.scales = __ldg(reinterpret_cast<const uint2*>(scales + (size_t)g * N + col));
