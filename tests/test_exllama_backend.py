@@ -130,3 +130,20 @@ def test_a_failed_build_reports_the_compiler_error_and_leaves_no_library(tmp_pat
     with pytest.raises(cuda_lib.BuildError, match="could not build"):
         cuda_lib.library.__wrapped__("90")
     assert not list((tmp_path / "cache").rglob("*.so"))
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_a_passed_norm_is_applied_wherever_the_kernel_runs(rows):
+    """forward(x, norm) and silu_mul(x, norm) equal the layer applied to norm(x): in the CUDA GEMV's staging
+    on a GPU, else before the Triton GEMV or dequantize + matmul."""
+    from backends.exllama_backend import ExllamaLinear
+    from backends.model import RMSNorm
+
+    norm = RMSNorm(64, 1e-5)
+    norm.weight = torch.nn.Parameter((torch.rand(64, generator=torch.Generator().manual_seed(1)) + 0.5).half().to(DEVICE),
+                                     requires_grad=False)
+    x = (torch.randn(1, rows, 64, generator=torch.Generator().manual_seed(rows)) * 30).to(DEVICE, torch.float16)
+    layer = _layer(64, 128, 3)
+    assert relative_error(layer(x, norm).float(), layer(norm(x)).float()) < 1e-2
+    fused = ExllamaLinear.fuse_glu(_layer(64, 256, 1), _layer(64, 256, 2))
+    assert relative_error(fused.silu_mul(x, norm).float(), fused.silu_mul(norm(x)).float()) < 1e-2
