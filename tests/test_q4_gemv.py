@@ -53,7 +53,7 @@ def test_gemv_folds_the_rms_norm_of_its_input(act_order):
     w = dequantize(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, 1)
     perm = torch.randperm(k, device="cuda").to(torch.int32) if act_order else None
     norm = RMSNorm(k, 1e-5)
-    norm.weight = torch.nn.Parameter(torch.rand(k, device="cuda", dtype=torch.float16) + 0.5)
+    norm.weight = torch.nn.Parameter(torch.rand(k, device="cuda", dtype=torch.float16) + 0.5, requires_grad=False)
     ws = q4_gemv.Workspace(n, torch.device("cuda"))
     glu = [q4_gemv.interleave_glu(t["qweight"]), q4_gemv.interleave_glu(t["scales"]),
            q4_gemv.interleave_glu(t["qzeros"], 8)]
