@@ -22,6 +22,7 @@ import torch
 
 HERE = Path(__file__).parent
 SOURCES = (HERE / "q4_gemv.cu", HERE / "decode_attention.cu")
+HEADERS = (HERE / "launch.cuh",)  # included by the sources: part of the library's version
 
 
 class BuildError(RuntimeError):
@@ -53,7 +54,8 @@ def library(arch: str, defines: tuple[str, ...] = ()) -> ctypes.CDLL:
     """The built library for compute capability ``arch`` (e.g. "90"), compiling it if needed.
 
     ``defines``: preprocessor macros, for benchmark variants of the kernels."""
-    digest = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + arch.encode() + repr(defines).encode())
+    code = b"".join(f.read_bytes() for f in (*SOURCES, *HEADERS))
+    digest = hashlib.sha256(code + arch.encode() + repr(defines).encode())
     target = cache_dir() / f"gptq_wb_kernels-sm{arch}-{digest.hexdigest()[:16]}.so"
     if not target.is_file():
         _build(target, arch, defines)
@@ -98,6 +100,12 @@ def unavailable_reason(device: torch.device) -> str | None:
     except (BuildError, OSError) as exc:
         return str(exc)
     return None
+
+
+def check(rc: int, what: str) -> None:
+    """Raise for an exported function's return code: -1 refused arguments, else a CUDA launch error."""
+    if rc != 0:
+        raise RuntimeError(f"{what} failed ({'unsupported shape' if rc == -1 else f'CUDA error {rc}'})")
 
 
 def pdl_default(device: torch.device) -> bool:

@@ -23,6 +23,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "launch.cuh"
+
 struct DecodeAttentionArgs {  // mirrored by decode_attention.py's _Args
   const half* q;           // [Hq * D]
   const half* k;           // [Hkv * D]
@@ -283,12 +285,7 @@ cudaError_t launch(const DecodeAttentionArgs& a, int splits, bool pdl, cudaStrea
   config.gridDim = dim3(a.n_kv_heads, splits);
   config.blockDim = dim3(WARPS * 32);
   config.stream = stream;
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute[0].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attribute;
-  config.numAttrs = pdl ? 1 : 0;
-  return cudaLaunchKernelEx(&config, decode_attention_kernel<D, G>, a);
+  return launch_kernel(config, pdl, decode_attention_kernel<D, G>, a);
 }
 
 template <int D>

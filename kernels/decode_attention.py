@@ -85,9 +85,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     lib = cuda_lib.library(cuda_lib.arch_of(q.device))
     use_pdl = cuda_lib.pdl_default(q.device) if pdl is None else pdl
     rc = lib.decode_attention(ctypes.byref(args), splits, int(use_pdl), torch.cuda.current_stream(q.device).cuda_stream)
-    if rc != 0:
-        raise RuntimeError(f"decode_attention failed ({'unsupported shape' if rc == -1 else f'CUDA error {rc}'}): "
-                           f"heads={n_heads} kv_heads={n_kv_heads} head_dim={head_dim} splits={splits}")
+    cuda_lib.check(rc, f"decode_attention (heads={n_heads} kv_heads={n_kv_heads} head_dim={head_dim} splits={splits})")
     return out
 
 

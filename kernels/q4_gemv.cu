@@ -27,6 +27,8 @@
 #include <cuda_fp16.h>
 #include <cstdint>
 
+#include "launch.cuh"
+
 // Outside the anonymous namespace: q4_gemv() below is exported with it.
 struct Q4GemvArgs {  // mirrored by q4_gemv.py's _Args
   const half* x;             // [M, K]
@@ -313,12 +315,7 @@ cudaError_t launch(const Q4GemvArgs& args, bool pdl, cudaStream_t stream) {
   config.blockDim = dim3(WARPS * 32);
   config.dynamicSmemBytes = (size_t)M * block_rows * sizeof(half);
   config.stream = stream;
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute[0].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attribute;
-  config.numAttrs = pdl ? 1 : 0;
-  return cudaLaunchKernelEx(&config, q4_gemv_kernel<M, WARPS, DEPTH>, args);
+  return launch_kernel(config, pdl, q4_gemv_kernel<M, WARPS, DEPTH>, args);
 }
 
 template <int M, int WARPS>

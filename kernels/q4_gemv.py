@@ -18,8 +18,6 @@ CONFIGS = tuple((w, r, d) for d in (2, 4) for w, r in ((4, 128), (8, 128), (4, 2
                                                     (4, 64)))
 
 
-
-
 class _Args(ctypes.Structure):  # struct Q4GemvArgs in q4_gemv.cu
     _fields_ = [(name, ctypes.c_void_p) for name in
                 ("x", "qweight", "scales", "qzeros", "out", "residual", "ws", "counters", "perm", "norm_weight")] + \
@@ -179,7 +177,5 @@ def q4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros
         raise ValueError(f"configuration {config} does not fit {m} rows")
     weights = (qweight, scales, qzeros)
     rc = run(config or TUNER.config((m, n, k, norm is not None), run, weights), weights)
-    if rc != 0:
-        raise RuntimeError(f"q4_gemv failed ({'unsupported shape' if rc == -1 else f'CUDA error {rc}'}): "
-                           f"M={m} N={n} K={k} group_size={group_size}")
+    cuda_lib.check(rc, f"q4_gemv (M={m} N={n} K={k} group_size={group_size})")
     return out
