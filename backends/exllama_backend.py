@@ -91,7 +91,7 @@ class ExllamaLinear(PackedGPTQLinear):
         return torch.cat((tiles[..., 0, :].flatten(-2), tiles[..., 1, :].flatten(-2)), dim=-1)
 
     def _cuda_rows(self, x: torch.Tensor) -> bool:
-        """Whether the CUDA GEMV takes these (prepared) rows."""
+        """Whether the CUDA GEMV takes these rows ``[M, K]`` (once cast to fp16)."""
         return (x.is_cuda and x.shape[0] <= GEMV_MAX_ROWS and cuda_gemv_unavailable(x.device) is None
                 and q4_gemv.supports(self.out_features, self.in_features, self.group_size))
 
@@ -109,10 +109,11 @@ class ExllamaLinear(PackedGPTQLinear):
         for the kernel gathers through q_perm while staging them; else already permuted), and the norm the
         kernel still has to apply (None where it was applied here)."""
         x2 = x.reshape(-1, self.in_features)
-        if norm is not None and not (self._cuda_rows(x2) and x2.dtype == norm.weight.dtype == torch.float16):
+        cuda = self._cuda_rows(x2)  # on the device, row count and shape: the cast below changes none of them
+        if norm is not None and not (cuda and x2.dtype == norm.weight.dtype == torch.float16):
             x2, norm = norm(x2), None
         x2 = x2.to(torch.float16).contiguous()
-        if self._cuda_rows(x2):
+        if cuda:
             return x2, True, norm
         return (x2[:, self.perm].contiguous() if self.perm is not None else x2), False, None
 
