@@ -284,16 +284,17 @@ def _tuned_config(x, qweight, scales, qzeros, g_idx, bits, zero_offset, group_si
 DEQUANT_MIN_M = 128  # from here on, dequantize + cuBLAS beats the fused kernel (benchmarks/RESULTS.md)
 
 
+# (BLOCK_N, BLOCK_K, SPLIT_K, warps) candidates for the GEMV, best guess first.
+GEMV_SHAPES = [(128, 64, 16, 4), (64, 64, 16, 2), (256, 64, 16, 8), (64, 128, 8, 4), (128, 64, 8, 4), (32, 64, 8, 2),
+               (64, 128, 4, 4), (128, 128, 2, 4), (64, 128, 1, 4), (32, 128, 1, 4), (64, 32, 16, 4), (128, 32, 8, 4),
+               (128, 128, 8, 4), (256, 128, 4, 8), (128, 128, 4, 4)]
+MIN_GEMV_BLOCK_N = min(bn for bn, *_ in GEMV_SHAPES)  # the narrowest column block: sizes the counters
+
+
 def _gemv_configs(n: int, k: int, group_size: int) -> list[dict]:
-    """(BLOCK_N, BLOCK_K, SPLIT_K, warps) candidates, best guess first."""
-    shapes = [(128, 64, 16, 4), (64, 64, 16, 2), (256, 64, 16, 8), (64, 128, 8, 4), (128, 64, 8, 4), (32, 64, 8, 2),
-              (64, 128, 4, 4), (128, 128, 2, 4), (64, 128, 1, 4), (32, 128, 1, 4), (64, 32, 16, 4), (128, 32, 8, 4),
-              (128, 128, 8, 4), (256, 128, 4, 8), (128, 128, 4, 4)]
+    """The GEMV_SHAPES that tile K and the group size, each with and without the fp16 dequantization."""
     return [{"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": w, "MAGIC": magic}
-            for magic in (True, False) for bn, bk, sk, w in shapes if group_size % bk == 0 and k % bk == 0]
-
-
-MIN_GEMV_BLOCK_N = 32  # the narrowest column block among the configurations: sizes the counters
+            for magic in (True, False) for bn, bk, sk, w in GEMV_SHAPES if group_size % bk == 0 and k % bk == 0]
 
 
 def _gemv_workspace(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
