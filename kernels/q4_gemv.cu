@@ -57,6 +57,14 @@ __device__ __forceinline__ half2 as_half2(uint32_t v) {
   return *reinterpret_cast<half2*>(&v);
 }
 
+// (a & MASK) | c in one instruction (with both constants immediates the compiler emits two).
+template <uint32_t MASK>
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t c) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(a), "n"(MASK), "r"(c));
+  return r;
+}
+
 struct Chunk {
   uint4 words[CHUNK / 8];
   uint2 scales;
@@ -90,6 +98,7 @@ __device__ __forceinline__ void compute_chunk(const Chunk& c, const uint4* xs, i
   for (int m = 0; m < M; ++m)
 #pragma unroll
     for (int j = 0; j < 4; ++j) a[m][j] = __float2half2_rn(0.f);
+  const uint32_t magic = 0x64006400u;  // in a register: one lop3 per (w & mask) | magic, not two instructions
   half2 z1[4], z16[4];
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
@@ -106,10 +115,10 @@ __device__ __forceinline__ void compute_chunk(const Chunk& c, const uint4* xs, i
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const uint32_t w = words[j], t = w >> 8;
-      const half2 d0 = __hsub2(as_half2((w & 0x000F000Fu) | 0x64006400u), z1[j]);
-      const half2 d1 = __hsub2(as_half2((w & 0x00F000F0u) | 0x64006400u), z16[j]);
-      const half2 d2 = __hsub2(as_half2((t & 0x000F000Fu) | 0x64006400u), z1[j]);
-      const half2 d3 = __hsub2(as_half2((t & 0x00F000F0u) | 0x64006400u), z16[j]);
+      const half2 d0 = __hsub2(as_half2(and_or<0x000F000Fu>(w, magic)), z1[j]);
+      const half2 d1 = __hsub2(as_half2(and_or<0x00F000F0u>(w, magic)), z16[j]);
+      const half2 d2 = __hsub2(as_half2(and_or<0x000F000Fu>(t, magic)), z1[j]);
+      const half2 d3 = __hsub2(as_half2(and_or<0x00F000F0u>(t, magic)), z16[j]);
 #pragma unroll
       for (int m = 0; m < M; ++m) {
         a[m][j] = __hfma2(d0, as_half2(xv[m].x), a[m][j]);
