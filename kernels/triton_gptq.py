@@ -106,6 +106,42 @@ def _expand(words, BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.conste
 
 
 @triton.jit
+def _nibbles(words):
+    """The 8 nibbles of each int32 word (nibble j = bits 4j..4j+3) as fp16 tensors, with no int->float
+    conversion: (w & 0x000F000F) | 0x64006400 is the half2 (1024 + q0, 1024 + q4), (w & 0x00F000F0) |
+    0x64006400 is (1024 + 16 q1, 1024 + 16 q5), and w >> 8 gives q2, q6, q3, q7 the same way; one lop3 each,
+    then 1024 is subtracted (or x/16 - 64 taken), half2 at a time."""
+    return tl.inline_asm_elementwise(
+        asm="""
+        {
+        .reg .b32 t, a, b, c, d, bias, sixteenth, minus64;
+        mov.b32 bias, 0x64006400;
+        mov.b32 sixteenth, 0x2C002C00;
+        mov.b32 minus64, 0xD400D400;
+        shr.u32 t, $8, 8;
+        lop3.b32 a, $8, 0x000F000F, bias, 0xEA;
+        lop3.b32 b, $8, 0x00F000F0, bias, 0xEA;
+        lop3.b32 c, t, 0x000F000F, bias, 0xEA;
+        lop3.b32 d, t, 0x00F000F0, bias, 0xEA;
+        sub.f16x2 a, a, bias;
+        fma.rn.f16x2 b, b, sixteenth, minus64;
+        sub.f16x2 c, c, bias;
+        fma.rn.f16x2 d, d, sixteenth, minus64;
+        mov.b32 {$0, $4}, a;
+        mov.b32 {$1, $5}, b;
+        mov.b32 {$2, $6}, c;
+        mov.b32 {$3, $7}, d;
+        }
+        """,
+        constraints="=h,=h,=h,=h,=h,=h,=h,=h,r",
+        args=[words],
+        dtype=(tl.float16,) * 8,
+        is_pure=True,
+        pack=1,
+    )
+
+
+@triton.jit
 def _gptq_gemv_kernel(
     x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, out_ptr,
     ws_ptr, counter_ptr,  # SPLIT_K > 1: fp32 [N] partial sums and int32 arrival counters per column block, zero
@@ -113,6 +149,7 @@ def _gptq_gemv_kernel(
     BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     MAGIC: tl.constexpr,  # dequantize in fp16 through the exponent trick instead of int->float conversions
+    ASM: tl.constexpr = False,  # 4-bit on a GPU: the trick in inline PTX, half2 at a time (see _nibbles)
 ):
     PACK: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
@@ -133,23 +170,44 @@ def _gptq_gemv_kernel(
     per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
     k_begin = pid_k * per_split
     k_end = tl.minimum(k_begin + per_split, K)
+    acc2 = tl.zeros((BLOCK_K // PACK, BLOCK_N), dtype=tl.float32)  # ASM: the sums, [word row, column]
     for k0 in range(k_begin, k_end, BLOCK_K):
         words = tl.load(qweight_ptr + (k0 // PACK + rows)[:, None] * N + offs_n[None, :],
                         mask=mask_n[None, :], other=0)
-        q = (words[:, None, :] >> (lanes * BITS)[None, :, None]) & MASK
-        x = tl.load(x_ptr + k0 + rows[:, None] * PACK + lanes[None, :])
-        g = k0 // group_size
-        scale = tl.load(scales_ptr + g * N + offs_n, mask=mask_n, other=0.0)
-        zword = tl.load(qzeros_ptr + g * (N // PACK) + offs_n // PACK, mask=mask_n, other=0)
-        zero = ((zword >> zero_shift) & MASK) + ZERO_OFFSET
-        if MAGIC:
-            q16 = (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-            z16 = (zero | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-            acc3 += x[:, :, None] * ((q16 - z16[None, None, :]) * scale[None, None, :])
+        if ASM:
+            g = k0 // group_size
+            scale = tl.load(scales_ptr + g * N + offs_n, mask=mask_n, other=0.0)[None, :]
+            zword = tl.load(qzeros_ptr + g * (N // PACK) + offs_n // PACK, mask=mask_n, other=0)
+            zero = (((zword >> zero_shift) & MASK) + ZERO_OFFSET).to(tl.float16)[None, :]
+            xs = x_ptr + k0 + rows * PACK
+            q0, q1, q2, q3, q4, q5, q6, q7 = _nibbles(words)
+            part = tl.load(xs)[:, None] * ((q0 - zero) * scale)
+            part += tl.load(xs + 1)[:, None] * ((q1 - zero) * scale)
+            part += tl.load(xs + 2)[:, None] * ((q2 - zero) * scale)
+            part += tl.load(xs + 3)[:, None] * ((q3 - zero) * scale)
+            part += tl.load(xs + 4)[:, None] * ((q4 - zero) * scale)
+            part += tl.load(xs + 5)[:, None] * ((q5 - zero) * scale)
+            part += tl.load(xs + 6)[:, None] * ((q6 - zero) * scale)
+            part += tl.load(xs + 7)[:, None] * ((q7 - zero) * scale)
+            acc2 += part.to(tl.float32)  # eight products in fp16, the running sum in fp32
         else:
-            w = (q - zero[None, None, :]).to(tl.float32) * scale.to(tl.float32)[None, None, :]
-            acc3 += x.to(tl.float32)[:, :, None] * w
-    acc = tl.sum(tl.sum(acc3.to(tl.float32), axis=0), axis=0)
+            q = (words[:, None, :] >> (lanes * BITS)[None, :, None]) & MASK
+            x = tl.load(x_ptr + k0 + rows[:, None] * PACK + lanes[None, :])
+            g = k0 // group_size
+            scale = tl.load(scales_ptr + g * N + offs_n, mask=mask_n, other=0.0)
+            zword = tl.load(qzeros_ptr + g * (N // PACK) + offs_n // PACK, mask=mask_n, other=0)
+            zero = ((zword >> zero_shift) & MASK) + ZERO_OFFSET
+            if MAGIC:
+                q16 = (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+                z16 = (zero | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+                acc3 += x[:, :, None] * ((q16 - z16[None, None, :]) * scale[None, None, :])
+            else:
+                w = (q - zero[None, None, :]).to(tl.float32) * scale.to(tl.float32)[None, None, :]
+                acc3 += x.to(tl.float32)[:, :, None] * w
+    if ASM:
+        acc = tl.sum(acc2, axis=0)
+    else:
+        acc = tl.sum(tl.sum(acc3.to(tl.float32), axis=0), axis=0)
     if SPLIT_K == 1:
         tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
     else:
@@ -291,10 +349,12 @@ GEMV_SHAPES = [(128, 64, 16, 4), (64, 64, 16, 2), (256, 64, 16, 8), (64, 128, 8,
 MIN_GEMV_BLOCK_N = min(bn for bn, *_ in GEMV_SHAPES)  # the narrowest column block: sizes the counters
 
 
-def _gemv_configs(n: int, k: int, group_size: int) -> list[dict]:
-    """The GEMV_SHAPES that tile K and the group size, each with and without the fp16 dequantization."""
-    return [{"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": w, "MAGIC": magic}
-            for magic in (True, False) for bn, bk, sk, w in GEMV_SHAPES if group_size % bk == 0 and k % bk == 0]
+def _gemv_configs(n: int, k: int, group_size: int, bits: int = 4) -> list[dict]:
+    """The GEMV_SHAPES that tile K and the group size, each with and without the fp16 dequantization, and for
+    4 bits on a GPU with it in inline PTX (which the CPU interpreter cannot run)."""
+    modes = [(True, False), (False, False)] + ([(True, True)] if bits == 4 and not INTERPRET else [])
+    return [{"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": w, "MAGIC": magic, "ASM": asm}
+            for magic, asm in modes for bn, bk, sk, w in GEMV_SHAPES if group_size % bk == 0 and k % bk == 0]
 
 
 def _gemv_workspace(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -315,7 +375,7 @@ def _run_gemv(cfg: dict, x, qweight, scales, qzeros, bits, zero_offset, group_si
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), split)
     _gptq_gemv_kernel[grid](x, qweight, scales, qzeros, out, ws, counters, n, k, group_size, BITS=bits,
                             ZERO_OFFSET=zero_offset, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split,
-                            MAGIC=cfg["MAGIC"], num_warps=cfg["num_warps"])
+                            MAGIC=cfg["MAGIC"], ASM=cfg.get("ASM", False), num_warps=cfg["num_warps"])
     return out
 
 
@@ -332,7 +392,7 @@ def _gemv(x, qweight, scales, qzeros, bits, zero_offset, group_size) -> torch.Te
     key = ("gemv", n, k, bits, group_size)
     cfg = _TUNED.get(key)
     if cfg is None:
-        candidates = _gemv_configs(n, k, group_size)
+        candidates = _gemv_configs(n, k, group_size, bits)
         if not candidates:
             return None
         cfg = candidates[0]

@@ -47,7 +47,7 @@ def test_every_gemv_configuration(bits, group_size):
     t = {key: v.to(DEVICE) for key, v in random_gptq_layer(k, n, bits, group_size, False, False, rng).items()}
     x = torch.randn(1, k, generator=torch.Generator().manual_seed(5)).half().to(DEVICE)
     expected = reference_matmul(x.float(), t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits, 1)
-    configs = triton_gptq._gemv_configs(n, k, group_size)
+    configs = triton_gptq._gemv_configs(n, k, group_size, bits)
     assert len(configs) >= 2
     for cfg in configs:
         out = triton_gptq._run_gemv(cfg, x, t["qweight"], t["scales"], t["qzeros"], bits, 1, group_size)
