@@ -7,9 +7,10 @@ row through ``g_idx`` (act-order).
 
 Three paths, chosen by M:
 - M = 1 with contiguous groups (decode): a GEMV kernel that reads each packed
-  word once, expands it in registers, and keeps per-lane partial products
-  so that it reduces over K once, at the end; with K split across programs,
-  the last one to finish a column block writes it (one kernel per call).
+  word once, expands it in registers (4-bit on a GPU: in inline PTX, four
+  lop3s and four f16x2 ops a word, see _nibbles), and keeps per-lane partial
+  products so that it reduces over K once, at the end; with K split across
+  programs, the last one to finish a column block writes it (one kernel per call).
 - small M, or act-order groups read through g_idx: the fused tiled kernel
   (tl.dot); small M splits K across programs and sums with atomics.
 - M >= DEQUANT_MIN_M: dequantize into an fp16 scratch matrix with a Triton
