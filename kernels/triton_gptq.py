@@ -350,7 +350,7 @@ GEMV_SHAPES = [(128, 64, 16, 4), (64, 64, 16, 2), (256, 64, 16, 8), (64, 128, 8,
 MIN_GEMV_BLOCK_N = min(bn for bn, *_ in GEMV_SHAPES)  # the narrowest column block: sizes the counters
 
 
-def _gemv_configs(n: int, k: int, group_size: int, bits: int = 4) -> list[dict]:
+def _gemv_configs(n: int, k: int, group_size: int, bits: int) -> list[dict]:
     """The GEMV_SHAPES that tile K and the group size, each with and without the fp16 dequantization, and for
     4 bits on a GPU with it in inline PTX (which the CPU interpreter cannot run)."""
     modes = [(True, False), (False, False)] + ([(True, True)] if bits == 4 and not INTERPRET else [])
