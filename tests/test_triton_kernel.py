@@ -160,3 +160,13 @@ def test_fused_rotary_matches_torch(head_dim):
     assert relative_error(k_cache[:, :, 7:].cpu(), expected_k) < 1e-3
     assert torch.equal(v_cache[:, :, 7:].cpu(), v.transpose(1, 2).cpu())
     assert not k_cache[:, :, :7].any() and not v_cache[:, :, :7].any()
+
+
+def test_the_inline_ptx_gemv_is_a_candidate_for_4_bit_on_a_gpu_only(monkeypatch):
+    """The CPU interpreter cannot run inline asm: there, and for 8-bit, the candidates leave it out."""
+    monkeypatch.setattr(triton_gptq, "INTERPRET", False)
+    four, eight = triton_gptq._gemv_configs(4096, 4096, 128, 4), triton_gptq._gemv_configs(4096, 4096, 128, 8)
+    assert any(c["ASM"] for c in four) and not any(c["ASM"] for c in eight)
+    assert all(c["MAGIC"] for c in four if c["ASM"])
+    monkeypatch.setattr(triton_gptq, "INTERPRET", True)
+    assert not any(c["ASM"] for c in triton_gptq._gemv_configs(4096, 4096, 128, 4))
