@@ -150,7 +150,7 @@ def _gptq_gemv_kernel(
     BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     MAGIC: tl.constexpr,  # dequantize in fp16 through the exponent trick instead of int->float conversions
-    ASM: tl.constexpr = False,  # 4-bit on a GPU: the trick in inline PTX, half2 at a time (see _nibbles)
+    ASM: tl.constexpr,  # 4-bit on a GPU: the trick in inline PTX, half2 at a time (see _nibbles)
 ):
     PACK: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
@@ -175,29 +175,26 @@ def _gptq_gemv_kernel(
     for k0 in range(k_begin, k_end, BLOCK_K):
         words = tl.load(qweight_ptr + (k0 // PACK + rows)[:, None] * N + offs_n[None, :],
                         mask=mask_n[None, :], other=0)
+        g = k0 // group_size
+        scale = tl.load(scales_ptr + g * N + offs_n, mask=mask_n, other=0.0)
+        zword = tl.load(qzeros_ptr + g * (N // PACK) + offs_n // PACK, mask=mask_n, other=0)
+        zero = ((zword >> zero_shift) & MASK) + ZERO_OFFSET
         if ASM:
-            g = k0 // group_size
-            scale = tl.load(scales_ptr + g * N + offs_n, mask=mask_n, other=0.0)[None, :]
-            zword = tl.load(qzeros_ptr + g * (N // PACK) + offs_n // PACK, mask=mask_n, other=0)
-            zero = (((zword >> zero_shift) & MASK) + ZERO_OFFSET).to(tl.float16)[None, :]
+            s, z = scale[None, :], zero.to(tl.float16)[None, :]
             xs = x_ptr + k0 + rows * PACK
             q0, q1, q2, q3, q4, q5, q6, q7 = _nibbles(words)
-            part = tl.load(xs)[:, None] * ((q0 - zero) * scale)
-            part += tl.load(xs + 1)[:, None] * ((q1 - zero) * scale)
-            part += tl.load(xs + 2)[:, None] * ((q2 - zero) * scale)
-            part += tl.load(xs + 3)[:, None] * ((q3 - zero) * scale)
-            part += tl.load(xs + 4)[:, None] * ((q4 - zero) * scale)
-            part += tl.load(xs + 5)[:, None] * ((q5 - zero) * scale)
-            part += tl.load(xs + 6)[:, None] * ((q6 - zero) * scale)
-            part += tl.load(xs + 7)[:, None] * ((q7 - zero) * scale)
+            part = tl.load(xs)[:, None] * ((q0 - z) * s)
+            part += tl.load(xs + 1)[:, None] * ((q1 - z) * s)
+            part += tl.load(xs + 2)[:, None] * ((q2 - z) * s)
+            part += tl.load(xs + 3)[:, None] * ((q3 - z) * s)
+            part += tl.load(xs + 4)[:, None] * ((q4 - z) * s)
+            part += tl.load(xs + 5)[:, None] * ((q5 - z) * s)
+            part += tl.load(xs + 6)[:, None] * ((q6 - z) * s)
+            part += tl.load(xs + 7)[:, None] * ((q7 - z) * s)
             acc2 += part.to(tl.float32)  # eight products in fp16, the running sum in fp32
         else:
             q = (words[:, None, :] >> (lanes * BITS)[None, :, None]) & MASK
             x = tl.load(x_ptr + k0 + rows[:, None] * PACK + lanes[None, :])
-            g = k0 // group_size
-            scale = tl.load(scales_ptr + g * N + offs_n, mask=mask_n, other=0.0)
-            zword = tl.load(qzeros_ptr + g * (N // PACK) + offs_n // PACK, mask=mask_n, other=0)
-            zero = ((zword >> zero_shift) & MASK) + ZERO_OFFSET
             if MAGIC:
                 q16 = (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
                 z16 = (zero | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
@@ -376,7 +373,7 @@ def _run_gemv(cfg: dict, x, qweight, scales, qzeros, bits, zero_offset, group_si
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), split)
     _gptq_gemv_kernel[grid](x, qweight, scales, qzeros, out, ws, counters, n, k, group_size, BITS=bits,
                             ZERO_OFFSET=zero_offset, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split,
-                            MAGIC=cfg["MAGIC"], ASM=cfg.get("ASM", False), num_warps=cfg["num_warps"])
+                            MAGIC=cfg["MAGIC"], ASM=cfg["ASM"], num_warps=cfg["num_warps"])
     return out
 
 
