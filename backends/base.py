@@ -43,6 +43,9 @@ class Backend(Protocol):
         self, tensors: GPTQTensors, qconfig: QuantConfig, dtype: torch.dtype, device: torch.device
     ) -> nn.Module: ...
 
+    # Optional: decode_chain(model) -> backends.model.DecodeChain | None, the backend's own batch-1 decode
+    # step through all layers (the loader sets it as model.decode_chain).
+
 
 def same_tensor(tensors: list[torch.Tensor | None]) -> bool:
     """All None, or all equal (for layouts that several projections must share to be fused)."""

@@ -95,14 +95,14 @@ class ExllamaLinear(PackedGPTQLinear):
         return (x.is_cuda and x.shape[0] <= GEMV_MAX_ROWS and cuda_gemv_unavailable(x.device) is None
                 and q4_gemv.supports(self.out_features, self.in_features, self.group_size))
 
-    def _cuda_gemv(self, x: torch.Tensor, norm: nn.Module | None = None, **epilogue) -> torch.Tensor:
+    def cuda_gemv(self, x: torch.Tensor | None, norm: nn.Module | None = None, **options) -> torch.Tensor:
         """The CUDA GEMV of rows ``x`` in checkpoint order (it gathers them through q_perm itself), RMS-normed
-        by ``norm`` in the kernel if given."""
+        by ``norm`` in the kernel if given; ``options``: kernels.q4_gemv.q4_gemv's epilogue and input options."""
         if self.workspace is None:  # on the first (eager) decode step, before any graph capture
-            self.workspace = q4_gemv.Workspace(self.out_features, x.device)
+            self.workspace = q4_gemv.Workspace(self.out_features, self.qweight.device)
         folded = (norm.weight, norm.eps) if norm is not None else None
         return q4_gemv.q4_gemv(x, self.qweight, self.scales, self.qzeros, self.zero_offset, self.group_size,
-                               self.workspace, perm=self.q_perm32, norm=folded, **epilogue)
+                               self.workspace, perm=self.q_perm32, norm=folded, **options)
 
     def _rows(self, x: torch.Tensor, norm: nn.Module | None = None) -> tuple[torch.Tensor, bool, nn.Module | None]:
         """fp16 rows ``[M, K]`` of ``norm(x)``, whether the CUDA GEMV takes them (then in checkpoint order,
@@ -129,7 +129,7 @@ class ExllamaLinear(PackedGPTQLinear):
 
     def _project(self, x: torch.Tensor, x2: torch.Tensor, cuda: bool, norm: nn.Module | None) -> torch.Tensor:
         """The layer's output for input ``x`` from its prepared rows ``x2`` (see :meth:`_rows`)."""
-        y = self._cuda_gemv(x2, norm) if cuda else self.matmul(x2)
+        y = self.cuda_gemv(x2, norm) if cuda else self.matmul(x2)
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         if self.bias is not None:
             y = y + self.bias
@@ -143,7 +143,7 @@ class ExllamaLinear(PackedGPTQLinear):
         """``residual + self(x)``, the add in the GEMV's epilogue where it can be."""
         x2, cuda, _ = self._rows(x)
         if cuda and self.bias is None and residual.dtype == torch.float16:
-            return self._cuda_gemv(x2, residual=residual.contiguous()).view(residual.shape)
+            return self.cuda_gemv(x2, residual=residual.contiguous()).view(residual.shape)
         return residual + self._project(x, x2, cuda, None)
 
     def silu_mul(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
@@ -151,7 +151,7 @@ class ExllamaLinear(PackedGPTQLinear):
         x2, cuda, norm = self._rows(x, norm)
         half = self.out_features // 2
         if cuda:
-            y = self._cuda_gemv(x2, norm, silu_mul=True)
+            y = self.cuda_gemv(x2, norm, silu_mul=True)
         else:
             tiles = self.matmul(x2).view(x2.shape[0], -1, 2, q4_gemv.TILE_N)
             y = (F.silu(tiles[:, :, 0].float()) * tiles[:, :, 1].float()).to(torch.float16).reshape(-1, half)
@@ -178,3 +178,9 @@ class ExllamaBackend:
 
     def make_linear(self, tensors: GPTQTensors, qconfig: QuantConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
         return ExllamaLinear(tensors, qconfig, dtype, device)
+
+    def decode_chain(self, model: nn.Module):
+        """The batch-1 decode step without the GEMVs' finishing tails (backends/exllama_decode.py), or None."""
+        from backends.exllama_decode import SumsDecoder  # it imports this module
+
+        return SumsDecoder.build(model)

@@ -160,6 +160,8 @@ def build_model(model_dir: Path, options: LoadOptions) -> tuple[Transformer, Mod
     model = Transformer(args, _LinearBuilder(store, qconfig, backend, args, dtype, device))
     _load_plain(model, store, dtype, device)
     model.fuse_projections()
+    chain = getattr(backend, "decode_chain", None)
+    model.decode_chain = chain(model) if chain is not None else None
     model.rotary.to(device)
     model.eval()
     return model, args, qconfig, backend.name, device, dtype

@@ -33,6 +33,17 @@ class LinearFactory(Protocol):
     def __call__(self, name: str, in_features: int, out_features: int, bias: bool) -> nn.Module: ...
 
 
+class DecodeChain(Protocol):
+    """A backend's own way through all layers for one decoded token (attention by kernels.decode_attention)."""
+
+    def takes(self, x: torch.Tensor) -> bool:
+        """Whether it can run this step (``x``: the token's embedding)."""
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                 kv_len: int) -> torch.Tensor:
+        """The last layer's output for ``x``, as the layers would compute it."""
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -290,6 +301,8 @@ class Transformer(nn.Module):
         self.lm_head = make_linear("lm_head", args.hidden_size, args.vocab_size, False)
         self.rotary = Rotary(args)
         self.max_seq_len = 0
+        # The backend's own batch-1 decode of all layers (backends/exllama_decode.py), set by the loader.
+        self.decode_chain: DecodeChain | None = None
 
     def fuse_projections(self) -> int:
         """Replace q/k/v and gate/up by one layer each where the backend's layers can fuse; returns how many."""
@@ -351,6 +364,10 @@ class Transformer(nn.Module):
             # Additive, in the activations' dtype, once per step: a boolean mask is converted in every layer.
             allowed = self.attention_mask(positions, kv_len)
             mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill_(~allowed, float("-inf"))
-        for layer in self.layers:
-            x = layer(x, cos, sin, positions, mask, kv_len, decode_kernel)
+        chain = self.decode_chain
+        if decode_kernel and chain is not None and chain.takes(x):
+            x = chain(x, cos, sin, positions, kv_len)
+        else:
+            for layer in self.layers:
+                x = layer(x, cos, sin, positions, mask, kv_len, decode_kernel)
         return self.lm_head(self.norm(x)).float()

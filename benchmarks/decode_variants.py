@@ -4,7 +4,11 @@
 
 Variants: the RMSNorm folded into the GEMVs (else a kernel per norm), the
 one-token attention kernel (else the rotary kernel + cuDNN SDPA with an
-additive mask), programmatic dependent launch of the CUDA kernels.
+additive mask), programmatic dependent launch of the CUDA kernels, and the
+decode chain that hands the GEMVs' split-K sums to the next kernel
+(backends/exllama_decode.py; it needs the first two). ``--define`` builds the
+kernel library with a macro, e.g. Q4_NO_WAIT (no kernel waits for the previous
+one: wrong results, the time without the dependencies).
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", default="7B", choices=list(SIZES))
     parser.add_argument("--act-order", action="store_true")
-    parser.add_argument("--define", nargs="*", default=[], help="GEMV library variants to time as well")
+    parser.add_argument("--define", nargs="*", default=[], help="GEMV library variants to time as well (A,B: both)")
     parser.add_argument("--quick", action="store_true", help="only everything on (and the --define variants)")
     opts = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -55,11 +59,17 @@ def main() -> None:
         model, *_ = build_model(path, LoadOptions(backend="exllama", context_length=CONTEXT))
     linears = [m for m in model.modules() if isinstance(m, ExllamaLinear)]
     print(f"{opts.size} act-order={opts.act_order}, {torch.cuda.get_device_name()}")
-    print("| norm folded | attention kernel | PDL | step ms | tok/s |")
-    print("|---|---|---|---|---|")
-    combos = [(True, True, True)] if opts.quick else itertools.product((False, True), (False, True), (True, False))
-    for fold, attn, pdl in combos:
+    print("| norm folded | attention kernel | PDL | sums chain | step ms | tok/s |")
+    print("|---|---|---|---|---|---|")
+    chain = model.decode_chain
+    combos = [(True, True, True, True), (True, True, True, False)]
+    if not opts.quick:
+        combos += [(True, True, False, True)] + [
+            (*c, False) for c in itertools.product((False, True), (False, True), (True, False)) if c[:2] != (True, True)]
+        combos.append((True, True, False, False))
+    for fold, attn, pdl, chained in combos:
         os.environ["GPTQ_CUDA_PDL"] = "1" if pdl else "0"
+        model.decode_chain = chain if chained else None
         for m in linears:
             m.folds_norm = fold
         model.setup_cache(batch=1, max_seq_len=CONTEXT)
@@ -67,18 +77,19 @@ def main() -> None:
             for layer in model.layers:
                 layer.self_attn.decode_workspace = None
         ms = step_ms(model)
-        print(f"| {fold} | {attn} | {pdl} | {ms:.3f} | {1e3 / ms:.0f} |", flush=True)
+        print(f"| {fold} | {attn} | {pdl} | {chained} | {ms:.3f} | {1e3 / ms:.0f} |", flush=True)
     # All on, with a variant of the GEMV library (e.g. Q4_GEMV_SMEM_WEIGHTS), re-tuned.
     for define in opts.define:
         os.environ["GPTQ_CUDA_PDL"] = "1"
+        model.decode_chain = chain
         for m in linears:
             m.folds_norm = True
         model.setup_cache(batch=1, max_seq_len=CONTEXT)
         built = cuda_lib.library
-        cuda_lib.library = lambda arch, defines=(): built(arch, (*defines, define))
+        cuda_lib.library = lambda arch, defines=(): built(arch, (*defines, *define.split(",")))
         q4_gemv.TUNER.best.clear()
         ms = step_ms(model)
-        print(f"| True | True | True, {define} | {ms:.3f} | {1e3 / ms:.0f} |", flush=True)
+        print(f"| True | True | True, {define} | True | {ms:.3f} | {1e3 / ms:.0f} |", flush=True)
         cuda_lib.library = built
 
 

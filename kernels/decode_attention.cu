@@ -14,6 +14,9 @@
 // each block stores its unnormalised output, max and sum to a workspace and the last block of a kv head (an
 // arrival counter) combines them, so a call is one kernel.
 //
+// q, k and v come as fp16 vectors, or as the fp32 sums of a qkv GEMV launched without its finishing tail
+// (q4_gemv.cu, epilogue SUMS), rounded to fp16 as that tail would have stored them.
+//
 // Launched as a programmatic dependent. The position, cos/sin and the cache's earlier slots are written
 // before the previous kernel (the qkv GEMV) starts, so the first chunk's loads are issued before
 // griddepcontrol.wait; q, k and v are read after it. launch_dependents follows the wait at once, so the
@@ -37,6 +40,8 @@ struct DecodeAttentionArgs {  // mirrored by decode_attention.py's _Args
   half* out;               // [Hq * D]
   float* ws;               // [Hq, max_splits, D + 2]: partial output, max, sum
   int* counters;           // [Hkv], zero; left zero
+  const float* qkv_sums;   // or null: q, k and v as fp32 [Hq * D + 2 * Hkv * D] (the qkv GEMV's unfinished
+                           // split-K sums), rounded to fp16 here; q, k and v are then unused
   long long cache_head_stride;
   int head_dim, n_heads, n_kv_heads, window, max_splits;
   float scale;             // 1 / sqrt(D)
@@ -50,6 +55,11 @@ constexpr int MAX_GROUP = 8;
 constexpr float LOG2E = 1.4426950408889634f;
 
 __device__ __forceinline__ float2 h2f(uint32_t v) { return __half22float2(*reinterpret_cast<const half2*>(&v)); }
+
+// Element i of q, k or v: from the fp16 vector, or from the fp32 sums (rounded to fp16).
+__device__ __forceinline__ half input(const half* h, const float* sums, size_t i) {
+  return sums ? __float2half(sums[i]) : h[i];
+}
 
 // A chunk's k and v in registers, its loads issued together: thread t holds key t's row of k (for the
 // scores), warp w the v rows of keys 32w..32w+31 with lane l's D / 32 dimensions of each.
@@ -99,7 +109,9 @@ __global__ void __launch_bounds__(WARPS * 32) decode_attention_kernel(const Deco
   ChunkRegs<D> regs;
   if (j0 < j1) regs.load(k_cache, v_cache, j0, min(CHUNK, j1 - j0), lane, warp);
 #if __CUDA_ARCH__ >= 900
+#ifndef Q4_NO_WAIT
   asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
   asm volatile("griddepcontrol.launch_dependents;");
 #endif
 
@@ -107,8 +119,10 @@ __global__ void __launch_bounds__(WARPS * 32) decode_attention_kernel(const Deco
   const float qscale = a.scale * LOG2E;
   for (int e = threadIdx.x; e < (G + 1) * (D / 2); e += WARPS * 32) {
     const int r = e / (D / 2), d = e % (D / 2);  // rows 0..G-1: q heads, row G: k
-    const half* src = r < G ? a.q + (size_t)(kvh * G + r) * D : a.k + (size_t)kvh * D;
-    const float x1 = __half2float(src[d]), x2 = __half2float(src[d + D / 2]);
+    const size_t i = (r < G ? (size_t)(kvh * G + r) * D : (size_t)kvh * D) + d;  // in q or in k
+    const half* src = r < G ? a.q : a.k;
+    const float* src32 = a.qkv_sums && r == G ? a.qkv_sums + (size_t)a.n_heads * D : a.qkv_sums;
+    const float x1 = __half2float(input(src, src32, i)), x2 = __half2float(input(src, src32, i + D / 2));
     const half y1 = __float2half(x1 * a.cos[d] - x2 * a.sin[d]);
     const half y2 = __float2half(x2 * a.cos[d + D / 2] + x1 * a.sin[d + D / 2]);
     if (r < G) {
@@ -119,7 +133,8 @@ __global__ void __launch_bounds__(WARPS * 32) decode_attention_kernel(const Deco
       k_new[d + D / 2] = y2;
     }
   }
-  for (int d = threadIdx.x; d < D; d += WARPS * 32) v_new[d] = a.v[(size_t)kvh * D + d];
+  const float* v32 = a.qkv_sums ? a.qkv_sums + (size_t)(a.n_heads + a.n_kv_heads) * D : nullptr;
+  for (int d = threadIdx.x; d < D; d += WARPS * 32) v_new[d] = input(a.v, v32, (size_t)kvh * D + d);
   if (threadIdx.x < G) {
     m_s[threadIdx.x] = -INFINITY;
     l_s[threadIdx.x] = 0.f;

@@ -22,7 +22,8 @@ KEYS_PER_SPLIT = 128  # the fewest keys worth a block of their own (benchmarks/d
 
 class _Args(ctypes.Structure):  # struct DecodeAttentionArgs in decode_attention.cu
     _fields_ = [(name, ctypes.c_void_p) for name in
-                ("q", "k", "v", "cos", "sin", "position", "k_cache", "v_cache", "out", "ws", "counters")] + \
+                ("q", "k", "v", "cos", "sin", "position", "k_cache", "v_cache", "out", "ws", "counters",
+                 "qkv_sums")] + \
                [("cache_head_stride", ctypes.c_longlong)] + \
                [(name, ctypes.c_int) for name in ("head_dim", "n_heads", "n_kv_heads", "window", "max_splits")] + \
                [("scale", ctypes.c_float)]
@@ -56,35 +57,46 @@ def splits_for(kv_len: int, n_kv_heads: int, device: torch.device) -> int:
     return max(1, min(MAX_SPLITS, -(-kv_len // KEYS_PER_SPLIT), -(-2 * sms // n_kv_heads)))
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     position: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_len: int,
-                     window: int | None, workspace: Workspace, *, splits: int | None = None,
-                     pdl: bool | None = None) -> torch.Tensor:
+def decode_attention(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | None, cos: torch.Tensor,
+                     sin: torch.Tensor, position: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     kv_len: int, window: int | None, workspace: Workspace, *, qkv_sums: torch.Tensor | None = None,
+                     splits: int | None = None, pdl: bool | None = None) -> torch.Tensor:
     """One token's attention output ``[Hq * D]`` fp16: q ``[Hq * D]``, k and v ``[Hkv * D]`` (un-rotated,
     each contiguous) at ``position`` (int64 ``[1]`` on the device); ``cos``/``sin`` fp32 ``[D]`` for it.
+    Or, instead of q, k and v (then None), ``qkv_sums``: the three concatenated in fp32 (a qkv GEMV's
+    ``sums``), rounded to fp16 in the kernel.
     k is rotated and written with v into slot ``position`` of ``k_cache``/``v_cache`` ``[1, Hkv, S, D]``;
     the query attends to slots ``[position - window + 1 or 0, position]``. ``kv_len`` bounds the position
     (it sizes the key splits, as a CUDA graph's fixed length does)."""
     _, n_kv_heads, _, head_dim = k_cache.shape
-    n_heads = q.numel() // head_dim
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dtype != torch.float16 or not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous float16")
+    if qkv_sums is not None:
+        if (q, k, v) != (None, None, None):
+            raise ValueError("give q, k and v, or qkv_sums, not both")
+        if qkv_sums.dtype != torch.float32 or not qkv_sums.is_contiguous():
+            raise ValueError("qkv_sums must be contiguous float32")
+        n_heads = qkv_sums.numel() // head_dim - 2 * n_kv_heads
+    else:
+        n_heads = q.numel() // head_dim
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if t.dtype != torch.float16 or not t.is_contiguous():
+                raise ValueError(f"{name} must be contiguous float16")
     if k_cache.stride() != v_cache.stride() or k_cache.stride(3) != 1 or k_cache.stride(2) != head_dim:
         raise ValueError("the k and v caches must be [1, Hkv, S, D] with contiguous rows, the same layout")
     if cos.dtype != torch.float32 or cos.numel() != head_dim or sin.numel() != head_dim:
         raise ValueError("cos and sin must be float32 [D]")
     cos, sin = cos.contiguous(), sin.contiguous()
     position = position.to(torch.int64)  # as the kernel reads it (a no-op for the model's positions)
-    splits = splits or splits_for(kv_len, n_kv_heads, q.device)
-    out = torch.empty(n_heads * head_dim, dtype=torch.float16, device=q.device)
-    args = _Args(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(), position.data_ptr(),
-                 k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), workspace.partials.data_ptr(),
-                 workspace.counters.data_ptr(), k_cache.stride(1), head_dim, n_heads, n_kv_heads, window or 0,
-                 MAX_SPLITS, 1.0 / math.sqrt(head_dim))
-    lib = cuda_lib.library(cuda_lib.arch_of(q.device))
-    use_pdl = cuda_lib.pdl_default(q.device) if pdl is None else pdl
-    rc = lib.decode_attention(ctypes.byref(args), splits, int(use_pdl), torch.cuda.current_stream(q.device).cuda_stream)
+    device = k_cache.device
+    splits = splits or splits_for(kv_len, n_kv_heads, device)
+    out = torch.empty(n_heads * head_dim, dtype=torch.float16, device=device)
+    args = _Args(*(t.data_ptr() if t is not None else None for t in (q, k, v)), cos.data_ptr(), sin.data_ptr(),
+                 position.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(),
+                 workspace.partials.data_ptr(), workspace.counters.data_ptr(),
+                 qkv_sums.data_ptr() if qkv_sums is not None else None, k_cache.stride(1), head_dim, n_heads,
+                 n_kv_heads, window or 0, MAX_SPLITS, 1.0 / math.sqrt(head_dim))
+    lib = cuda_lib.library(cuda_lib.arch_of(device))
+    use_pdl = cuda_lib.pdl_default(device) if pdl is None else pdl
+    rc = lib.decode_attention(ctypes.byref(args), splits, int(use_pdl), torch.cuda.current_stream(device).cuda_stream)
     cuda_lib.check(rc, f"decode_attention (heads={n_heads} kv_heads={n_kv_heads} head_dim={head_dim} splits={splits})")
     return out
 

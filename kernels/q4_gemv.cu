@@ -23,6 +23,15 @@
 // arrival counter says which) applies the epilogue -- store, add a residual, or SiLU(gate) * up -- and
 // resets the workspace and the counter to zero for the next call. So one call is one kernel: no
 // zero-fill and no cast kernels around it, which matters when a decode step is hundreds of kernels.
+//
+// Within a decode step that finishing tail (fence, arrival counter, the last block's re-read) sits on the
+// critical path of every GEMV, so the step can leave it out (epilogue SUMS): the blocks only add into the
+// workspace, and the next kernel, which waits for this one to complete anyway, reads the fp32 sums as its
+// input: x_mode RESIDUAL_SUMS takes x + sums (the residual stream after o_proj or down_proj, rounded to
+// fp16 as the ADD epilogue would store it; block (0, 0) also stores it to x_out for the layer's next add),
+// x_mode GLU_SUMS takes SiLU(gate) * up from gate/up sums in the SILU_MUL tile order. A SUMS workspace is
+// zeroed by a later kernel of the step, once its readers are done: zero0/zero1 name up to two such buffers,
+// cleared right after griddepcontrol.wait.
 
 #include <cuda_fp16.h>
 #include <cstdint>
@@ -41,7 +50,11 @@ struct Q4GemvArgs {  // mirrored by q4_gemv.py's _Args
   int* counters;             // [ceil(N / 128)] arrival counters
   const int* perm;           // [K] or null: row k of W multiplies x[perm[k]] (act-order, q_perm)
   const half* norm_weight;   // [K] or null: x is RMS-normalized first (the layer's input norm, folded in)
-  int N, K, group_size, zero_offset, epilogue, rows_per_warp;
+  const float* x_sums;       // x_mode RESIDUAL_SUMS: [M, K]; GLU_SUMS: [M, 2K] (gate/up tiles interleaved)
+  half* x_out;               // RESIDUAL_SUMS with norm_weight, or null: receives the rows x + x_sums (fp16)
+  float* zero0;              // [zero0_n] or null: zeroed after griddepcontrol.wait
+  float* zero1;              // [zero1_n] or null
+  int N, K, group_size, zero_offset, epilogue, rows_per_warp, x_mode, zero0_n, zero1_n;
   float norm_eps;
 };
 
@@ -50,7 +63,8 @@ namespace {
 constexpr int TILE_N = 128;  // columns per block
 constexpr int CHUNK = 32;    // rows per chunk: 4 word rows, one scale row (the smallest group size)
 
-enum Epilogue { STORE = 0, ADD = 1, SILU_MUL = 2 };
+enum Epilogue { STORE = 0, ADD = 1, SILU_MUL = 2, SUMS = 3 };
+enum XMode { X_PLAIN = 0, RESIDUAL_SUMS = 1, GLU_SUMS = 2 };
 
 
 __device__ __forceinline__ half2 as_half2(uint32_t v) {
@@ -139,18 +153,40 @@ __device__ __forceinline__ void compute_chunk(const Chunk& c, const uint4* xs, i
   }
 }
 
+// fp16(fp16 values + fp32 sums) for 8 values, as the ADD epilogue rounds the residual stream.
+__device__ __forceinline__ uint4 add_sums(uint4 v, const float4* s) {
+  const float4 a = s[0], b = s[1];
+  const float sums[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+  uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float2 f = __half22float2(as_half2(words[j]));
+    const half2 r = __floats2half2_rn(f.x + sums[2 * j], f.y + sums[2 * j + 1]);
+    words[j] = *reinterpret_cast<const uint32_t*>(&r);
+  }
+  return make_uint4(words[0], words[1], words[2], words[3]);
+}
+
 // inv_rms[m] = rsqrt(mean(x[m]^2) + eps) over the whole row (every block of the grid reads the full rows of x,
-// from L2: 8 KB for a 4096-wide row). K is a multiple of 32 and x 16-byte aligned.
+// from L2: 8 KB for a 4096-wide row). K is a multiple of 32 and x 16-byte aligned. With sums, the row is
+// x + sums (see add_sums), which x_out, if given, receives from block (0, 0).
 template <int M, int WARPS>
-__device__ void rms_of_rows(const half* __restrict__ x, int K, float eps, float* inv_rms) {
+__device__ void rms_of_rows(const half* __restrict__ x, const float* __restrict__ sums, half* x_out, int K,
+                            float eps, float* inv_rms) {
   __shared__ float partial[WARPS][M];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const bool store = x_out && blockIdx.x == 0 && blockIdx.y == 0;
 #pragma unroll
   for (int m = 0; m < M; ++m) {
     float ss = 0.f;
     const uint4* row = reinterpret_cast<const uint4*>(x + (size_t)m * K);
+    const float4* srow = reinterpret_cast<const float4*>(sums + (size_t)m * K);
     for (int i = threadIdx.x; i < K / 8; i += WARPS * 32) {
-      const uint4 v = row[i];
+      uint4 v = row[i];
+      if (sums) {
+        v = add_sums(v, srow + 2 * i);
+        if (store) reinterpret_cast<uint4*>(x_out + (size_t)m * K)[i] = v;
+      }
       const uint32_t words[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
@@ -172,6 +208,28 @@ __device__ void rms_of_rows(const half* __restrict__ x, int K, float eps, float*
   __syncthreads();
 }
 
+// Row m's input value k (before the norm), rounded to fp16: x, x + sums, or SiLU(gate) * up from gate/up sums
+// in tiles of TILE_N columns (the SILU_MUL epilogue's order and rounding).
+__device__ __forceinline__ float x_value(const half* __restrict__ x, const float* sums, int x_mode, int K, int m,
+                                         int k) {
+  if (x_mode == GLU_SUMS) {
+    const float* gate = sums + (size_t)m * 2 * K + (k / TILE_N) * 2 * TILE_N + k % TILE_N;
+    const float g = gate[0], u = gate[TILE_N];
+    return __half2float(__float2half(g / (1.f + __expf(-g)) * u));
+  }
+  const float v = __half2float(x[(size_t)m * K + k]);
+  return x_mode == RESIDUAL_SUMS ? __half2float(__float2half(v + sums[(size_t)m * K + k])) : v;
+}
+
+// Zeroes n floats (n a multiple of 4, 16-byte aligned), spread over the grid's blocks.
+__device__ __forceinline__ void zero_fill(float* p, int n) {
+  if (!p) return;
+  const int blocks = gridDim.x * gridDim.y, block = blockIdx.y * gridDim.x + blockIdx.x;
+  for (int i = block * blockDim.x + threadIdx.x; i < n / 4; i += blocks * blockDim.x) {
+    reinterpret_cast<float4*>(p)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+}
+
 template <int M, int WARPS, int DEPTH>
 __global__ void __launch_bounds__(WARPS * 32) q4_gemv_kernel(const Q4GemvArgs args) {
   const half* __restrict__ x = args.x;
@@ -184,8 +242,9 @@ __global__ void __launch_bounds__(WARPS * 32) q4_gemv_kernel(const Q4GemvArgs ar
   int* __restrict__ counters = args.counters;
   const int* __restrict__ perm = args.perm;
   const half* __restrict__ norm_weight = args.norm_weight;
+  const float* x_sums = args.x_sums;
   const int N = args.N, K = args.K, group_size = args.group_size, zero_offset = args.zero_offset;
-  const int epilogue = args.epilogue, rows_per_warp = args.rows_per_warp;
+  const int epilogue = args.epilogue, rows_per_warp = args.rows_per_warp, x_mode = args.x_mode;
   // Shared: x pairs for the block's rows (M x rows / 2 half2), then the per-warp sums.
   extern __shared__ uint4 smem[];
   __shared__ float red[WARPS][M][TILE_N];
@@ -210,11 +269,17 @@ __global__ void __launch_bounds__(WARPS * 32) q4_gemv_kernel(const Q4GemvArgs ar
     if (d < n_chunks) load_chunk(ring[d], qweight, scales, qzeros, k_warp + d * CHUNK, col, N, group_size);
   }
 #if __CUDA_ARCH__ >= 900
+#ifndef Q4_NO_WAIT  // benchmarks/decode_variants.py: the step without its data dependencies (wrong results)
   asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
   asm volatile("griddepcontrol.launch_dependents;");
 #endif
+  zero_fill(args.zero0, args.zero0_n);
+  zero_fill(args.zero1, args.zero1_n);
 
-  if (norm_weight) rms_of_rows<M, WARPS>(x, K, args.norm_eps, inv_rms);
+  if (norm_weight) {
+    rms_of_rows<M, WARPS>(x, x_mode == RESIDUAL_SUMS ? x_sums : nullptr, args.x_out, K, args.norm_eps, inv_rms);
+  }
 
   const int pairs_per_m = block_rows / 2;
   half2* xs = reinterpret_cast<half2*>(smem);
@@ -226,8 +291,8 @@ __global__ void __launch_bounds__(WARPS * 32) q4_gemv_kernel(const Q4GemvArgs ar
     if (k < K) {
       const float f = (j & 1) ? 1.f / 256.f : 1.f / 16.f;
       const int k_lo = perm ? perm[k] : k, k_hi = perm ? perm[k + 4] : k + 4;
-      lo = __half2float(x[(size_t)m * K + k_lo]);
-      hi = __half2float(x[(size_t)m * K + k_hi]);
+      lo = x_value(x, x_sums, x_mode, K, m, k_lo);
+      hi = x_value(x, x_sums, x_mode, K, m, k_hi);
       if (norm_weight) {  // RMSNorm's output, rounded to fp16 as the separate kernel would store it
         lo = __half2float(__float2half(lo * inv_rms[m] * __half2float(norm_weight[k_lo])));
         hi = __half2float(__float2half(hi * inv_rms[m] * __half2float(norm_weight[k_hi])));
@@ -265,7 +330,7 @@ __global__ void __launch_bounds__(WARPS * 32) q4_gemv_kernel(const Q4GemvArgs ar
     for (int c = 0; c < 4; ++c) red[warp][m][lane * 4 + c] = acc[m][c];
   __syncthreads();
 
-  const bool direct = gridDim.y == 1 && epilogue != SILU_MUL;
+  const bool direct = gridDim.y == 1 && (epilogue == STORE || epilogue == ADD);
   for (int t = threadIdx.x; t < M * TILE_N; t += WARPS * 32) {
     const int m = t / TILE_N, n = tile * TILE_N + t % TILE_N;
     float v = 0.f;
@@ -279,7 +344,7 @@ __global__ void __launch_bounds__(WARPS * 32) q4_gemv_kernel(const Q4GemvArgs ar
       atomicAdd(ws + (size_t)m * N + n, v);
     }
   }
-  if (direct) return;
+  if (direct || epilogue == SUMS) return;
 
   // The last block to arrive for this tile (or tile pair, for SILU_MUL) finishes it.
   __threadfence();
@@ -352,12 +417,18 @@ extern "C" {
 // Returns 0, -1 for unsupported arguments, or a CUDA error code (launch errors only; the kernel is
 // asynchronous). rows_per_warp: a multiple of 32 with M * warps * rows_per_warp <= 16384. ws: fp32
 // [M, N] and counters: int32 [ceil(N / 128)], both zero before the first call; the kernel leaves them
-// zero. For SILU_MUL, out is [M, N / 2] and N a multiple of 256. pdl: launch as a programmatic
-// dependent of the previous kernel in the stream (Hopper and later).
+// zero, except with SUMS, where ws holds the result. For SILU_MUL, out is [M, N / 2] and N a multiple of
+// 256; for GLU_SUMS, K a multiple of 128. pdl: launch as a programmatic dependent of the previous kernel in
+// the stream (Hopper and later).
 int q4_gemv(const Q4GemvArgs* args, int M, int warps, int depth, int pdl, void* stream) {
   const Q4GemvArgs& a = *args;
   if (a.N % 8 || a.K % 32 || a.group_size % 32 || a.group_size <= 0) return -1;
   if (a.epilogue == SILU_MUL && a.N % (2 * TILE_N)) return -1;
+  if (a.epilogue < STORE || a.epilogue > SUMS || a.x_mode < X_PLAIN || a.x_mode > GLU_SUMS) return -1;
+  if (a.x_mode != X_PLAIN && !a.x_sums) return -1;
+  if (a.x_mode == GLU_SUMS && (a.K % TILE_N || a.norm_weight)) return -1;
+  if (a.x_out && (a.x_mode != RESIDUAL_SUMS || !a.norm_weight)) return -1;
+  if ((a.zero0 && a.zero0_n % 4) || (a.zero1 && a.zero1_n % 4)) return -1;
   if (a.rows_per_warp % CHUNK || a.rows_per_warp <= 0 || (size_t)M * warps * a.rows_per_warp > 16384) return -1;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   cudaError_t rc;

@@ -11,7 +11,8 @@ from kernels import cuda_lib
 
 MAX_ROWS = 4
 TILE_N = 128  # columns per block, as in the source
-STORE, ADD, SILU_MUL = 0, 1, 2
+STORE, ADD, SILU_MUL, SUMS = 0, 1, 2, 3  # epilogues
+X_PLAIN, RESIDUAL_SUMS, GLU_SUMS = 0, 1, 2  # where the rows x come from
 # (warps per block, K rows per warp, chunks in flight per warp) candidates, the default first; the kernel
 # is compiled for 4 and 8 warps and depths 2 and 4.
 CONFIGS = tuple((w, r, d) for d in (2, 4) for w, r in ((4, 128), (8, 128), (4, 256), (8, 256), (4, 512), (8, 64),
@@ -20,13 +21,16 @@ CONFIGS = tuple((w, r, d) for d in (2, 4) for w, r in ((4, 128), (8, 128), (4, 2
 
 class _Args(ctypes.Structure):  # struct Q4GemvArgs in q4_gemv.cu
     _fields_ = [(name, ctypes.c_void_p) for name in
-                ("x", "qweight", "scales", "qzeros", "out", "residual", "ws", "counters", "perm", "norm_weight")] + \
-               [(name, ctypes.c_int) for name in ("N", "K", "group_size", "zero_offset", "epilogue", "rows_per_warp")] + \
+                ("x", "qweight", "scales", "qzeros", "out", "residual", "ws", "counters", "perm", "norm_weight",
+                 "x_sums", "x_out", "zero0", "zero1")] + \
+               [(name, ctypes.c_int) for name in ("N", "K", "group_size", "zero_offset", "epilogue", "rows_per_warp",
+                                                  "x_mode", "zero0_n", "zero1_n")] + \
                [("norm_eps", ctypes.c_float)]
 
 
 class Workspace:
-    """The fp32 partial sums and arrival counters of one layer; the kernel leaves both zero."""
+    """The fp32 partial sums and arrival counters of one layer; the kernel leaves both zero (except a call with
+    ``sums=True``, whose result the sums then hold until a later kernel zeroes them)."""
 
     def __init__(self, n: int, device: torch.device):
         self.sums = torch.zeros((MAX_ROWS, n), dtype=torch.float32, device=device)
@@ -85,10 +89,11 @@ class Tuner:
     that reuses it picks configurations that are slower once it does not)."""
 
     def __init__(self):
-        self.best: dict[tuple[int, int, int, bool], tuple[int, int, int]] = {}
+        self.best: dict[tuple, tuple[int, int, int]] = {}
 
-    def config(self, key: tuple[int, int, int, bool], run, weights: tuple[torch.Tensor, ...]) -> tuple[int, int, int]:
-        """``run(config, weights)`` launches one call (0 if it did)."""
+    def config(self, key: tuple, run, weights: tuple[torch.Tensor, ...]) -> tuple[int, int, int]:
+        """``key``: (M, N, K, ...) the shape and whatever else changes the kernel's work; ``run(config,
+        weights)`` launches one call (0 if it did)."""
         m = key[0]
         if key in self.best:
             return self.best[key]
@@ -128,26 +133,56 @@ def _cold_copies(weights: tuple[torch.Tensor, ...]) -> list[tuple[torch.Tensor, 
 TUNER = Tuner()
 
 
-def q4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, zero_offset: int,
-            group_size: int, workspace: Workspace, *, residual: torch.Tensor | None = None,
-            silu_mul: bool = False, perm: torch.Tensor | None = None,
-            norm: tuple[torch.Tensor, float] | None = None, config: tuple[int, int, int] | None = None,
+def q4_gemv(x: torch.Tensor | None, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
+            zero_offset: int, group_size: int, workspace: Workspace, *, residual: torch.Tensor | None = None,
+            silu_mul: bool = False, sums: bool = False, perm: torch.Tensor | None = None,
+            norm: tuple[torch.Tensor, float] | None = None, x_sums: torch.Tensor | None = None,
+            x_out: torch.Tensor | None = None, glu_sums: torch.Tensor | None = None,
+            zero: tuple[torch.Tensor, ...] = (), config: tuple[int, int, int] | None = None,
             lib: ctypes.CDLL | None = None, pdl: bool | None = None) -> torch.Tensor:
     """``x @ W`` for 1..4 fp16 rows; with ``residual``: ``residual + x @ W``; with ``silu_mul``: the
     columns are gate and up tiles of 128 interleaved (gate tile t at 2t, up at 2t + 1) and the result is
-    ``silu(gate) * up``, ``[M, N / 2]``. ``perm``: int32 ``[K]``, row k of W multiplies ``x[:, perm[k]]``
-    (act-order rows sorted by group, the gather done while x is staged). ``norm``: (weight ``[K]`` fp16, eps):
-    the rows are RMS-normalized first, ``x * rsqrt(mean(x^2) + eps) * weight`` (fp32, rounded to fp16 as
-    RMSNorm's output is), inside the kernel. ``config``: (warps, rows per
-    warp, depth), else the tuned one. ``lib`` and ``pdl``: a variant library and launch mode (benchmarks)."""
-    m, k = x.shape
+    ``silu(gate) * up``, ``[M, N / 2]``. With ``sums``: the fp32 ``x @ W`` is left in ``workspace.sums[:M]``
+    (returned) without the kernel's finishing tail; a later kernel reads it and one zeroes it (``zero``).
+
+    The rows: ``x``, or with ``x_sums`` (fp32 ``[M, K]``) ``x + x_sums`` rounded to fp16 (``x_out`` fp16
+    ``[M, K]`` receives them; it needs ``norm``), or with ``glu_sums`` (a ``silu_mul`` layer's fp32 sums,
+    ``[M, 2K]``) ``silu(gate) * up`` rounded to fp16, and ``x`` None. ``perm``: int32 ``[K]``, row k of W
+    multiplies ``x[:, perm[k]]`` (act-order rows sorted by group, the gather done while x is staged).
+    ``norm``: (weight ``[K]`` fp16, eps): the rows are RMS-normalized first, ``x * rsqrt(mean(x^2) + eps) *
+    weight`` (fp32, rounded to fp16 as RMSNorm's output is), inside the kernel. ``zero``: up to two fp32
+    tensors the kernel zeroes (after the previous kernel in the stream has finished). ``config``: (warps,
+    rows per warp, depth), else the tuned one. ``lib`` and ``pdl``: a variant library and launch mode
+    (benchmarks)."""
+    source = glu_sums if glu_sums is not None else x
+    m, k = source.shape[0], source.shape[1] // (2 if glu_sums is not None else 1)
     n = qweight.shape[1]
+    device = qweight.device
     if not 1 <= m <= MAX_ROWS:
         raise ValueError(f"the GEMV takes 1 to {MAX_ROWS} rows, not {m}")
-    if x.dtype != torch.float16 or not x.is_contiguous():
+    if glu_sums is not None:
+        if x is not None or x_sums is not None or norm is not None:
+            raise ValueError("glu_sums is the whole input: no x, x_sums or norm with it")
+        _check(glu_sums, torch.float32, (m, 2 * k), "glu_sums")
+        if k % TILE_N:
+            raise ValueError(f"glu_sums need K a multiple of {TILE_N}")
+    elif x.dtype != torch.float16 or not x.is_contiguous():
         raise ValueError("x must be contiguous float16")
-    out = torch.empty((m, n // 2 if silu_mul else n), dtype=torch.float16, device=x.device)
-    epilogue = SILU_MUL if silu_mul else ADD if residual is not None else STORE
+    if x_sums is not None:
+        _check(x_sums, torch.float32, (m, k), "x_sums")
+    if x_out is not None:
+        if x_sums is None or norm is None:
+            raise ValueError("x_out takes x + x_sums, and only with norm")
+        _check(x_out, torch.float16, (m, k), "x_out")
+    if len(zero) > 2 or any(z.dtype != torch.float32 or not z.is_contiguous() or z.numel() % 4 or z.data_ptr() % 16
+                            for z in zero):
+        raise ValueError("zero takes up to two contiguous float32 tensors of a multiple of 4 elements")
+    if sums + silu_mul + (residual is not None) > 1:
+        raise ValueError("one epilogue: residual, silu_mul or sums")
+    epilogue = SUMS if sums else SILU_MUL if silu_mul else ADD if residual is not None else STORE
+    x_mode = GLU_SUMS if glu_sums is not None else RESIDUAL_SUMS if x_sums is not None else X_PLAIN
+    out = workspace.sums[:m, :n] if sums else torch.empty((m, n // 2 if silu_mul else n), dtype=torch.float16,
+                                                          device=device)
     if residual is not None:
         residual = residual.reshape(m, n)
         if residual.dtype != torch.float16 or not residual.is_contiguous():
@@ -158,24 +193,38 @@ def q4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros
         raise ValueError("the norm weight must be a contiguous float16 tensor of K entries")
     if norm is not None and x.data_ptr() % 16:
         x = x.clone()  # the norm's row sums read x 16 bytes at a time
-    lib = lib or cuda_lib.library(cuda_lib.arch_of(x.device))
-    use_pdl = cuda_lib.pdl_default(x.device) if pdl is None else pdl
+    lib = lib or cuda_lib.library(cuda_lib.arch_of(device))
+    use_pdl = cuda_lib.pdl_default(device) if pdl is None else pdl
     norm_weight, norm_eps = norm if norm is not None else (None, 0.0)
+    zeros = [(z.data_ptr(), z.numel()) for z in zero] + [(None, 0)] * (2 - len(zero))
+
+    def ptr(t: torch.Tensor | None) -> int | None:
+        return t.data_ptr() if t is not None else None
 
     def run(cfg: tuple[int, int, int], weights: tuple[torch.Tensor, ...]) -> int:
         warps, rows, depth = cfg
         qw, sc, qz = weights
-        args = _Args(x.data_ptr(), qw.data_ptr(), sc.data_ptr(), qz.data_ptr(), out.data_ptr(),
-                     residual.data_ptr() if residual is not None else None, workspace.sums.data_ptr(),
-                     workspace.counters.data_ptr(), perm.data_ptr() if perm is not None else None,
-                     norm_weight.data_ptr() if norm_weight is not None else None,
-                     n, k, group_size, zero_offset, epilogue, rows, norm_eps)
-        stream = torch.cuda.current_stream(x.device).cuda_stream
+        args = _Args(ptr(x), qw.data_ptr(), sc.data_ptr(), qz.data_ptr(), ptr(out), ptr(residual),
+                     workspace.sums.data_ptr(), workspace.counters.data_ptr(), ptr(perm), ptr(norm_weight),
+                     ptr(glu_sums if glu_sums is not None else x_sums), ptr(x_out), zeros[0][0], zeros[1][0],
+                     n, k, group_size, zero_offset, epilogue, rows, x_mode, zeros[0][1], zeros[1][1], norm_eps)
+        stream = torch.cuda.current_stream(device).cuda_stream
         return lib.q4_gemv(ctypes.byref(args), m, warps, depth, int(use_pdl), stream)
 
     if config is not None and not _fits(config, m):
         raise ValueError(f"configuration {config} does not fit {m} rows")
     weights = (qweight, scales, qzeros)
-    rc = run(config or TUNER.config((m, n, k, norm is not None), run, weights), weights)
+    if config is None:
+        key = (m, n, k, norm is not None, x_mode, sums)
+        tuned = key in TUNER.best
+        config = TUNER.config(key, run, weights)
+        if sums and not tuned:
+            workspace.sums.zero_()  # the timed calls added into it
+    rc = run(config, weights)
     cuda_lib.check(rc, f"q4_gemv (M={m} N={n} K={k} group_size={group_size})")
     return out
+
+
+def _check(t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, int], name: str) -> None:
+    if t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous {dtype} {list(shape)}, not {t.dtype} {list(t.shape)}")

@@ -93,9 +93,11 @@ def tiny_config(model_type: str = "llama", **overrides) -> dict:
 
 def write_tiny_checkpoint(
     path: Path, config: dict, bits: int = 4, group_size: int = 32, act_order: bool = True,
-    sym: bool = True, seed: int = 0, quantize_config: bool = True,
+    sym: bool = True, seed: int = 0, quantize_config: bool = True, shared_g_idx: bool = False,
 ) -> Path:
-    """A random GPTQ checkpoint for ``config`` (no tokenizer)."""
+    """A random GPTQ checkpoint for ``config`` (no tokenizer). ``shared_g_idx``: with act-order, q/k/v and
+    gate/up share their input's order, as in real checkpoints (GPTQ orders by the input's Hessian), so
+    they fuse; by default each projection has its own."""
     rng = np.random.default_rng(seed)
     path.mkdir(parents=True, exist_ok=True)
     h, i = config["hidden_size"], config["intermediate_size"]
@@ -116,6 +118,9 @@ def write_tiny_checkpoint(
             part = "self_attn" if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
             fan_in, fan_out = shapes[name]
             layer_tensors = random_gptq_layer(fan_in, fan_out, bits, group_size, act_order, sym, rng, scale=fan_in**-0.5)
+            if shared_g_idx and act_order and name in ("k_proj", "v_proj", "up_proj"):
+                first = "q_proj" if part == "self_attn" else "gate_proj"
+                layer_tensors["g_idx"] = tensors[f"model.layers.{layer}.{part}.{first}.g_idx"].clone()
             for key, value in layer_tensors.items():
                 tensors[f"model.layers.{layer}.{part}.{name}.{key}"] = value
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"))

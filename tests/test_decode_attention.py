@@ -44,6 +44,27 @@ def test_matches_reference_for_any_split(n_heads, n_kv_heads, head_dim, position
     assert not ws.counters.any(), "the kernel leaves its counters zeroed"
 
 
+def test_takes_q_k_v_as_fp32_sums():
+    """qkv_sums (a qkv GEMV's unfinished fp32 sums): the same as q, k and v rounded to fp16."""
+    from kernels import decode_attention as da
+
+    n_heads, n_kv_heads, head_dim, position = 8, 2, 128, 300
+    q, k, v, cos, sin, k_cache, v_cache = _inputs(n_heads, n_kv_heads, head_dim, 512, position, 1)
+    sums = torch.cat((q, k, v)).float() + torch.randn(q.numel() + 2 * k.numel(), device="cuda") * 1e-3
+    q16, k16, v16 = sums.to(torch.float16).split([q.numel(), k.numel(), k.numel()])
+    ws = da.Workspace(n_heads, n_kv_heads, head_dim, torch.device("cuda"))
+    pos = torch.tensor([position], device="cuda")
+    for splits in (1, 3):
+        kc, vc = k_cache.clone(), v_cache.clone()
+        expected = da.decode_attention(q16, k16, v16, cos, sin, pos, kc, vc, position + 1, None, ws, splits=splits)
+        kc2, vc2 = k_cache.clone(), v_cache.clone()
+        out = da.decode_attention(None, None, None, cos, sin, pos, kc2, vc2, position + 1, None, ws,
+                                  qkv_sums=sums, splits=splits)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        torch.testing.assert_close(kc2, kc, rtol=0, atol=0)
+        torch.testing.assert_close(vc2, vc, rtol=0, atol=0)
+
+
 def test_the_model_uses_it_for_one_token_and_matches_the_masked_path(tmp_path):
     """A tiny fp16 model decoding on the GPU: with the kernel (rotary, cache write, attention in one launch)
     and without it (rotary kernel + SDPA with an additive mask), and a sliding window."""

@@ -85,6 +85,48 @@ def test_gemv_gathers_rows_through_perm():
     assert relative_error(y, x[:, perm.long()].float() @ w) < 1e-2
 
 
+def test_sums_are_left_in_the_workspace_and_read_as_the_next_input():
+    """sums=True: x @ W stays in the fp32 workspace (no finishing tail); x_sums: the rows are x + sums rounded to
+    fp16 (x_out receives them); glu_sums: silu(gate) * up of a gate/up layer's sums; zero: buffers cleared."""
+    from backends.model import RMSNorm
+    from kernels import q4_gemv
+
+    k, n = 1024, 512
+    t = {key: v.cuda() for key, v in random_gptq_layer(k, n, 4, 128, False, False, np.random.default_rng(5)).items()}
+    w = dequantize(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, 1)
+    weights = (t["qweight"], t["scales"], t["qzeros"], 1, 128)
+    perm = torch.randperm(k, device="cuda").to(torch.int32)
+    norm = RMSNorm(k, 1e-5)
+    norm.weight = torch.nn.Parameter(torch.rand(k, device="cuda", dtype=torch.float16) + 0.5, requires_grad=False)
+    ws = q4_gemv.Workspace(n, torch.device("cuda"))
+    for m in range(1, 5):
+        x = (torch.randn(m, k, device="cuda") * 20).to(torch.float16)
+        for config in [c for c in q4_gemv.CONFIGS if q4_gemv._fits(c, m)][::3]:
+            y = q4_gemv.q4_gemv(x, *weights, ws, sums=True, config=config)
+            assert y.dtype == torch.float32 and y.data_ptr() == ws.sums.data_ptr()
+            assert relative_error(y, x.float() @ w) < 1e-2, (m, config)
+            ws.sums.zero_()
+
+        sums = torch.randn(m, k, device="cuda") * 20
+        x_out = torch.empty(m, k, device="cuda", dtype=torch.float16)
+        y = q4_gemv.q4_gemv(x, *weights, ws, x_sums=sums, x_out=x_out, norm=(norm.weight, norm.eps), perm=perm)
+        stream = (x.float() + sums).to(torch.float16)
+        torch.testing.assert_close(x_out, stream, rtol=0, atol=0)
+        assert relative_error(y, norm(stream)[:, perm.long()].float() @ w) < 1e-2, m
+
+        glu = torch.randn(m, 2 * k, device="cuda") * 3  # gate tile 0, up tile 0, gate tile 1, ...
+        tiles = glu.view(m, -1, 2, q4_gemv.TILE_N)
+        hidden = (torch.nn.functional.silu(tiles[:, :, 0]) * tiles[:, :, 1]).reshape(m, k).to(torch.float16)
+        y = q4_gemv.q4_gemv(None, *weights, ws, glu_sums=glu, perm=perm)
+        assert relative_error(y, hidden[:, perm.long()].float() @ w) < 1e-2, m
+
+    cleared, kept = torch.ones(2, 1000, device="cuda"), torch.ones(12, device="cuda")
+    q4_gemv.q4_gemv(x, *weights, ws, zero=(cleared[0], kept[:8]))
+    torch.cuda.synchronize()
+    assert not cleared[0].any() and not kept[:8].any() and bool((cleared[1] == 1).all()) and bool((kept[8:] == 1).all())
+    assert not ws.sums.any() and not ws.counters.any()
+
+
 def test_bad_arguments_are_refused():
     from kernels import q4_gemv
 
@@ -96,6 +138,14 @@ def test_bad_arguments_are_refused():
     with pytest.raises(RuntimeError, match="unsupported"):
         q4_gemv.q4_gemv(torch.randn(1, 256, device="cuda", dtype=torch.float16), t["qweight"], t["scales"],
                         t["qzeros"], 1, 48, ws)
+    x = torch.randn(1, 256, device="cuda", dtype=torch.float16)
+    sums = torch.zeros(1, 256, device="cuda")
+    with pytest.raises(ValueError, match="x_out"):
+        q4_gemv.q4_gemv(x, t["qweight"], t["scales"], t["qzeros"], 1, 32, ws, x_sums=sums, x_out=x.clone())
+    with pytest.raises(ValueError, match="glu_sums is the whole input"):
+        q4_gemv.q4_gemv(x, t["qweight"], t["scales"], t["qzeros"], 1, 32, ws, glu_sums=torch.zeros(1, 512, device="cuda"))
+    with pytest.raises(ValueError, match="one epilogue"):
+        q4_gemv.q4_gemv(x, t["qweight"], t["scales"], t["qzeros"], 1, 32, ws, sums=True, residual=x)
 
 
 @pytest.mark.parametrize("act_order", [False, True])
