@@ -97,10 +97,13 @@ class SumsDecoder:
             if down_sums is not None:
                 h = after_attn
             attn = p.attn
-            out = kernel.decode_attention(None, None, None, cos.view(-1), sin.view(-1), positions, attn.kv_cache.k,
-                                          attn.kv_cache.v, kv_len, attn.sliding_window, attn.decode_workspace,
-                                          qkv_sums=qkv.view(-1))
-            o_sums = p.o.cuda_gemv(out.view(1, -1), sums=True,
+
+            def attention() -> torch.Tensor:  # (again, it writes the same cache slot: o_proj is tuned after it)
+                return kernel.decode_attention(None, None, None, cos.view(-1), sin.view(-1), positions,
+                                               attn.kv_cache.k, attn.kv_cache.v, kv_len, attn.sliding_window,
+                                               attn.decode_workspace, qkv_sums=qkv.view(-1))
+
+            o_sums = p.o.cuda_gemv(attention().view(1, -1), sums=True, follows=attention,
                                    zero=_rows(p.qkv) + (_rows(previous.down) if previous else ()))
             if last:  # finished in the kernels, as on the per-layer path: the step leaves no sums behind
                 hidden = p.gate_up.cuda_gemv(h, p.post_norm, silu_mul=True, x_sums=o_sums, x_out=after_mlp)

@@ -47,12 +47,38 @@ def step_ms(model, steps: int = 128, start: int = 16) -> float:
     return begin.elapsed_time(end) / steps
 
 
+def step_tune(model, linears, chain) -> None:
+    """Each one-row GEMV configuration chosen by the whole step's time (one shape at a time, the others fixed):
+    the per-shape tuner times a GEMV after itself, where in a step it follows another kernel."""
+    os.environ["GPTQ_CUDA_PDL"] = "1"
+    model.decode_chain = chain
+    for m in linears:
+        m.folds_norm = True
+    model.setup_cache(batch=1, max_seq_len=CONTEXT)
+    baseline = step_ms(model)
+    print(f"\nstep-level tuning, from {baseline:.3f} ms per step")
+    print("| GEMV (M, N, K, norm, x_mode, sums) | tuned alone | in the step | step ms |")
+    print("|---|---|---|---|")
+    for key in sorted(k for k in q4_gemv.TUNER.best if k[0] == 1):
+        alone = q4_gemv.TUNER.best[key]
+        times = {}
+        for config in (c for c in q4_gemv.CONFIGS if q4_gemv._fits(c, 1)):
+            q4_gemv.TUNER.best[key] = config
+            times[config] = step_ms(model, steps=64)
+        q4_gemv.TUNER.best[key] = min(times, key=times.get)
+        print(f"| {key} | {alone} ({times[alone]:.3f}) | {q4_gemv.TUNER.best[key]} | "
+              f"{times[q4_gemv.TUNER.best[key]]:.3f} |", flush=True)
+    print(f"step-tuned: {step_ms(model):.3f} ms per step (was {baseline:.3f})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", default="7B", choices=list(SIZES))
     parser.add_argument("--act-order", action="store_true")
     parser.add_argument("--define", nargs="*", default=[], help="GEMV library variants to time as well (A,B: both)")
     parser.add_argument("--quick", action="store_true", help="only everything on (and the --define variants)")
+    parser.add_argument("--step-tune", action="store_true",
+                        help="then pick each GEMV's launch configuration by the step's time instead of its own")
     opts = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = write_random_gptq(Path(tmp) / "m", llama2_config(opts.size), opts.act_order)
@@ -78,6 +104,8 @@ def main() -> None:
                 layer.self_attn.decode_workspace = None
         ms = step_ms(model)
         print(f"| {fold} | {attn} | {pdl} | {chained} | {ms:.3f} | {1e3 / ms:.0f} |", flush=True)
+    if opts.step_tune:
+        step_tune(model, linears, chain)
     # All on, with a variant of the GEMV library (e.g. Q4_GEMV_SMEM_WEIGHTS), re-tuned.
     for define in opts.define:
         os.environ["GPTQ_CUDA_PDL"] = "1"

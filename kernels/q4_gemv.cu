@@ -37,6 +37,7 @@
 #include <cstdint>
 
 #include "launch.cuh"
+#include "q4_chunk.cuh"
 
 // Outside the anonymous namespace: q4_gemv() below is exported with it.
 struct Q4GemvArgs {  // mirrored by q4_gemv.py's _Args
@@ -60,98 +61,11 @@ struct Q4GemvArgs {  // mirrored by q4_gemv.py's _Args
 
 namespace {
 
-constexpr int TILE_N = 128;  // columns per block
-constexpr int CHUNK = 32;    // rows per chunk: 4 word rows, one scale row (the smallest group size)
+using namespace q4;
 
 enum Epilogue { STORE = 0, ADD = 1, SILU_MUL = 2, SUMS = 3 };
 enum XMode { X_PLAIN = 0, RESIDUAL_SUMS = 1, GLU_SUMS = 2 };
 
-
-__device__ __forceinline__ half2 as_half2(uint32_t v) {
-  return *reinterpret_cast<half2*>(&v);
-}
-
-// (a & MASK) | c in one instruction (with both constants immediates the compiler emits two).
-template <uint32_t MASK>
-__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t c) {
-  uint32_t r;
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(a), "n"(MASK), "r"(c));
-  return r;
-}
-
-struct Chunk {
-  uint4 words[CHUNK / 8];
-  uint2 scales;
-  uint32_t zeros;
-};
-
-__device__ __forceinline__ void load_chunk(Chunk& c, const uint32_t* __restrict__ qweight,
-                                           const half* __restrict__ scales, const uint32_t* __restrict__ qzeros,
-                                           int k, int col, int N, int group_size) {
-#pragma unroll
-  for (int r = 0; r < CHUNK / 8; ++r) {
-    c.words[r] = __ldcs(reinterpret_cast<const uint4*>(qweight + (size_t)(k / 8 + r) * N + col));
-  }
-  const int g = k / group_size;
-  c.scales = __ldg(reinterpret_cast<const uint2*>(scales + (size_t)g * N + col));
-  c.zeros = __ldg(qzeros + (size_t)g * (N / 8) + col / 8) >> (4 * (col % 8));
-}
-
-template <int M>
-__device__ __forceinline__ void compute_chunk(const Chunk& c, const uint4* xs, int zero_offset, float (&acc)[M][4],
-                                              int pairs_per_m) {
-#ifdef Q4_GEMV_LOAD_ONLY  // benchmarks/q4_gemv_variants.py: the kernel without its arithmetic
-  uint32_t h = c.zeros ^ c.scales.x;
-#pragma unroll
-  for (int r = 0; r < CHUNK / 8; ++r) h ^= c.words[r].x ^ c.words[r].y ^ c.words[r].z ^ c.words[r].w;
-  acc[0][0] += __uint_as_float(h & 0x3fffffffu) * 1e-30f;
-  return;
-#endif
-  half2 a[M][4];
-#pragma unroll
-  for (int m = 0; m < M; ++m)
-#pragma unroll
-    for (int j = 0; j < 4; ++j) a[m][j] = __float2half2_rn(0.f);
-  const uint32_t magic = 0x64006400u;  // in a register: one lop3 per (w & mask) | magic, not two instructions
-  half2 z1[4], z16[4];
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const uint32_t z = ((c.zeros >> (4 * j)) & 0xF) + zero_offset;
-    z1[j] = as_half2((0x6400u | z) * 0x10001u);
-    z16[j] = as_half2((0x6400u | (z << 4)) * 0x10001u);
-  }
-#pragma unroll
-  for (int r = 0; r < CHUNK / 8; ++r) {
-    uint4 xv[M];
-#pragma unroll
-    for (int m = 0; m < M; ++m) xv[m] = xs[m * (pairs_per_m / 4) + r];
-    const uint32_t words[4] = {c.words[r].x, c.words[r].y, c.words[r].z, c.words[r].w};
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const uint32_t w = words[j], t = w >> 8;
-      const half2 d0 = __hsub2(as_half2(and_or<0x000F000Fu>(w, magic)), z1[j]);
-      const half2 d1 = __hsub2(as_half2(and_or<0x00F000F0u>(w, magic)), z16[j]);
-      const half2 d2 = __hsub2(as_half2(and_or<0x000F000Fu>(t, magic)), z1[j]);
-      const half2 d3 = __hsub2(as_half2(and_or<0x00F000F0u>(t, magic)), z16[j]);
-#pragma unroll
-      for (int m = 0; m < M; ++m) {
-        a[m][j] = __hfma2(d0, as_half2(xv[m].x), a[m][j]);
-        a[m][j] = __hfma2(d1, as_half2(xv[m].y), a[m][j]);
-        a[m][j] = __hfma2(d2, as_half2(xv[m].z), a[m][j]);
-        a[m][j] = __hfma2(d3, as_half2(xv[m].w), a[m][j]);
-      }
-    }
-  }
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const float s = 16.f * __half2float(reinterpret_cast<const half*>(&c.scales)[j]);
-#pragma unroll
-    for (int m = 0; m < M; ++m) {
-      const float2 f = __half22float2(a[m][j]);
-      acc[m][j] = fmaf(f.x + f.y, s, acc[m][j]);
-    }
-  }
-}
 
 // fp16(fp16 values + fp32 sums) for 8 values, as the ADD epilogue rounds the residual stream.
 __device__ __forceinline__ uint4 add_sums(uint4 v, const float4* s) {
@@ -169,10 +83,11 @@ __device__ __forceinline__ uint4 add_sums(uint4 v, const float4* s) {
 
 // inv_rms[m] = rsqrt(mean(x[m]^2) + eps) over the whole row (every block of the grid reads the full rows of x,
 // from L2: 8 KB for a 4096-wide row). K is a multiple of 32 and x 16-byte aligned. With sums, the row is
-// x + sums (see add_sums), which x_out, if given, receives from block (0, 0).
+// x + sums (see add_sums), which x_out, if given, receives from block (0, 0). row_cache (shared memory,
+// M x K, or null) receives the rows as read, for the staging to gather from.
 template <int M, int WARPS>
-__device__ void rms_of_rows(const half* __restrict__ x, const float* __restrict__ sums, half* x_out, int K,
-                            float eps, float* inv_rms) {
+__device__ void rms_of_rows(const half* __restrict__ x, const float* __restrict__ sums, half* x_out,
+                            half* row_cache, int K, float eps, float* inv_rms) {
   __shared__ float partial[WARPS][M];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const bool store = x_out && blockIdx.x == 0 && blockIdx.y == 0;
@@ -181,12 +96,14 @@ __device__ void rms_of_rows(const half* __restrict__ x, const float* __restrict_
     float ss = 0.f;
     const uint4* row = reinterpret_cast<const uint4*>(x + (size_t)m * K);
     const float4* srow = reinterpret_cast<const float4*>(sums + (size_t)m * K);
+#pragma unroll 4
     for (int i = threadIdx.x; i < K / 8; i += WARPS * 32) {
       uint4 v = row[i];
       if (sums) {
         v = add_sums(v, srow + 2 * i);
         if (store) reinterpret_cast<uint4*>(x_out + (size_t)m * K)[i] = v;
       }
+      if (row_cache) reinterpret_cast<uint4*>(row_cache + (size_t)m * K)[i] = v;
       const uint32_t words[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
@@ -221,6 +138,23 @@ __device__ __forceinline__ float x_value(const half* __restrict__ x, const float
   return x_mode == RESIDUAL_SUMS ? __half2float(__float2half(v + sums[(size_t)m * K + k])) : v;
 }
 
+// Offsets (bytes) into the kernel's dynamic shared memory. The row cache: where the rows are read whole (for
+// the norm) and then gathered through perm, if it fits in 32 KB; without perm, reading x again is as quick.
+struct SmemLayout {
+  int source, weight, cache, total;
+  bool cached;
+};
+
+__host__ __device__ __forceinline__ SmemLayout smem_layout(int M, int block_rows, int K, bool norm, bool perm) {
+  SmemLayout l;
+  l.source = M * block_rows * (int)sizeof(half);
+  l.weight = l.source + block_rows * (int)sizeof(unsigned short);
+  l.cache = (l.weight + block_rows * (int)sizeof(half) + 15) / 16 * 16;
+  l.cached = norm && perm && M * K * (int)sizeof(half) <= 32768;
+  l.total = l.cache + (l.cached ? M * K * (int)sizeof(half) : 0);
+  return l;
+}
+
 // Zeroes n floats (n a multiple of 4, 16-byte aligned), spread over the grid's blocks.
 __device__ __forceinline__ void zero_fill(float* p, int n) {
   if (!p) return;
@@ -245,7 +179,8 @@ __global__ void __launch_bounds__(WARPS * 32) q4_gemv_kernel(const Q4GemvArgs ar
   const float* x_sums = args.x_sums;
   const int N = args.N, K = args.K, group_size = args.group_size, zero_offset = args.zero_offset;
   const int epilogue = args.epilogue, rows_per_warp = args.rows_per_warp, x_mode = args.x_mode;
-  // Shared: x pairs for the block's rows (M x rows / 2 half2), then the per-warp sums.
+  // Dynamic shared memory (smem_layout): the x pairs of the block's rows (M x rows / 2 half2), the source
+  // row of x for each of its rows and their norm weights, and with row_cache the full rows of x.
   extern __shared__ uint4 smem[];
   __shared__ float red[WARPS][M][TILE_N];
   __shared__ float inv_rms[M];
@@ -268,6 +203,19 @@ __global__ void __launch_bounds__(WARPS * 32) q4_gemv_kernel(const Q4GemvArgs ar
   for (int d = 0; d < DEPTH; ++d) {
     if (d < n_chunks) load_chunk(ring[d], qweight, scales, qzeros, k_warp + d * CHUNK, col, N, group_size);
   }
+  // So do the rows of x that the block's rows multiply (through perm) and their norm weights: looked up
+  // now, so that after the wait x is read in one round trip.
+  const SmemLayout layout = smem_layout(M, block_rows, K, norm_weight != nullptr, perm != nullptr);
+  half2* xs = reinterpret_cast<half2*>(smem);
+  unsigned short* source = reinterpret_cast<unsigned short*>(reinterpret_cast<char*>(smem) + layout.source);
+  half* row_weight = reinterpret_cast<half*>(reinterpret_cast<char*>(smem) + layout.weight);
+  half* row_cache = layout.cached ? reinterpret_cast<half*>(reinterpret_cast<char*>(smem) + layout.cache) : nullptr;
+  for (int r = threadIdx.x; r < block_rows; r += WARPS * 32) {
+    const int k = k_block + r;
+    const int src = k < K ? (perm ? perm[k] : k) : 0;
+    source[r] = static_cast<unsigned short>(src);
+    row_weight[r] = norm_weight && k < K ? norm_weight[src] : __float2half(1.f);
+  }
 #if __CUDA_ARCH__ >= 900
 #ifndef Q4_NO_WAIT  // benchmarks/decode_variants.py: the step without its data dependencies (wrong results)
   asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -277,25 +225,32 @@ __global__ void __launch_bounds__(WARPS * 32) q4_gemv_kernel(const Q4GemvArgs ar
   zero_fill(args.zero0, args.zero0_n);
   zero_fill(args.zero1, args.zero1_n);
 
-  if (norm_weight) {
-    rms_of_rows<M, WARPS>(x, x_mode == RESIDUAL_SUMS ? x_sums : nullptr, args.x_out, K, args.norm_eps, inv_rms);
+  if (norm_weight) {  // (its __syncthreads also publish the row table)
+    rms_of_rows<M, WARPS>(x, x_mode == RESIDUAL_SUMS ? x_sums : nullptr, args.x_out, row_cache, K, args.norm_eps,
+                          inv_rms);
+  } else {
+    __syncthreads();
   }
 
   const int pairs_per_m = block_rows / 2;
-  half2* xs = reinterpret_cast<half2*>(smem);
   for (int p = threadIdx.x; p < M * pairs_per_m; p += WARPS * 32) {
     const int m = p / pairs_per_m, q = p % pairs_per_m;
     const int j = q % 4;
-    const int k = k_block + (q / 4) * 8 + j;
+    const int r = (q / 4) * 8 + j;  // the pair's rows: r and r + 4
     float lo = 0.f, hi = 0.f;
-    if (k < K) {
+    if (k_block + r < K) {  // (then r + 4 too: K is a multiple of 32)
       const float f = (j & 1) ? 1.f / 256.f : 1.f / 16.f;
-      const int k_lo = perm ? perm[k] : k, k_hi = perm ? perm[k + 4] : k + 4;
-      lo = x_value(x, x_sums, x_mode, K, m, k_lo);
-      hi = x_value(x, x_sums, x_mode, K, m, k_hi);
+      const int k_lo = source[r], k_hi = source[r + 4];
+      if (row_cache) {
+        lo = __half2float(row_cache[(size_t)m * K + k_lo]);
+        hi = __half2float(row_cache[(size_t)m * K + k_hi]);
+      } else {
+        lo = x_value(x, x_sums, x_mode, K, m, k_lo);
+        hi = x_value(x, x_sums, x_mode, K, m, k_hi);
+      }
       if (norm_weight) {  // RMSNorm's output, rounded to fp16 as the separate kernel would store it
-        lo = __half2float(__float2half(lo * inv_rms[m] * __half2float(norm_weight[k_lo])));
-        hi = __half2float(__float2half(hi * inv_rms[m] * __half2float(norm_weight[k_hi])));
+        lo = __half2float(__float2half(lo * inv_rms[m] * __half2float(row_weight[r])));
+        hi = __half2float(__float2half(hi * inv_rms[m] * __half2float(row_weight[r + 4])));
       }
       lo *= f;
       hi *= f;
@@ -387,8 +342,16 @@ cudaError_t launch(const Q4GemvArgs& args, bool pdl, cudaStream_t stream) {
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3((args.N + TILE_N - 1) / TILE_N, (args.K + block_rows - 1) / block_rows);
   config.blockDim = dim3(WARPS * 32);
-  config.dynamicSmemBytes = (size_t)M * block_rows * sizeof(half);
+  config.dynamicSmemBytes = smem_layout(M, block_rows, args.K, args.norm_weight != nullptr, args.perm != nullptr).total;
   config.stream = stream;
+  static int opted_in = 0;  // per instantiation: dynamic shared memory past 48 KB less the static needs an opt-in
+  if ((int)config.dynamicSmemBytes > opted_in) {
+    const cudaError_t rc = cudaFuncSetAttribute(q4_gemv_kernel<M, WARPS, DEPTH>,
+                                                cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                (int)config.dynamicSmemBytes);
+    if (rc != cudaSuccess) return rc;
+    opted_in = (int)config.dynamicSmemBytes;
+  }
   return launch_kernel(config, pdl, q4_gemv_kernel<M, WARPS, DEPTH>, args);
 }
 
@@ -430,6 +393,7 @@ int q4_gemv(const Q4GemvArgs* args, int M, int warps, int depth, int pdl, void* 
   if (a.x_out && (a.x_mode != RESIDUAL_SUMS || !a.norm_weight)) return -1;
   if ((a.zero0 && a.zero0_n % 4) || (a.zero1 && a.zero1_n % 4)) return -1;
   if (a.rows_per_warp % CHUNK || a.rows_per_warp <= 0 || (size_t)M * warps * a.rows_per_warp > 16384) return -1;
+  if (a.K > 65536) return -1;  // the row table holds 16-bit row numbers
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   cudaError_t rc;
   switch (M) {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -91,9 +92,14 @@ class Tuner:
     def __init__(self):
         self.best: dict[tuple, tuple[int, int, int]] = {}
 
-    def config(self, key: tuple, run, weights: tuple[torch.Tensor, ...]) -> tuple[int, int, int]:
+    def config(self, key: tuple, run, weights: tuple[torch.Tensor, ...],
+               follows: Callable[[], object] | None = None) -> tuple[int, int, int]:
         """``key``: (M, N, K, ...) the shape and whatever else changes the kernel's work; ``run(config,
-        weights)`` launches one call (0 if it did)."""
+        weights)`` launches one call (0 if it did). ``follows``: the kernel that this call follows in a
+        decode step, if launching it again changes nothing: each timed call then comes after it, as in the
+        step. (A call after a short kernel that leaves most SMs idle, such as o_proj after attention, is
+        quickest when its blocks load all their weights before they wait for it, which a call timed after
+        another call of itself does not show.)"""
         m = key[0]
         if key in self.best:
             return self.best[key]
@@ -105,6 +111,8 @@ class Tuner:
 
         def rotating(c: tuple[int, int, int]) -> int:
             calls["n"] += 1
+            if follows is not None:
+                follows()
             return run(c, copies[calls["n"] % len(copies)])
 
         def timing(c: tuple[int, int, int]) -> float:
@@ -138,7 +146,8 @@ def q4_gemv(x: torch.Tensor | None, qweight: torch.Tensor, scales: torch.Tensor,
             silu_mul: bool = False, sums: bool = False, perm: torch.Tensor | None = None,
             norm: tuple[torch.Tensor, float] | None = None, x_sums: torch.Tensor | None = None,
             x_out: torch.Tensor | None = None, glu_sums: torch.Tensor | None = None,
-            zero: tuple[torch.Tensor, ...] = (), config: tuple[int, int, int] | None = None,
+            zero: tuple[torch.Tensor, ...] = (), follows: Callable[[], object] | None = None,
+            config: tuple[int, int, int] | None = None,
             lib: ctypes.CDLL | None = None, pdl: bool | None = None) -> torch.Tensor:
     """``x @ W`` for 1..4 fp16 rows; with ``residual``: ``residual + x @ W``; with ``silu_mul``: the
     columns are gate and up tiles of 128 interleaved (gate tile t at 2t, up at 2t + 1) and the result is
@@ -151,7 +160,8 @@ def q4_gemv(x: torch.Tensor | None, qweight: torch.Tensor, scales: torch.Tensor,
     multiplies ``x[:, perm[k]]`` (act-order rows sorted by group, the gather done while x is staged).
     ``norm``: (weight ``[K]`` fp16, eps): the rows are RMS-normalized first, ``x * rsqrt(mean(x^2) + eps) *
     weight`` (fp32, rounded to fp16 as RMSNorm's output is), inside the kernel. ``zero``: up to two fp32
-    tensors the kernel zeroes (after the previous kernel in the stream has finished). ``config``: (warps,
+    tensors the kernel zeroes (after the previous kernel in the stream has finished). ``follows``: for the
+    tuner (see Tuner.config), the kernel this call follows, if it can be launched again. ``config``: (warps,
     rows per warp, depth), else the tuned one. ``lib`` and ``pdl``: a variant library and launch mode
     (benchmarks)."""
     source = glu_sums if glu_sums is not None else x
@@ -201,13 +211,16 @@ def q4_gemv(x: torch.Tensor | None, qweight: torch.Tensor, scales: torch.Tensor,
     def ptr(t: torch.Tensor | None) -> int | None:
         return t.data_ptr() if t is not None else None
 
-    def run(cfg: tuple[int, int, int], weights: tuple[torch.Tensor, ...]) -> int:
+    def run(cfg: tuple[int, int, int], weights: tuple[torch.Tensor, ...], final: bool = False) -> int:
+        """One launch; it zeroes ``zero`` only as the real (final) call, not as the tuner's: a ``follows``
+        kernel timed before it may read them."""
         warps, rows, depth = cfg
         qw, sc, qz = weights
+        z_ptrs, z_sizes = zip(*(zeros if final else [(None, 0)] * 2))
         args = _Args(ptr(x), qw.data_ptr(), sc.data_ptr(), qz.data_ptr(), ptr(out), ptr(residual),
                      workspace.sums.data_ptr(), workspace.counters.data_ptr(), ptr(perm), ptr(norm_weight),
-                     ptr(glu_sums if glu_sums is not None else x_sums), ptr(x_out), zeros[0][0], zeros[1][0],
-                     n, k, group_size, zero_offset, epilogue, rows, x_mode, zeros[0][1], zeros[1][1], norm_eps)
+                     ptr(glu_sums if glu_sums is not None else x_sums), ptr(x_out), *z_ptrs,
+                     n, k, group_size, zero_offset, epilogue, rows, x_mode, *z_sizes, norm_eps)
         stream = torch.cuda.current_stream(device).cuda_stream
         return lib.q4_gemv(ctypes.byref(args), m, warps, depth, int(use_pdl), stream)
 
@@ -215,12 +228,12 @@ def q4_gemv(x: torch.Tensor | None, qweight: torch.Tensor, scales: torch.Tensor,
         raise ValueError(f"configuration {config} does not fit {m} rows")
     weights = (qweight, scales, qzeros)
     if config is None:
-        key = (m, n, k, norm is not None, x_mode, sums)
+        key = (m, n, k, norm is not None, x_mode, sums, follows is not None)
         tuned = key in TUNER.best
-        config = TUNER.config(key, run, weights)
+        config = TUNER.config(key, run, weights, follows)
         if sums and not tuned:
             workspace.sums.zero_()  # the timed calls added into it
-    rc = run(config, weights)
+    rc = run(config, weights, final=True)
     cuda_lib.check(rc, f"q4_gemv (M={m} N={n} K={k} group_size={group_size})")
     return out
 
