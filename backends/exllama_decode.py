@@ -81,6 +81,22 @@ class SumsDecoder:
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
                  kv_len: int) -> torch.Tensor:
+        try:
+            return self._step(x, cos, sin, positions, kv_len)
+        except BaseException:
+            self.reset()  # a step cut short (out of memory, a launch error) would leave sums for the next one
+            raise
+
+    def reset(self) -> None:
+        """Every GEMV workspace zeroed, as a completed step leaves them."""
+        for p in self.layers:
+            for linear in (p.qkv, p.o, p.gate_up, p.down):
+                if linear.workspace is not None:
+                    linear.workspace.sums.zero_()
+                    linear.workspace.counters.zero_()
+
+    def _step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+              kv_len: int) -> torch.Tensor:
         if self.residual is None or self.residual[0].device != x.device:
             self.residual = tuple(torch.zeros((1, self.hidden), dtype=torch.float16, device=x.device)
                                   for _ in range(2))

@@ -83,7 +83,8 @@ def _graph_us(fn, calls: int = 20) -> float:
 
 
 class Tuner:
-    """The fastest launch configuration per (M, N, K, normed), timed once on first use outside a graph capture.
+    """The fastest launch configuration per shape and mode (``key``), timed once on first use outside a graph
+    capture.
 
     Timed as in a decode step, where every layer's weights come from DRAM: the calls rotate over copies of
     the weights that together exceed twice the L2 cache (a 4096x4096 layer alone fits in it, and a tuner

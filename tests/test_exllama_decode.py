@@ -89,6 +89,35 @@ def test_chain_under_graph_replay_matches_eager_per_layer(tmp_path):
     assert relative_error(graphed, eager) < 2e-3
 
 
+def test_a_step_cut_short_leaves_no_sums_behind(tmp_path, monkeypatch):
+    """An error in the middle of a step (here: the attention kernel of the second layer) zeroes the workspaces,
+    so the next steps compute what they would have."""
+    from kernels import decode_attention
+
+    model = _model(tmp_path, False)
+    tokens = [5, 17, 3, 99]
+    expected, _ = _decode(model, tokens)
+    real, calls = decode_attention.decode_attention, {"n": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise torch.cuda.OutOfMemoryError("out of memory (test)")
+        return real(*args, **kwargs)
+
+    model.setup_cache(batch=1, max_seq_len=64)
+    with torch.inference_mode():
+        model(torch.tensor([[tokens[0]]], device="cuda"), torch.tensor([0], device="cuda"), kv_len=64)
+        monkeypatch.setattr(decode_attention, "decode_attention", failing)
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            model(torch.tensor([[tokens[1]]], device="cuda"), torch.tensor([1], device="cuda"), kv_len=64)
+        monkeypatch.setattr(decode_attention, "decode_attention", real)
+    torch.cuda.synchronize()
+    assert all(not ws.any() for ws in _workspaces(model))
+    again, _ = _decode(model, tokens)
+    assert relative_error(again, expected) < 2e-3
+
+
 def test_no_chain_where_it_cannot_run(tmp_path):
     """Prompts (several tokens) and triton layers take the per-layer path; gate/up that cannot be interleaved
     for the SiLU*up epilogue leave the model without a chain."""
