@@ -115,7 +115,7 @@ class SumsDecoder:
             attn = p.attn
 
             def attention() -> torch.Tensor:  # (again, it writes the same cache slot: o_proj is tuned after it)
-                return kernel.decode_attention(None, None, None, cos.view(-1), sin.view(-1), positions,
+                return kernel.decode_attention(None, None, None, cos, sin, positions,
                                                attn.kv_cache.k, attn.kv_cache.v, kv_len, attn.sliding_window,
                                                attn.decode_workspace, qkv_sums=qkv.view(-1))
 

@@ -140,6 +140,13 @@ class Rotary(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos(), emb.sin()
 
+    def table(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """cos and sin ``[n, D]`` for positions 0..n-1 (row p is ``forward(p)``), or None where they depend on
+        the sequence length (dynamic scaling)."""
+        if self.scaling is not None and self.scaling.kind == "dynamic":
+            return None
+        return self(torch.arange(n, device=device))
+
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [B, H, T, D]; cos/sin: [T, D]."""
@@ -189,7 +196,7 @@ class Attention(nn.Module):
         q, k, v = self._qkv(x, norm)
         if decode_kernel:
             kernel = decode_attention_kernel(x.device)
-            out = kernel.decode_attention(q.reshape(-1), k.reshape(-1), v.reshape(-1), cos.view(-1), sin.view(-1),
+            out = kernel.decode_attention(q.reshape(-1), k.reshape(-1), v.reshape(-1), cos, sin,
                                           positions, self.kv_cache.k, self.kv_cache.v, kv_len, self.sliding_window,
                                           self.decode_workspace).view(bsz, seqlen, -1)
             return linear_add(self.o_proj, out, residual)
@@ -300,6 +307,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.lm_head = make_linear("lm_head", args.hidden_size, args.vocab_size, False)
         self.rotary = Rotary(args)
+        self.rotary_table: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin [max_seq_len, D]
         self.max_seq_len = 0
         # The backend's own batch-1 decode of all layers (backends/exllama_decode.py), set by the loader.
         self.decode_chain: DecodeChain | None = None
@@ -331,6 +339,8 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.self_attn.kv_cache = KVCache(batch, a.n_kv_heads, max_seq_len, a.head_dim, dtype, device)
             layer.self_attn.decode_workspace = workspace
+        # The attention kernel reads its position's row itself: no rotary kernels in a decode step.
+        self.rotary_table = self.rotary.table(max_seq_len, device) if workspace is not None else None
 
     def attention_mask(self, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         keys = torch.arange(kv_len, device=positions.device)
@@ -353,12 +363,13 @@ class Transformer(nn.Module):
         if kv_len > self.max_seq_len:
             raise ValueError(f"position {kv_len - 1} is past the context length {self.max_seq_len}")
         x = self.embed_tokens(tokens)
-        cos, sin = self.rotary(positions)
         plain_causal = self.args.sliding_window is None and tokens.shape[1] == kv_len > 1
         a = self.args
         decode_kernel = (tokens.shape == (1, 1) and x.dtype == torch.float16
                          and self.layers[0].self_attn.decode_workspace is not None
                          and decode_attention_kernel(x.device).faster_than_sdpa(kv_len, a.n_heads, a.n_kv_heads))
+        # For the decode kernel: the whole table (it reads its position's row), or this position's cos/sin.
+        cos, sin = self.rotary_table if decode_kernel and self.rotary_table is not None else self.rotary(positions)
         mask = None
         if not plain_causal and not decode_kernel:
             # Additive, in the activations' dtype, once per step: a boolean mask is converted in every layer.

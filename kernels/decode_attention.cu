@@ -32,8 +32,8 @@ struct DecodeAttentionArgs {  // mirrored by decode_attention.py's _Args
   const half* q;           // [Hq * D]
   const half* k;           // [Hkv * D]
   const half* v;           // [Hkv * D]
-  const float* cos;        // [D], for this position
-  const float* sin;        // [D]
+  const float* cos;        // [D], for this position, or [S, D] (rotary_stride)
+  const float* sin;
   const int64_t* position; // [1]
   half* k_cache;           // [Hkv, S, D] (head stride cache_head_stride, position stride D)
   half* v_cache;
@@ -43,6 +43,7 @@ struct DecodeAttentionArgs {  // mirrored by decode_attention.py's _Args
   const float* qkv_sums;   // or null: q, k and v as fp32 [Hq * D + 2 * Hkv * D] (the qkv GEMV's unfinished
                            // split-K sums), rounded to fp16 here; q, k and v are then unused
   long long cache_head_stride;
+  int rotary_stride;       // 0: cos and sin are [D], for this position; D: tables [S, D], row `position`
   int head_dim, n_heads, n_kv_heads, window, max_splits;
   float scale;             // 1 / sqrt(D)
 };
@@ -117,14 +118,16 @@ __global__ void __launch_bounds__(WARPS * 32) decode_attention_kernel(const Deco
 
   // Rotary (half-rotation layout: d pairs with d + D/2), rounded to fp16 as the cache stores it.
   const float qscale = a.scale * LOG2E;
+  const float* cos = a.cos + (size_t)pos * a.rotary_stride;
+  const float* sin = a.sin + (size_t)pos * a.rotary_stride;
   for (int e = threadIdx.x; e < (G + 1) * (D / 2); e += WARPS * 32) {
     const int r = e / (D / 2), d = e % (D / 2);  // rows 0..G-1: q heads, row G: k
     const size_t i = (r < G ? (size_t)(kvh * G + r) * D : (size_t)kvh * D) + d;  // in q or in k
     const half* src = r < G ? a.q : a.k;
     const float* src32 = a.qkv_sums && r == G ? a.qkv_sums + (size_t)a.n_heads * D : a.qkv_sums;
     const float x1 = __half2float(input(src, src32, i)), x2 = __half2float(input(src, src32, i + D / 2));
-    const half y1 = __float2half(x1 * a.cos[d] - x2 * a.sin[d]);
-    const half y2 = __float2half(x2 * a.cos[d + D / 2] + x1 * a.sin[d + D / 2]);
+    const half y1 = __float2half(x1 * cos[d] - x2 * sin[d]);
+    const half y2 = __float2half(x2 * cos[d + D / 2] + x1 * sin[d + D / 2]);
     if (r < G) {
       reinterpret_cast<float*>(q_s[r])[d] = __half2float(y1) * qscale;
       reinterpret_cast<float*>(q_s[r])[d + D / 2] = __half2float(y2) * qscale;

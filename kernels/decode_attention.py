@@ -25,7 +25,7 @@ class _Args(ctypes.Structure):  # struct DecodeAttentionArgs in decode_attention
                 ("q", "k", "v", "cos", "sin", "position", "k_cache", "v_cache", "out", "ws", "counters",
                  "qkv_sums")] + \
                [("cache_head_stride", ctypes.c_longlong)] + \
-               [(name, ctypes.c_int) for name in ("head_dim", "n_heads", "n_kv_heads", "window", "max_splits")] + \
+               [(name, ctypes.c_int) for name in ("rotary_stride", "head_dim", "n_heads", "n_kv_heads", "window", "max_splits")] + \
                [("scale", ctypes.c_float)]
 
 
@@ -62,7 +62,8 @@ def decode_attention(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Te
                      kv_len: int, window: int | None, workspace: Workspace, *, qkv_sums: torch.Tensor | None = None,
                      splits: int | None = None, pdl: bool | None = None) -> torch.Tensor:
     """One token's attention output ``[Hq * D]`` fp16: q ``[Hq * D]``, k and v ``[Hkv * D]`` (un-rotated,
-    each contiguous) at ``position`` (int64 ``[1]`` on the device); ``cos``/``sin`` fp32 ``[D]`` for it.
+    each contiguous) at ``position`` (int64 ``[1]`` on the device); ``cos``/``sin`` fp32 ``[D]`` for it, or
+    tables ``[S, D]`` (row p for position p; the kernel reads its position's).
     Or, instead of q, k and v (then None), ``qkv_sums``: the three concatenated in fp32 (a qkv GEMV's
     ``sums``), rounded to fp16 in the kernel.
     k is rotated and written with v into slot ``position`` of ``k_cache``/``v_cache`` ``[1, Hkv, S, D]``;
@@ -82,8 +83,10 @@ def decode_attention(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Te
                 raise ValueError(f"{name} must be contiguous float16")
     if k_cache.stride() != v_cache.stride() or k_cache.stride(3) != 1 or k_cache.stride(2) != head_dim:
         raise ValueError("the k and v caches must be [1, Hkv, S, D] with contiguous rows, the same layout")
-    if cos.dtype != torch.float32 or cos.numel() != head_dim or sin.numel() != head_dim:
-        raise ValueError("cos and sin must be float32 [D]")
+    table = cos.dim() == 2 and cos.shape[0] > 1  # a row per position: the kernel reads its position's
+    if (cos.dtype != torch.float32 or cos.shape != sin.shape or cos.shape[-1] != head_dim
+            or (not table and cos.numel() != head_dim) or (table and cos.shape[0] < kv_len)):
+        raise ValueError("cos and sin must be float32 [D], or tables [S, D] with S >= kv_len")
     cos, sin = cos.contiguous(), sin.contiguous()
     position = position.to(torch.int64)  # as the kernel reads it (a no-op for the model's positions)
     device = k_cache.device
@@ -92,7 +95,8 @@ def decode_attention(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Te
     args = _Args(*(t.data_ptr() if t is not None else None for t in (q, k, v)), cos.data_ptr(), sin.data_ptr(),
                  position.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(),
                  workspace.partials.data_ptr(), workspace.counters.data_ptr(),
-                 qkv_sums.data_ptr() if qkv_sums is not None else None, k_cache.stride(1), head_dim, n_heads,
+                 qkv_sums.data_ptr() if qkv_sums is not None else None, k_cache.stride(1),
+                 head_dim if table else 0, head_dim, n_heads,
                  n_kv_heads, window or 0, MAX_SPLITS, 1.0 / math.sqrt(head_dim))
     lib = cuda_lib.library(cuda_lib.arch_of(device))
     use_pdl = cuda_lib.pdl_default(device) if pdl is None else pdl

@@ -65,6 +65,24 @@ def test_takes_q_k_v_as_fp32_sums():
         torch.testing.assert_close(vc2, vc, rtol=0, atol=0)
 
 
+def test_reads_its_row_of_a_rotary_table():
+    """cos/sin as tables [S, D] (the model's, made once): the same as passing the position's row."""
+    from kernels import decode_attention as da
+
+    position = 77
+    q, k, v, cos, sin, k_cache, v_cache = _inputs(8, 2, 64, 256, position, 3)
+    angles = torch.arange(256, device="cuda").float().unsqueeze(1) * (torch.atan2(sin, cos) / position)
+    cos_t, sin_t = angles.cos(), angles.sin()
+    ws = da.Workspace(8, 2, 64, torch.device("cuda"))
+    pos = torch.tensor([position], device="cuda")
+    row = da.decode_attention(q, k, v, cos_t[position], sin_t[position], pos, k_cache.clone(), v_cache.clone(),
+                              position + 1, None, ws)
+    table = da.decode_attention(q, k, v, cos_t, sin_t, pos, k_cache.clone(), v_cache.clone(), position + 1, None, ws)
+    torch.testing.assert_close(table, row, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="tables"):
+        da.decode_attention(q, k, v, cos_t[:50], sin_t[:50], pos, k_cache, v_cache, position + 1, None, ws)
+
+
 def test_the_model_uses_it_for_one_token_and_matches_the_masked_path(tmp_path):
     """A tiny fp16 model decoding on the GPU: with the kernel (rotary, cache write, attention in one launch)
     and without it (rotary kernel + SDPA with an additive mask), and a sliding window."""
