@@ -19,8 +19,8 @@
 //
 // Launched as a programmatic dependent. The position, cos/sin and the cache's earlier slots are written
 // before the previous kernel (the qkv GEMV) starts, so the first chunk's loads are issued before
-// griddepcontrol.wait; q, k and v are read after it. launch_dependents follows the wait at once, so the
-// o_proj GEMV streams its weights while this kernel runs.
+// griddepcontrol.wait; q, k and v are read after it. launch_dependents comes first of all, so the o_proj
+// GEMV streams its weights while this kernel runs.
 
 #include <cuda_fp16.h>
 #include <cstdint>
@@ -107,13 +107,15 @@ __global__ void __launch_bounds__(WARPS * 32) decode_attention_kernel(const Deco
   const int j0 = lo + split * per, j1 = min(pos + 1, j0 + per);
   const half* k_cache = a.k_cache + (size_t)kvh * a.cache_head_stride;
   const half* v_cache = a.v_cache + (size_t)kvh * a.cache_head_stride;
+#if __CUDA_ARCH__ >= 900  // the next kernel (o_proj) may launch now: it loads weights before its wait
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
   ChunkRegs<D> regs;
   if (j0 < j1) regs.load(k_cache, v_cache, j0, min(CHUNK, j1 - j0), lane, warp);
 #if __CUDA_ARCH__ >= 900
 #ifndef Q4_NO_WAIT
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
-  asm volatile("griddepcontrol.launch_dependents;");
 #endif
 
   // Rotary (half-rotation layout: d pairs with d + D/2), rounded to fp16 as the cache stores it.
