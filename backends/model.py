@@ -80,6 +80,15 @@ def decode_attention_kernel(device: torch.device):
 
 
 @functools.cache
+def head_gemv_kernel(device: torch.device):
+    """kernels.head_gemv where its CUDA library builds and runs on ``device``, else None."""
+    try:
+        from kernels import cuda_lib, head_gemv
+    except ImportError:
+        return None
+    return head_gemv if cuda_lib.unavailable_reason(device) is None else None
+
+
 def _fused_rmsnorm():
     """The one-kernel RMSNorm for GPUs (the torch form above is its reference), imported on first use."""
     try:
@@ -381,4 +390,15 @@ class Transformer(nn.Module):
         else:
             for layer in self.layers:
                 x = layer(x, cos, sin, positions, mask, kv_len, decode_kernel)
-        return self.lm_head(self.norm(x)).float()
+        return self.head(x)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of the last layer's output ``x``: the final norm and lm_head, in one kernel
+        (kernels/head_gemv.cu) for one fp16 token on a GPU where the CUDA kernels run."""
+        lm, norm = self.lm_head, self.norm
+        if (x.is_cuda and x.shape[:2] == (1, 1) and x.dtype == torch.float16 and type(lm) is nn.Linear
+                and lm.bias is None):
+            kernel = head_gemv_kernel(x.device)
+            if kernel is not None and kernel.supported(lm.weight, norm.weight):
+                return kernel.head_gemv(x, lm.weight, norm.weight, norm.eps).view(1, 1, -1)
+        return lm(norm(x)).float()
