@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from backends.loader import LoadOptions, build_model
+from backends.model_config import ModelArgs, RopeScaling
 from tests.gptq_testing import hf_twin, tiny_config, write_tiny_checkpoint
 
 
@@ -86,3 +87,26 @@ def test_position_past_context_is_refused(tmp_path):
     model.setup_cache(batch=1, max_seq_len=8)
     with pytest.raises(ValueError, match="context length 8"):
         model(torch.zeros(1, 9, dtype=torch.long), torch.arange(9))
+
+
+@pytest.mark.parametrize("scaling", [None, RopeScaling("linear", 2.0),
+                                     RopeScaling("llama3", 8.0, original_max_position=64),
+                                     RopeScaling("dynamic", 2.0)])
+def test_rotary_table_rows_are_the_per_position_values(scaling):
+    """Rotary.table (made once per cache, read by the decode attention kernel): row p is exactly forward(p);
+    none where the frequencies depend on the sequence length (dynamic scaling)."""
+    from backends.model import Rotary
+
+    args = ModelArgs("LlamaForCausalLM", 256, 64, 128, 2, 4, 2, 16, rope_scaling=scaling,
+                     max_position_embeddings=128)
+    rotary = Rotary(args)
+    table = rotary.table(300, torch.device("cpu"))
+    if scaling is not None and scaling.kind == "dynamic":
+        assert table is None
+        return
+    cos, sin = table
+    assert cos.shape == sin.shape == (300, 16)
+    for p in (0, 1, 77, 299):
+        c, s = rotary(torch.tensor([p]))
+        torch.testing.assert_close(cos[p : p + 1], c, rtol=0, atol=0)
+        torch.testing.assert_close(sin[p : p + 1], s, rtol=0, atol=0)
