@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from backends.exllama_backend import ExllamaLinear, cuda_gemv_unavailable
-from backends.model import Attention, RMSNorm, Transformer, decode_attention_kernel
+from backends.model import Attention, RMSNorm, Transformer, cuda_kernels
 from kernels import q4_gemv
 
 
@@ -101,7 +101,7 @@ class SumsDecoder:
             self.residual = tuple(torch.zeros((1, self.hidden), dtype=torch.float16, device=x.device)
                                   for _ in range(2))
         after_attn, after_mlp = self.residual
-        kernel = decode_attention_kernel(x.device)
+        kernel = cuda_kernels("decode_attention", x.device)
         h = x.reshape(1, self.hidden)
         down_sums = None  # the previous layer's down_proj sums, still to be added to h
         previous: _Layer | None = None

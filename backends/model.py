@@ -8,6 +8,7 @@ reference dequantized path, the Triton kernels or the ExLlama kernels.
 from __future__ import annotations
 
 import functools
+import importlib
 
 import math
 from typing import Protocol
@@ -70,25 +71,19 @@ def _fused_rotary():
 
 
 @functools.cache
-def decode_attention_kernel(device: torch.device):
-    """kernels.decode_attention where its CUDA library builds and runs on ``device``, else None."""
+def cuda_kernels(name: str, device: torch.device):
+    """The module kernels.<name> (decode_attention, head_gemv) where their CUDA library builds and runs on
+    ``device``, else None."""
     try:
-        from kernels import cuda_lib, decode_attention
+        from kernels import cuda_lib
+
+        module = importlib.import_module(f"kernels.{name}")
     except ImportError:
         return None
-    return decode_attention if cuda_lib.unavailable_reason(device) is None else None
+    return module if cuda_lib.unavailable_reason(device) is None else None
 
 
 @functools.cache
-def head_gemv_kernel(device: torch.device):
-    """kernels.head_gemv where its CUDA library builds and runs on ``device``, else None."""
-    try:
-        from kernels import cuda_lib, head_gemv
-    except ImportError:
-        return None
-    return head_gemv if cuda_lib.unavailable_reason(device) is None else None
-
-
 def _fused_rmsnorm():
     """The one-kernel RMSNorm for GPUs (the torch form above is its reference), imported on first use."""
     try:
@@ -204,7 +199,7 @@ class Attention(nn.Module):
         bsz, seqlen, _ = x.shape
         q, k, v = self._qkv(x, norm)
         if decode_kernel:
-            kernel = decode_attention_kernel(x.device)
+            kernel = cuda_kernels("decode_attention", x.device)
             out = kernel.decode_attention(q.reshape(-1), k.reshape(-1), v.reshape(-1), cos, sin,
                                           positions, self.kv_cache.k, self.kv_cache.v, kv_len, self.sliding_window,
                                           self.decode_workspace).view(bsz, seqlen, -1)
@@ -341,7 +336,7 @@ class Transformer(nn.Module):
         device = self.embed_tokens.weight.device
         self.max_seq_len = max_seq_len
         a = self.args
-        kernel = decode_attention_kernel(device) if device.type == "cuda" else None
+        kernel = cuda_kernels("decode_attention", device) if device.type == "cuda" else None
         workspace = None
         if batch == 1 and kernel is not None and kernel.supported(a.head_dim, a.n_heads, a.n_kv_heads):
             workspace = kernel.Workspace(a.n_heads, a.n_kv_heads, a.head_dim, device)
@@ -376,7 +371,8 @@ class Transformer(nn.Module):
         a = self.args
         decode_kernel = (tokens.shape == (1, 1) and x.dtype == torch.float16
                          and self.layers[0].self_attn.decode_workspace is not None
-                         and decode_attention_kernel(x.device).faster_than_sdpa(kv_len, a.n_heads, a.n_kv_heads))
+                         and cuda_kernels("decode_attention", x.device).faster_than_sdpa(kv_len, a.n_heads,
+                                                                                         a.n_kv_heads))
         # For the decode kernel: the whole table (it reads its position's row), or this position's cos/sin.
         cos, sin = self.rotary_table if decode_kernel and self.rotary_table is not None else self.rotary(positions)
         mask = None
@@ -398,7 +394,7 @@ class Transformer(nn.Module):
         lm, norm = self.lm_head, self.norm
         if (x.is_cuda and x.shape[:2] == (1, 1) and x.dtype == torch.float16 and type(lm) is nn.Linear
                 and lm.bias is None):
-            kernel = head_gemv_kernel(x.device)
+            kernel = cuda_kernels("head_gemv", x.device)
             if kernel is not None and kernel.supported(lm.weight, norm.weight):
                 return kernel.head_gemv(x, lm.weight, norm.weight, norm.eps).view(1, 1, -1)
         return lm(norm(x)).float()
