@@ -23,7 +23,7 @@ import torch
 
 HERE = Path(__file__).parent
 SOURCES = (HERE / "q4_gemv.cu", HERE / "decode_attention.cu", HERE / "head_gemv.cu")
-HEADERS = (HERE / "launch.cuh", HERE / "q4_chunk.cuh")  # included by the sources: part of the library's version
+HEADERS = (HERE / "launch.cuh", HERE / "q4_chunk.cuh", HERE / "row_rms.cuh")  # included by the sources: part of the library's version
 
 
 class BuildError(RuntimeError):

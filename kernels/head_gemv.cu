@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "launch.cuh"
+#include "row_rms.cuh"
 
 struct HeadGemvArgs {  // mirrored by head_gemv.py's _Args
   const half* x;            // [K]
@@ -53,8 +54,7 @@ struct RowLoads {
 
 __global__ void __launch_bounds__(WARPS * 32) head_gemv_kernel(const HeadGemvArgs a) {
   extern __shared__ uint4 xs[];  // xn, K / 8 pieces
-  __shared__ float partial[WARPS];
-  __shared__ float inv_rms;
+  __shared__ float inv_rms[1];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int pieces = a.K / 8;
   const int warps = gridDim.x * WARPS;
@@ -68,28 +68,8 @@ __global__ void __launch_bounds__(WARPS * 32) head_gemv_kernel(const HeadGemvArg
 #endif
 
   // RMSNorm of x, rounded to fp16 as the norm kernel stores it.
+  q4::rms_of_rows<1, WARPS>(a.x, nullptr, nullptr, nullptr, a.K, a.norm_eps, inv_rms);
   const uint4* xv = reinterpret_cast<const uint4*>(a.x);
-  float ss = 0.f;
-  for (int p = threadIdx.x; p < pieces; p += WARPS * 32) {
-    const uint4 v = xv[p];
-    const uint32_t words[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float2 f = __half22float2(*reinterpret_cast<const half2*>(&words[j]));
-      ss = fmaf(f.x, f.x, fmaf(f.y, f.y, ss));
-    }
-  }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-  if (lane == 0) partial[warp] = ss;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    float total = 0.f;
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) total += partial[w];
-    inv_rms = rsqrtf(total / a.K + a.norm_eps);
-  }
-  __syncthreads();
   const uint4* nw = reinterpret_cast<const uint4*>(a.norm_weight);
   for (int p = threadIdx.x; p < pieces; p += WARPS * 32) {
     const uint4 v = xv[p], g = nw[p];
@@ -99,7 +79,7 @@ __global__ void __launch_bounds__(WARPS * 32) head_gemv_kernel(const HeadGemvArg
     for (int j = 0; j < 4; ++j) {
       const float2 f = __half22float2(*reinterpret_cast<const half2*>(&vw[j]));
       const float2 h = __half22float2(*reinterpret_cast<const half2*>(&gw[j]));
-      const half2 n = __floats2half2_rn(f.x * inv_rms * h.x, f.y * inv_rms * h.y);
+      const half2 n = __floats2half2_rn(f.x * inv_rms[0] * h.x, f.y * inv_rms[0] * h.y);
       r[j] = *reinterpret_cast<const uint32_t*>(&n);
     }
     xs[p] = make_uint4(r[0], r[1], r[2], r[3]);
@@ -141,14 +121,8 @@ int head_gemv(const HeadGemvArgs* args, int blocks, int pdl, void* stream) {
   config.blockDim = dim3(WARPS * 32);
   config.dynamicSmemBytes = (size_t)a.K * sizeof(half);
   config.stream = static_cast<cudaStream_t>(stream);
-  static int opted_in = 0;  // dynamic shared memory past 48 KB needs an opt-in
-  if ((int)config.dynamicSmemBytes > opted_in) {
-    const cudaError_t rc = cudaFuncSetAttribute(head_gemv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                (int)config.dynamicSmemBytes);
-    if (rc != cudaSuccess) return static_cast<int>(rc);
-    opted_in = (int)config.dynamicSmemBytes;
-  }
-  const cudaError_t rc = launch_kernel(config, pdl, head_gemv_kernel, a);
+  cudaError_t rc = allow_dynamic_smem<head_gemv_kernel>(config.dynamicSmemBytes);
+  if (rc == cudaSuccess) rc = launch_kernel(config, pdl, head_gemv_kernel, a);
   return rc == cudaErrorInvalidValue ? -1 : static_cast<int>(rc);
 }
 

@@ -14,3 +14,14 @@ cudaError_t launch_kernel(cudaLaunchConfig_t config, bool pdl, Kernel kernel, co
   config.numAttrs = pdl ? 1 : 0;
   return cudaLaunchKernelEx(&config, kernel, args);
 }
+
+// Dynamic shared memory past 48 KB (less the kernel's static) needs an opt-in per kernel, as large as the
+// largest launch so far.
+template <auto KERNEL>
+cudaError_t allow_dynamic_smem(size_t bytes) {
+  static size_t allowed = 0;
+  if (bytes <= allowed) return cudaSuccess;
+  const cudaError_t rc = cudaFuncSetAttribute(KERNEL, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+  if (rc == cudaSuccess) allowed = bytes;
+  return rc;
+}
