@@ -15,6 +15,11 @@ from safetensors.torch import save_file
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||, in fp32."""
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
 def np_pack(values: np.ndarray, bits: int, axis: int) -> np.ndarray:
     """Pack unsigned ``values`` along ``axis``, value j of a word at bit j*bits."""
     per = 32 // bits

@@ -3,11 +3,9 @@
 import pytest
 import torch
 
+from tests.gptq_testing import relative_error
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernels need a GPU (run on the device)")
-
-
-def relative_error(a, b) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
 
 
 def _inputs(n_heads, n_kv_heads, head_dim, seq, position, seed):

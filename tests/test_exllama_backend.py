@@ -11,8 +11,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from backends.quant_config import QuantConfig  # noqa: E402
-from tests.gptq_testing import random_gptq_layer  # noqa: E402
-from tests.test_triton_kernel import DEVICE, relative_error  # noqa: E402
+from tests.gptq_testing import random_gptq_layer, relative_error  # noqa: E402
+from tests.test_triton_kernel import DEVICE  # noqa: E402
 
 pytest.importorskip("triton")
 

@@ -5,13 +5,9 @@ import pytest
 import torch
 
 from backends.loader import LoadOptions, build_model
-from tests.gptq_testing import tiny_config, write_tiny_checkpoint
+from tests.gptq_testing import relative_error, tiny_config, write_tiny_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernels need a GPU (run on the device)")
-
-
-def relative_error(a, b) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
 
 
 def _model(tmp_path, act_order: bool, sym: bool = True, **overrides):

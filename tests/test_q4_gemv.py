@@ -5,13 +5,9 @@ import pytest
 import torch
 
 from kernels.gptq_format import dequantize
-from tests.gptq_testing import random_gptq_layer
+from tests.gptq_testing import random_gptq_layer, relative_error
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA GEMV needs a GPU (run on the device)")
-
-
-def relative_error(a, b) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
 
 
 @pytest.mark.parametrize("k, n, group_size, sym", [(4096, 4096, 128, True), (576, 1536, 32, False),

@@ -12,15 +12,11 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from kernels.gptq_format import reference_matmul  # noqa: E402
-from tests.gptq_testing import random_gptq_layer  # noqa: E402
+from tests.gptq_testing import random_gptq_layer, relative_error  # noqa: E402
 
 triton_gptq = pytest.importorskip("kernels.triton_gptq")
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
-
-
-def relative_error(a, b) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
 
 
 @pytest.mark.parametrize("bits", [4, 8])
