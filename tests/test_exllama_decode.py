@@ -6,6 +6,7 @@ import torch
 
 from backends.loader import LoadOptions, build_model
 from tests.gptq_testing import relative_error, tiny_config, write_tiny_checkpoint
+from tests.test_cuda_graph import decode_logits
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernels need a GPU (run on the device)")
 
@@ -21,12 +22,9 @@ def _model(tmp_path, act_order: bool, sym: bool = True, **overrides):
 def _decode(model, tokens: list[int], kv_len: int = 64) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Logits of each token decoded one at a time, and the layers' caches afterwards."""
     model.setup_cache(batch=1, max_seq_len=kv_len)
-    out = []
-    with torch.inference_mode():
-        for p, t in enumerate(tokens):
-            out.append(model(torch.tensor([[t]], device="cuda"), torch.tensor([p], device="cuda"), kv_len=kv_len)[0])
+    logits = torch.stack(decode_logits(model, tokens, lambda position: kv_len))
     caches = [c for layer in model.layers for c in (layer.self_attn.kv_cache.k, layer.self_attn.kv_cache.v)]
-    return torch.cat(out), caches
+    return logits, caches
 
 
 class _Counting:
