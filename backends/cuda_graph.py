@@ -49,9 +49,13 @@ class GraphedDecoder:
         self.pool = graph.pool()
         return graph, logits
 
-    def step(self, token: int, position: int) -> torch.Tensor:
-        """Logits ``[vocab]`` after `token` at `position`; valid until the next step."""
-        self.token.fill_(token)
+    def step(self, token: int | torch.Tensor, position: int) -> torch.Tensor:
+        """Logits ``[vocab]`` after `token` (an int, or a one-element tensor on the device that nothing need
+        wait for) at `position`; valid until the next step."""
+        if isinstance(token, torch.Tensor):
+            self.token.copy_(token.view(1, 1))
+        else:
+            self.token.fill_(token)
         self.position.fill_(position)
         kv_len = self.bucket(position + 1)
         if kv_len not in self.graphs:

@@ -20,7 +20,7 @@ from typing import Iterator
 
 import torch
 
-from backends.sampling import SamplingParams, next_token
+from backends.sampling import SamplingParams, sample_token
 
 PREFILL_CHUNK = 512  # prompt tokens per forward on the CPU; on a GPU, PREFILL_CHUNK_GPU
 PREFILL_CHUNK_GPU = 2048
@@ -106,6 +106,30 @@ class StopStringFilter:
         return out
 
 
+class TokenPipe:
+    """Hands sampled tokens to the host without stalling the GPU.
+
+    ``send`` queues a copy of the token into pinned host memory; the caller then
+    queues the next decode step and only then ``receive``s the token, so the
+    GPU computes the next token while the host detokenizes and streams this one.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.host = torch.zeros(1, dtype=torch.long, pin_memory=self.cuda)
+        self.ready = torch.cuda.Event() if self.cuda else None
+
+    def send(self, token: torch.Tensor) -> None:
+        self.host.copy_(token.view(1), non_blocking=self.cuda)
+        if self.ready is not None:
+            self.ready.record()
+
+    def receive(self) -> int:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return int(self.host[0])
+
+
 def stop_token_ids(loaded, params: SamplingParams) -> set[int]:
     ids = set(loaded.args.eos_token_ids) | set(params.stop_token_ids)
     eos = getattr(loaded.tokenizer, "eos_token_id", None)
@@ -144,17 +168,17 @@ class Generation:
         finally:
             lock.release()
 
-    def _forward(self, tokens: list[int], start: int) -> torch.Tensor:
+    def _forward(self, tokens: list[int] | torch.Tensor, start: int) -> torch.Tensor:
         device = self.loaded.device
         with torch.inference_mode():
-            ids = torch.tensor([tokens], dtype=torch.long, device=device)
-            positions = torch.arange(start, start + len(tokens), device=device)
+            ids = torch.as_tensor(tokens, dtype=torch.long, device=device).view(1, -1)
+            positions = torch.arange(start, start + ids.shape[1], device=device)
             return self.loaded.model(ids, positions)[0, -1]
 
-    def _decode(self, token: int, position: int) -> torch.Tensor:
+    def _decode(self, token: torch.Tensor, position: int) -> torch.Tensor:
         decoder = self.loaded.decoder
         if decoder is None:
-            return self._forward([token], position)
+            return self._forward(token, position)
         with torch.inference_mode():
             return decoder.step(token, position)
 
@@ -189,17 +213,25 @@ class Generation:
         started = time.perf_counter()
         result.finish_reason = "length"
         pieces: list[str] = []
+        pipe = TokenPipe(device)
         for step in range(self.max_new):
             if self.cancel.is_set():
                 result.finish_reason = "cancelled"
                 break
-            token = next_token(logits, history, params, generator)
+            sampled = sample_token(logits, history, params, generator)
+            pipe.send(sampled)
+            history = torch.cat([history, sampled])
+            decoded = step + 1 < self.max_new
+            if decoded:  # queued before the host looks at the token; wasted if it ends the generation
+                logits = self._decode(sampled, len(self.prompt_ids) + step)
+            token = pipe.receive()
             if token in stops:
                 result.finish_reason = "eos"
                 break
             result.token_ids.append(token)
             result.new_tokens += 1
-            history = torch.cat([history, torch.tensor([token], device=device)])
+            if decoded:
+                self.loaded.cached_tokens = self.loaded.cached_tokens + [token]
             piece = stop_filter.push(decoder.push(token))
             if piece:
                 pieces.append(piece)
@@ -207,10 +239,6 @@ class Generation:
             if stop_filter.stopped:
                 result.finish_reason = "stop"
                 break
-            if step + 1 < self.max_new:
-                position = len(self.prompt_ids) + step
-                logits = self._decode(token, position)
-                self.loaded.cached_tokens = self.loaded.cached_tokens + [token]
         tail = "" if stop_filter.stopped else stop_filter.flush()
         if tail:
             pieces.append(tail)

@@ -107,17 +107,19 @@ def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
-def next_token(
+def sample_token(
     logits: torch.Tensor, previous: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
-) -> int:
-    """Choose the next token from fp32 ``logits`` ``[vocab]`` given the ids so far."""
+) -> torch.Tensor:
+    """The next token ``[1]`` (on the logits' device, nothing waits for it) from fp32 ``logits`` ``[vocab]``
+    given the ids so far."""
     logits = apply_repetition_penalty(logits.view(1, -1), previous.view(1, -1), params.repetition_penalty)
     if params.greedy:
-        return int(torch.argmax(logits, dim=-1))
+        return torch.argmax(logits, dim=-1)
     logits = logits / params.temperature
     logits = apply_top_k(logits, params.top_k)
     logits = apply_top_p(logits, params.top_p)
     logits = apply_typical_p(logits, params.typical_p)
     logits = apply_min_p(logits, params.min_p)
     probs = logits.softmax(dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return torch.multinomial(probs, 1, generator=generator).view(1)
+

@@ -124,9 +124,36 @@ def bench_shape(k: int, n: int, bw: float, l2_bytes: int) -> list[dict]:
     return rows
 
 
+def gemv_kernels(k: int, n: int, bw: float, l2_bytes: int) -> dict:
+    """M = 1: the best configuration of each GEMV kernel (the looping one, the one-tile one), timed alike."""
+    layer_bytes = k * n // 2 + (k // 128) * n * 2 + (k // 128) * n // 2
+    copies = max(2, int(4 * l2_bytes // layer_bytes) + 1)
+    layers = [make_layer(k, n, 4, 128, False, seed=i) for i in range(copies)]
+    x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+    best: dict[str, tuple[float, dict]] = {}
+    for cfg in triton_gptq._gemv_configs(n, k, 128, 4):
+        family = "tile" if cfg.get("TILE") else "loop"
+        state = {"i": 0}
+
+        def run():
+            t = layers[state["i"] % copies]
+            state["i"] += 1
+            return triton_gptq._run_gemv(cfg, x, t["qweight"], t["scales"], t["qzeros"], 4, 1, 128)
+
+        try:
+            us = graph_us(run)
+        except triton.runtime.errors.OutOfResources:
+            continue
+        if family not in best or us < best[family][0]:
+            best[family] = (us, cfg)
+    return {f: {"us": us, "of_copy_bw": layer_bytes / (us * 1e-6) / bw, "config": cfg} for f, (us, cfg) in best.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="7B shapes only")
+    parser.add_argument("--gemv-kernels", action="store_true",
+                        help="only M = 1: the best configuration of each GEMV kernel at every shape")
     opts = parser.parse_args()
     props = torch.cuda.get_device_properties(0)
     print(f"{props.name}, {props.multi_processor_count} SMs, L2 {props.L2_cache_size / 2**20:.0f} MB, "
@@ -134,6 +161,12 @@ def main() -> None:
     t0 = time.time()
     bw = copy_bandwidth()
     print(f"device copy bandwidth (read+write): {bw / 1e9:.0f} GB/s", flush=True)
+    if opts.gemv_kernels:
+        print("| shape | kernel | µs | of copy BW | configuration |\n|---|---|---|---|---|")
+        for name, (k, n) in SHAPES.items():
+            for family, r in sorted(gemv_kernels(k, n, bw, props.L2_cache_size).items()):
+                print(f"| {name} ({k}x{n}) | {family} | {r['us']:.1f} | {r['of_copy_bw']:.0%} | {r['config']} |", flush=True)
+        return
 
     print("\ncorrectness (relative error vs fp32 dequantized reference, M = 1, 16, 300):")
     triton_gptq.AUTOTUNE = False  # checking every format: no need to time configurations

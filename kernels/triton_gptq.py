@@ -222,6 +222,137 @@ def _gptq_gemv_kernel(
 
 
 @triton.jit
+def _x_pairs(x01, x23, x45, x67):
+    """Eight fp16 x values, given as four int32 pairs (x0 | x1 << 16, ...), regrouped to match _dot8's
+    nibble pairs: (x0, x4), (x1, x5) / 16, (x2, x6), (x3, x7) / 16."""
+    return tl.inline_asm_elementwise(
+        asm="""
+        {
+        .reg .b32 t, sixteenth;
+        mov.b32 sixteenth, 0x2C002C00;
+        prmt.b32 $0, $4, $6, 0x5410;
+        prmt.b32 t, $4, $6, 0x7632;
+        mul.rn.f16x2 $1, t, sixteenth;
+        prmt.b32 $2, $5, $7, 0x5410;
+        prmt.b32 t, $5, $7, 0x7632;
+        mul.rn.f16x2 $3, t, sixteenth;
+        }
+        """,
+        constraints="=r,=r,=r,=r,r,r,r,r",
+        args=[x01, x23, x45, x67],
+        dtype=(tl.int32,) * 4,
+        is_pure=True,
+        pack=1,
+    )
+
+
+@triton.jit
+def _dot8(words, z1, z16, x04, x15, x26, x37):
+    """sum_j x_j (q_j - z) over the 8 nibbles q_j of each word, in fp16 half2 arithmetic (rounded to fp32 at
+    the end): (w & 0x000F000F) | 0x64006400 is the half2 (1024 + q0, 1024 + q4), minus z1 = (1024 + z) twice
+    gives (q0 - z, q4 - z) exactly; the 0x00F000F0 mask gives 16 (q1 - z), 16 (q5 - z) after z16, which
+    is why x1, x5 (and x3, x7) come divided by 16 (_x_pairs); w >> 8 gives q2, q6, q3, q7 the same way."""
+    return tl.inline_asm_elementwise(
+        asm="""
+        {
+        .reg .b32 t, a, b, c, d, bias, acc;
+        .reg .b16 lo, hi;
+        .reg .f32 flo, fhi;
+        mov.b32 bias, 0x64006400;
+        shr.u32 t, $1, 8;
+        lop3.b32 a, $1, 0x000F000F, bias, 0xEA;
+        lop3.b32 b, $1, 0x00F000F0, bias, 0xEA;
+        lop3.b32 c, t, 0x000F000F, bias, 0xEA;
+        lop3.b32 d, t, 0x00F000F0, bias, 0xEA;
+        sub.f16x2 a, a, $2;
+        sub.f16x2 b, b, $3;
+        sub.f16x2 c, c, $2;
+        sub.f16x2 d, d, $3;
+        mul.rn.f16x2 acc, a, $4;
+        fma.rn.f16x2 acc, b, $5, acc;
+        fma.rn.f16x2 acc, c, $6, acc;
+        fma.rn.f16x2 acc, d, $7, acc;
+        mov.b32 {lo, hi}, acc;
+        cvt.f32.f16 flo, lo;
+        cvt.f32.f16 fhi, hi;
+        add.f32 $0, flo, fhi;
+        }
+        """,
+        constraints="=f,r,r,r,r,r,r,r",
+        args=[words, z1, z16, x04, x15, x26, x37],
+        dtype=tl.float32,
+        is_pure=True,
+        pack=1,
+    )
+
+
+@triton.jit
+def _gptq_gemv_tile_kernel(
+    x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, out_ptr,
+    ws_ptr, counter_ptr,  # SPLIT_K > 1: fp32 [N] partial sums and int32 arrival counters per column block, zero
+    N, K, group_size,  # contiguous groups; CHUNK_K divides group_size
+    BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr,
+    BLOCK_N: tl.constexpr, CHUNK_K: tl.constexpr, CHUNKS: tl.constexpr, SPLIT_K: tl.constexpr,
+    ASM: tl.constexpr,  # 4-bit on a GPU: _dot8's inline PTX; else plain Triton arithmetic in fp32
+    PDL: tl.constexpr,  # launched as a programmatic dependent: load the weights, then wait for x
+):
+    """One program: CHUNKS chunks of CHUNK_K rows (each inside one group) by BLOCK_N columns, every weight
+    word loaded at once, before the program waits for the kernel that writes x (PDL). No loop."""
+    PACK: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    ROWS: tl.constexpr = CHUNK_K // PACK  # word rows per chunk
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    chunk_k = pid_k * (CHUNKS * CHUNK_K) + tl.arange(0, CHUNKS) * CHUNK_K  # [C] first row of each chunk
+    mask_c = chunk_k < K
+    word_row = chunk_k[:, None] // PACK + tl.arange(0, ROWS)[None, :]  # [C, R]
+    tile_mask = mask_c[:, None, None] & mask_n[None, None, :]
+    words = tl.load(qweight_ptr + word_row[:, :, None] * N + offs_n[None, None, :], mask=tile_mask, other=0,
+                    eviction_policy="evict_first")  # [C, R, BLOCK_N], read once
+    g = chunk_k // group_size
+    cmask = mask_c[:, None] & mask_n[None, :]
+    scale = tl.load(scales_ptr + g[:, None] * N + offs_n[None, :], mask=cmask, other=0.0)  # [C, BLOCK_N]
+    zword = tl.load(qzeros_ptr + g[:, None] * (N // PACK) + (offs_n // PACK)[None, :], mask=cmask, other=0)
+    zero = ((zword >> ((offs_n % PACK) * BITS)[None, :]) & MASK) + ZERO_OFFSET  # [C, BLOCK_N]
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    k_row = word_row * PACK  # [C, R] first row of each word row
+    if ASM:
+        xw = x_ptr.to(tl.pointer_type(tl.int32)) + k_row // 2
+        x04, x15, x26, x37 = _x_pairs(tl.load(xw, mask=mask_c[:, None], other=0),
+                                      tl.load(xw + 1, mask=mask_c[:, None], other=0),
+                                      tl.load(xw + 2, mask=mask_c[:, None], other=0),
+                                      tl.load(xw + 3, mask=mask_c[:, None], other=0))
+        z1 = (0x6400 | zero) * 0x10001  # the half2 (1024 + z, 1024 + z) as bits
+        z16 = (0x6400 | (zero << 4)) * 0x10001
+        dots = _dot8(words, z1[:, None, :], z16[:, None, :], x04[:, :, None], x15[:, :, None], x26[:, :, None],
+                     x37[:, :, None])  # [C, R, BLOCK_N]
+    else:
+        dots = tl.zeros((CHUNKS, ROWS, BLOCK_N), dtype=tl.float32)
+        for j in tl.static_range(PACK):
+            q = (words >> (j * BITS)) & MASK
+            xj = tl.load(x_ptr + k_row + j, mask=mask_c[:, None], other=0.0).to(tl.float32)
+            dots += xj[:, :, None] * (q - zero[:, None, :]).to(tl.float32)
+    acc = tl.sum(tl.sum(dots, axis=1) * scale.to(tl.float32), axis=0)  # [BLOCK_N]
+    if SPLIT_K == 1:
+        tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
+    else:
+        # As in _gptq_gemv_kernel: the last program of the column block writes the output and zeroes.
+        tl.atomic_add(ws_ptr + offs_n, acc, mask=mask_n)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(counter_ptr + pid_n, 1)
+        if arrived == SPLIT_K - 1:
+            total = tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptr + offs_n, total.to(out_ptr.dtype.element_ty), mask=mask_n)
+            tl.store(ws_ptr + offs_n, tl.zeros_like(total), mask=mask_n)
+            tl.atomic_xchg(counter_ptr + pid_n, 0)
+
+
+@triton.jit
 def _gptq_dequant_kernel(
     qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, w_ptr,
     N, K, group_size,  # group_size > 0: contiguous groups, else read g_idx
@@ -340,19 +471,27 @@ def _tuned_config(x, qweight, scales, qzeros, g_idx, bits, zero_offset, group_si
 DEQUANT_MIN_M = 128  # from here on, dequantize + cuBLAS beats the fused kernel (benchmarks/RESULTS.md)
 
 
-# (BLOCK_N, BLOCK_K, SPLIT_K, warps) candidates for the GEMV, best guess first.
+# (BLOCK_N, BLOCK_K, SPLIT_K, warps) candidates for the looping GEMV, best guess first.
 GEMV_SHAPES = [(128, 64, 16, 4), (64, 64, 16, 2), (256, 64, 16, 8), (64, 128, 8, 4), (128, 64, 8, 4), (32, 64, 8, 2),
                (64, 128, 4, 4), (128, 128, 2, 4), (64, 128, 1, 4), (32, 128, 1, 4), (64, 32, 16, 4), (128, 32, 8, 4),
                (128, 128, 8, 4), (256, 128, 4, 8), (128, 128, 4, 4)]
-MIN_GEMV_BLOCK_N = min(bn for bn, *_ in GEMV_SHAPES)  # the narrowest column block: sizes the counters
+# (BLOCK_N, CHUNK_K, CHUNKS, warps) candidates for the one-tile GEMV (_gptq_gemv_tile_kernel).
+TILE_SHAPES = [(128, 128, 2, 4), (128, 128, 1, 4), (256, 128, 1, 8), (256, 128, 2, 8), (64, 128, 2, 2),
+               (128, 64, 4, 4), (128, 128, 4, 8), (64, 64, 2, 2), (128, 32, 8, 4), (256, 32, 4, 8)]
+MIN_GEMV_BLOCK_N = min(bn for bn, *_ in GEMV_SHAPES + TILE_SHAPES)  # the narrowest column block: sizes the counters
 
 
 def _gemv_configs(n: int, k: int, group_size: int, bits: int) -> list[dict]:
     """The GEMV_SHAPES that tile K and the group size, each with and without the fp16 dequantization, and for
-    4 bits on a GPU with it in inline PTX (which the CPU interpreter cannot run)."""
-    modes = [(True, False), (False, False)] + ([(True, True)] if bits == 4 and not INTERPRET else [])
-    return [{"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": w, "MAGIC": magic, "ASM": asm}
-            for magic, asm in modes for bn, bk, sk, w in GEMV_SHAPES if group_size % bk == 0 and k % bk == 0]
+    4 bits on a GPU with it in inline PTX (which the CPU interpreter cannot run); then the TILE_SHAPES whose
+    chunk divides the group size (4-bit on a GPU: in inline PTX only)."""
+    asm = bits == 4 and not INTERPRET
+    modes = [(True, False), (False, False)] + ([(True, True)] if asm else [])
+    loops = [{"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": w, "MAGIC": magic, "ASM": a}
+             for magic, a in modes for bn, bk, sk, w in GEMV_SHAPES if group_size % bk == 0 and k % bk == 0]
+    tiles = [{"TILE": True, "BLOCK_N": bn, "CHUNK_K": ck, "CHUNKS": c, "num_warps": w, "ASM": asm}
+             for bn, ck, c, w in TILE_SHAPES if group_size % ck == 0 and k % ck == 0]
+    return loops + tiles
 
 
 def _gemv_workspace(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -367,10 +506,18 @@ def _gemv_workspace(n: int, device: torch.device) -> tuple[torch.Tensor, torch.T
 
 def _run_gemv(cfg: dict, x, qweight, scales, qzeros, bits, zero_offset, group_size) -> torch.Tensor:
     k, n = x.shape[1], qweight.shape[1]
-    split = cfg["SPLIT_K"]
+    tile = cfg.get("TILE", False)
+    split = triton.cdiv(k, cfg["CHUNK_K"] * cfg["CHUNKS"]) if tile else cfg["SPLIT_K"]
     out = torch.empty((1, n), device=x.device, dtype=x.dtype)
     ws, counters = _gemv_workspace(n, x.device) if split > 1 else (out, out)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), split)
+    if tile:
+        pdl = x.is_cuda and not INTERPRET
+        _gptq_gemv_tile_kernel[grid](x, qweight, scales, qzeros, out, ws, counters, n, k, group_size, BITS=bits,
+                                     ZERO_OFFSET=zero_offset, BLOCK_N=cfg["BLOCK_N"], CHUNK_K=cfg["CHUNK_K"],
+                                     CHUNKS=cfg["CHUNKS"], SPLIT_K=split, ASM=cfg["ASM"], PDL=pdl,
+                                     num_warps=cfg["num_warps"], **({"launch_pdl": True} if pdl else {}))
+        return out
     _gptq_gemv_kernel[grid](x, qweight, scales, qzeros, out, ws, counters, n, k, group_size, BITS=bits,
                             ZERO_OFFSET=zero_offset, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split,
                             MAGIC=cfg["MAGIC"], ASM=cfg["ASM"], num_warps=cfg["num_warps"])

@@ -83,3 +83,55 @@ def test_fused_projections_match_separate_ones(tmp_path, backend, act_order, mon
         separate, *_ = build_model(path, options)
     assert separate.layers[0].self_attn.qkv_proj is None
     torch.testing.assert_close(logits_of(fused), logits_of(separate), rtol=2e-2, atol=2e-2)
+
+
+class _IdTokenizer:
+    """Token ids as text, enough for Generation's streaming."""
+
+    eos_token_id = None
+
+    def decode(self, ids, **_) -> str:
+        return "".join(f"<{i}>" for i in ids)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the device)")
+@pytest.mark.parametrize("backend", ["triton", "exllama"])
+def test_generation_queues_the_next_step_before_reading_the_token(tmp_path, backend):
+    """Generation samples on the GPU and queues the next graph replay before it reads the token; the
+    tokens equal step-by-step greedy decoding, and the step queued after a stop token leaves a cache
+    that the next generation reuses correctly."""
+    from backends.cuda_graph import GraphedDecoder
+    from backends.generation import Generation
+    from backends.loader import LoadedModel
+    from backends.sampling import SamplingParams
+
+    path = write_tiny_checkpoint(tmp_path / "m", tiny_config(num_hidden_layers=2), 4, 32, False)
+    model, args, qconfig, name, device, dtype = build_model(path, LoadOptions(backend=backend, device="cuda"))
+    prompt = [5, 17, 3, 99, 42]
+    model.setup_cache(batch=1, max_seq_len=64)
+    expected = []
+    with torch.inference_mode():
+        ids = torch.tensor([prompt], device="cuda")
+        logits = model(ids, torch.arange(len(prompt), device="cuda"))[0, -1]
+        for position in range(len(prompt), len(prompt) + 12):
+            expected.append(int(logits.argmax()))
+            logits = model(torch.tensor([[expected[-1]]], device="cuda"), torch.tensor([position], device="cuda"))[0, -1]
+    model.setup_cache(batch=1, max_seq_len=64)
+    loaded = LoadedModel(path=path, model=model, tokenizer=_IdTokenizer(), args=args, qconfig=qconfig, backend=name,
+                         device=device, dtype=dtype, context_length=64, decoder=GraphedDecoder(model))
+
+    whole = Generation(loaded, prompt, SamplingParams(temperature=0, max_new_tokens=12))
+    assert "".join(whole) == "".join(f"<{t}>" for t in expected)
+    assert whole.result.token_ids == expected and whole.result.finish_reason == "length"
+
+    stop = expected[6]
+    first = expected.index(stop)
+    stopped = Generation(loaded, prompt, SamplingParams(temperature=0, max_new_tokens=12, stop_token_ids=(stop,)))
+    list(stopped)
+    assert stopped.result.token_ids == expected[:first] and stopped.result.finish_reason == "eos"
+    assert loaded.cached_tokens == prompt + expected[:first]  # the stop token's queued step is not counted
+
+    # The next turn reuses the cached prefix and decodes past the slot the wasted step wrote.
+    follow = Generation(loaded, prompt + expected[:first], SamplingParams(temperature=0, max_new_tokens=12 - first))
+    list(follow)
+    assert follow.result.token_ids == expected[first:]

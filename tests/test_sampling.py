@@ -17,7 +17,7 @@ from backends.sampling import (
     apply_top_k,
     apply_top_p,
     apply_typical_p,
-    next_token,
+    sample_token,
 )
 
 
@@ -49,15 +49,15 @@ def test_filters_actually_remove_tokens():
 
 def test_greedy_takes_the_argmax_after_the_penalty():
     x = torch.tensor([1.0, 5.0, 4.9, -2.0])
-    assert next_token(x, torch.tensor([], dtype=torch.long), SamplingParams(temperature=0), None) == 1
-    assert next_token(x, torch.tensor([1]), SamplingParams(temperature=0, repetition_penalty=1.5), None) == 2
+    assert int(sample_token(x, torch.tensor([], dtype=torch.long), SamplingParams(temperature=0), None)) == 1
+    assert int(sample_token(x, torch.tensor([1]), SamplingParams(temperature=0, repetition_penalty=1.5), None)) == 2
 
 
 def test_seeded_sampling_is_reproducible_and_follows_the_distribution():
     x = torch.log(torch.tensor([0.7, 0.2, 0.1]))
     params = SamplingParams(temperature=1.0)
-    draws = [next_token(x, torch.tensor([], dtype=torch.long), params, torch.Generator().manual_seed(s)) for s in range(600)]
-    again = [next_token(x, torch.tensor([], dtype=torch.long), params, torch.Generator().manual_seed(s)) for s in range(600)]
+    draws = [int(sample_token(x, torch.tensor([], dtype=torch.long), params, torch.Generator().manual_seed(s))) for s in range(600)]
+    again = [int(sample_token(x, torch.tensor([], dtype=torch.long), params, torch.Generator().manual_seed(s))) for s in range(600)]
     assert draws == again
     share = draws.count(0) / len(draws)
     assert 0.6 < share < 0.8
