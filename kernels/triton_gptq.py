@@ -6,11 +6,13 @@ group, groups either contiguous runs of ``group_size`` rows or given row by
 row through ``g_idx`` (act-order).
 
 Three paths, chosen by M:
-- M = 1 with contiguous groups (decode): a GEMV kernel that reads each packed
-  word once, expands it in registers (4-bit on a GPU: in inline PTX, four
-  lop3s and four f16x2 ops a word, see _nibbles), and keeps per-lane partial
-  products so that it reduces over K once, at the end; with K split across
-  programs, the last one to finish a column block writes it (one kernel per call).
+- M = 1 with contiguous groups (decode): a GEMV. 4-bit on a GPU: the tile
+  kernel, each program one tile of whole groups by a column block, all its
+  words loaded at once before it waits for the kernel that writes x
+  (programmatic dependent launch), the nibbles unpacked and multiplied with x
+  in half2 inline PTX (_dot8); otherwise a kernel that loops over K. K is
+  split across programs and the last one to finish a column block writes it
+  (one kernel per call).
 - small M, or act-order groups read through g_idx: the fused tiled kernel
   (tl.dot); small M splits K across programs and sums with atomics.
 - M >= DEQUANT_MIN_M: dequantize into an fp16 scratch matrix with a Triton
@@ -107,39 +109,21 @@ def _expand(words, BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.conste
 
 
 @triton.jit
-def _nibbles(words):
-    """The 8 nibbles of each int32 word (nibble j = bits 4j..4j+3) as fp16 tensors, with no int->float
-    conversion: (w & 0x000F000F) | 0x64006400 is the half2 (1024 + q0, 1024 + q4), (w & 0x00F000F0) |
-    0x64006400 is (1024 + 16 q1, 1024 + 16 q5), and w >> 8 gives q2, q6, q3, q7 the same way; one lop3 each,
-    then 1024 is subtracted (or x/16 - 64 taken), half2 at a time."""
-    return tl.inline_asm_elementwise(
-        asm="""
-        {
-        .reg .b32 t, a, b, c, d, bias, sixteenth, minus64;
-        mov.b32 bias, 0x64006400;
-        mov.b32 sixteenth, 0x2C002C00;
-        mov.b32 minus64, 0xD400D400;
-        shr.u32 t, $8, 8;
-        lop3.b32 a, $8, 0x000F000F, bias, 0xEA;
-        lop3.b32 b, $8, 0x00F000F0, bias, 0xEA;
-        lop3.b32 c, t, 0x000F000F, bias, 0xEA;
-        lop3.b32 d, t, 0x00F000F0, bias, 0xEA;
-        sub.f16x2 a, a, bias;
-        fma.rn.f16x2 b, b, sixteenth, minus64;
-        sub.f16x2 c, c, bias;
-        fma.rn.f16x2 d, d, sixteenth, minus64;
-        mov.b32 {$0, $4}, a;
-        mov.b32 {$1, $5}, b;
-        mov.b32 {$2, $6}, c;
-        mov.b32 {$3, $7}, d;
-        }
-        """,
-        constraints="=h,=h,=h,=h,=h,=h,=h,=h,r",
-        args=[words],
-        dtype=(tl.float16,) * 8,
-        is_pure=True,
-        pack=1,
-    )
+def _store_columns(out_ptr, ws_ptr, counter_ptr, acc, offs_n, mask_n, pid_n, SPLIT_K: tl.constexpr):
+    """Writes a GEMV program's fp32 sums for its columns. With K split, the partial sums meet in the fp32
+    workspace; the last program of the column block to arrive writes the output and zeroes the workspace and
+    its counter for the next call: one kernel, no memset, no cast."""
+    if SPLIT_K == 1:
+        tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
+    else:
+        tl.atomic_add(ws_ptr + offs_n, acc, mask=mask_n)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(counter_ptr + pid_n, 1)  # acq_rel: orders the adds above before it
+        if arrived == SPLIT_K - 1:
+            total = tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptr + offs_n, total.to(out_ptr.dtype.element_ty), mask=mask_n)
+            tl.store(ws_ptr + offs_n, tl.zeros_like(total), mask=mask_n)
+            tl.atomic_xchg(counter_ptr + pid_n, 0)
 
 
 @triton.jit
@@ -150,7 +134,6 @@ def _gptq_gemv_kernel(
     BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     MAGIC: tl.constexpr,  # dequantize in fp16 through the exponent trick instead of int->float conversions
-    ASM: tl.constexpr,  # 4-bit on a GPU: the trick in inline PTX, half2 at a time (see _nibbles)
 ):
     PACK: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
@@ -171,7 +154,6 @@ def _gptq_gemv_kernel(
     per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
     k_begin = pid_k * per_split
     k_end = tl.minimum(k_begin + per_split, K)
-    acc2 = tl.zeros((BLOCK_K // PACK, BLOCK_N), dtype=tl.float32)  # ASM: the sums, [word row, column]
     for k0 in range(k_begin, k_end, BLOCK_K):
         words = tl.load(qweight_ptr + (k0 // PACK + rows)[:, None] * N + offs_n[None, :],
                         mask=mask_n[None, :], other=0)
@@ -179,46 +161,17 @@ def _gptq_gemv_kernel(
         scale = tl.load(scales_ptr + g * N + offs_n, mask=mask_n, other=0.0)
         zword = tl.load(qzeros_ptr + g * (N // PACK) + offs_n // PACK, mask=mask_n, other=0)
         zero = ((zword >> zero_shift) & MASK) + ZERO_OFFSET
-        if ASM:
-            s, z = scale[None, :], zero.to(tl.float16)[None, :]
-            xs = x_ptr + k0 + rows * PACK
-            q0, q1, q2, q3, q4, q5, q6, q7 = _nibbles(words)
-            part = tl.load(xs)[:, None] * ((q0 - z) * s)
-            part += tl.load(xs + 1)[:, None] * ((q1 - z) * s)
-            part += tl.load(xs + 2)[:, None] * ((q2 - z) * s)
-            part += tl.load(xs + 3)[:, None] * ((q3 - z) * s)
-            part += tl.load(xs + 4)[:, None] * ((q4 - z) * s)
-            part += tl.load(xs + 5)[:, None] * ((q5 - z) * s)
-            part += tl.load(xs + 6)[:, None] * ((q6 - z) * s)
-            part += tl.load(xs + 7)[:, None] * ((q7 - z) * s)
-            acc2 += part.to(tl.float32)  # eight products in fp16, the running sum in fp32
+        q = (words[:, None, :] >> (lanes * BITS)[None, :, None]) & MASK
+        x = tl.load(x_ptr + k0 + rows[:, None] * PACK + lanes[None, :])
+        if MAGIC:
+            q16 = (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+            z16 = (zero | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+            acc3 += x[:, :, None] * ((q16 - z16[None, None, :]) * scale[None, None, :])
         else:
-            q = (words[:, None, :] >> (lanes * BITS)[None, :, None]) & MASK
-            x = tl.load(x_ptr + k0 + rows[:, None] * PACK + lanes[None, :])
-            if MAGIC:
-                q16 = (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-                z16 = (zero | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-                acc3 += x[:, :, None] * ((q16 - z16[None, None, :]) * scale[None, None, :])
-            else:
-                w = (q - zero[None, None, :]).to(tl.float32) * scale.to(tl.float32)[None, None, :]
-                acc3 += x.to(tl.float32)[:, :, None] * w
-    if ASM:
-        acc = tl.sum(acc2, axis=0)
-    else:
-        acc = tl.sum(tl.sum(acc3.to(tl.float32), axis=0), axis=0)
-    if SPLIT_K == 1:
-        tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
-    else:
-        # Partial sums meet in the fp32 workspace; the last program of the column block to arrive writes the
-        # output and zeroes the workspace and its counter for the next call: one kernel, no memset, no cast.
-        tl.atomic_add(ws_ptr + offs_n, acc, mask=mask_n)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(counter_ptr + pid_n, 1)  # acq_rel: orders the adds above before it
-        if arrived == SPLIT_K - 1:
-            total = tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0, cache_modifier=".cg")
-            tl.store(out_ptr + offs_n, total.to(out_ptr.dtype.element_ty), mask=mask_n)
-            tl.store(ws_ptr + offs_n, tl.zeros_like(total), mask=mask_n)
-            tl.atomic_xchg(counter_ptr + pid_n, 0)
+            w = (q - zero[None, None, :]).to(tl.float32) * scale.to(tl.float32)[None, None, :]
+            acc3 += x.to(tl.float32)[:, :, None] * w
+    acc = tl.sum(tl.sum(acc3.to(tl.float32), axis=0), axis=0)
+    _store_columns(out_ptr, ws_ptr, counter_ptr, acc, offs_n, mask_n, pid_n, SPLIT_K)
 
 
 @triton.jit
@@ -338,18 +291,7 @@ def _gptq_gemv_tile_kernel(
             xj = tl.load(x_ptr + k_row + j, mask=mask_c[:, None], other=0.0).to(tl.float32)
             dots += xj[:, :, None] * (q - zero[:, None, :]).to(tl.float32)
     acc = tl.sum(tl.sum(dots, axis=1) * scale.to(tl.float32), axis=0)  # [BLOCK_N]
-    if SPLIT_K == 1:
-        tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
-    else:
-        # As in _gptq_gemv_kernel: the last program of the column block writes the output and zeroes.
-        tl.atomic_add(ws_ptr + offs_n, acc, mask=mask_n)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(counter_ptr + pid_n, 1)
-        if arrived == SPLIT_K - 1:
-            total = tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0, cache_modifier=".cg")
-            tl.store(out_ptr + offs_n, total.to(out_ptr.dtype.element_ty), mask=mask_n)
-            tl.store(ws_ptr + offs_n, tl.zeros_like(total), mask=mask_n)
-            tl.atomic_xchg(counter_ptr + pid_n, 0)
+    _store_columns(out_ptr, ws_ptr, counter_ptr, acc, offs_n, mask_n, pid_n, SPLIT_K)
 
 
 @triton.jit
@@ -482,15 +424,16 @@ MIN_GEMV_BLOCK_N = min(bn for bn, *_ in GEMV_SHAPES + TILE_SHAPES)  # the narrow
 
 
 def _gemv_configs(n: int, k: int, group_size: int, bits: int) -> list[dict]:
-    """The GEMV_SHAPES that tile K and the group size, each with and without the fp16 dequantization, and for
-    4 bits on a GPU with it in inline PTX (which the CPU interpreter cannot run); then the TILE_SHAPES whose
-    chunk divides the group size (4-bit on a GPU: in inline PTX only)."""
+    """GEMV candidates whose K block divides the group size. 4-bit on a GPU: the TILE_SHAPES with the inline
+    PTX dot (which the CPU interpreter cannot run), faster at every Llama shape (benchmarks/RESULTS.md). Else
+    the looping GEMV_SHAPES with and without the fp16 dequantization, then the TILE_SHAPES in fp32."""
     asm = bits == 4 and not INTERPRET
-    modes = [(True, False), (False, False)] + ([(True, True)] if asm else [])
-    loops = [{"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": w, "MAGIC": magic, "ASM": a}
-             for magic, a in modes for bn, bk, sk, w in GEMV_SHAPES if group_size % bk == 0 and k % bk == 0]
     tiles = [{"TILE": True, "BLOCK_N": bn, "CHUNK_K": ck, "CHUNKS": c, "num_warps": w, "ASM": asm}
              for bn, ck, c, w in TILE_SHAPES if group_size % ck == 0 and k % ck == 0]
+    if asm:
+        return tiles
+    loops = [{"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": w, "MAGIC": magic}
+             for magic in (True, False) for bn, bk, sk, w in GEMV_SHAPES if group_size % bk == 0 and k % bk == 0]
     return loops + tiles
 
 
@@ -520,7 +463,7 @@ def _run_gemv(cfg: dict, x, qweight, scales, qzeros, bits, zero_offset, group_si
         return out
     _gptq_gemv_kernel[grid](x, qweight, scales, qzeros, out, ws, counters, n, k, group_size, BITS=bits,
                             ZERO_OFFSET=zero_offset, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split,
-                            MAGIC=cfg["MAGIC"], ASM=cfg["ASM"], num_warps=cfg["num_warps"])
+                            MAGIC=cfg["MAGIC"], num_warps=cfg["num_warps"])
     return out
 
 
