@@ -47,6 +47,11 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * 2 / (ms * 1e-3)
 
 
+def g128_bytes(k: int, n: int) -> int:
+    """What a 4-bit g128 GEMV must read: qweight + scales + qzeros."""
+    return k * n // 2 + (k // 128) * n * 2 + (k // 128) * n // 2
+
+
 def make_layer(k: int, n: int, bits: int, group_size: int, act_order: bool, seed: int) -> dict[str, torch.Tensor]:
     rng = np.random.default_rng(seed)
     t = random_gptq_layer(k, n, bits, group_size, act_order, sym=True, rng=rng)
@@ -88,7 +93,7 @@ def graph_us(fn, calls: int = 20) -> float:
 
 
 def bench_shape(k: int, n: int, bw: float, l2_bytes: int) -> list[dict]:
-    layer_bytes = k * n // 2 + (k // 128) * n * 2 + (k // 128) * n // 2
+    layer_bytes = g128_bytes(k, n)
     copies = max(2, int(4 * l2_bytes // layer_bytes) + 1)
     layers = [make_layer(k, n, 4, 128, False, seed=i) for i in range(copies)]
     dense = [torch.randn(k, n, device="cuda", dtype=torch.float16) * 0.02 for _ in range(max(2, int(4 * l2_bytes // (k * n * 2)) + 1))]
@@ -124,15 +129,14 @@ def bench_shape(k: int, n: int, bw: float, l2_bytes: int) -> list[dict]:
     return rows
 
 
-def gemv_kernels(k: int, n: int, bw: float, l2_bytes: int) -> dict:
-    """M = 1: the best configuration of each GEMV kernel (the looping one, the one-tile one), timed alike."""
-    layer_bytes = k * n // 2 + (k // 128) * n * 2 + (k // 128) * n // 2
-    copies = max(2, int(4 * l2_bytes // layer_bytes) + 1)
+def gemv_configs(k: int, n: int) -> list[tuple[float, dict]]:
+    """M = 1: every GEMV candidate configuration of the shape (4-bit g128), timed alike, fastest first."""
+    layer_bytes = g128_bytes(k, n)
+    copies = max(2, int(4 * torch.cuda.get_device_properties(0).L2_cache_size // layer_bytes) + 1)
     layers = [make_layer(k, n, 4, 128, False, seed=i) for i in range(copies)]
     x = torch.randn(1, k, device="cuda", dtype=torch.float16)
-    best: dict[str, tuple[float, dict]] = {}
+    timings = []
     for cfg in triton_gptq._gemv_configs(n, k, 128, 4):
-        family = "tile" if cfg.get("TILE") else "loop"
         state = {"i": 0}
 
         def run():
@@ -141,19 +145,17 @@ def gemv_kernels(k: int, n: int, bw: float, l2_bytes: int) -> dict:
             return triton_gptq._run_gemv(cfg, x, t["qweight"], t["scales"], t["qzeros"], 4, 1, 128)
 
         try:
-            us = graph_us(run)
+            timings.append((graph_us(run), cfg))
         except triton.runtime.errors.OutOfResources:
             continue
-        if family not in best or us < best[family][0]:
-            best[family] = (us, cfg)
-    return {f: {"us": us, "of_copy_bw": layer_bytes / (us * 1e-6) / bw, "config": cfg} for f, (us, cfg) in best.items()}
+    return sorted(timings, key=lambda t: t[0])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="7B shapes only")
-    parser.add_argument("--gemv-kernels", action="store_true",
-                        help="only M = 1: the best configuration of each GEMV kernel at every shape")
+    parser.add_argument("--gemv-configs", action="store_true",
+                        help="only M = 1: the three fastest GEMV configurations at every shape")
     opts = parser.parse_args()
     props = torch.cuda.get_device_properties(0)
     print(f"{props.name}, {props.multi_processor_count} SMs, L2 {props.L2_cache_size / 2**20:.0f} MB, "
@@ -161,11 +163,12 @@ def main() -> None:
     t0 = time.time()
     bw = copy_bandwidth()
     print(f"device copy bandwidth (read+write): {bw / 1e9:.0f} GB/s", flush=True)
-    if opts.gemv_kernels:
-        print("| shape | kernel | µs | of copy BW | configuration |\n|---|---|---|---|---|")
+    if opts.gemv_configs:
+        print("| shape | µs | of copy BW | configuration |\n|---|---|---|---|")
         for name, (k, n) in SHAPES.items():
-            for family, r in sorted(gemv_kernels(k, n, bw, props.L2_cache_size).items()):
-                print(f"| {name} ({k}x{n}) | {family} | {r['us']:.1f} | {r['of_copy_bw']:.0%} | {r['config']} |", flush=True)
+            layer_bytes = g128_bytes(k, n)
+            for us, cfg in gemv_configs(k, n)[:3]:
+                print(f"| {name} ({k}x{n}) | {us:.1f} | {layer_bytes / (us * 1e-6) / bw:.0%} | {cfg} |", flush=True)
         return
 
     print("\ncorrectness (relative error vs fp32 dequantized reference, M = 1, 16, 300):")
