@@ -22,7 +22,7 @@ from benchmarks.triton_matmul import SHAPES, copy_bandwidth, g128_bytes, graph_u
 from kernels.triton_gptq import _dot8, _gemv_workspace, _store_columns, _x_pairs  # noqa: E402
 
 CONFIGS = [(128, 128, 2, 4), (256, 64, 2, 4)]  # (BLOCK_N, CHUNK_K, CHUNKS, warps), the tuner's usual picks
-VARIANTS = {"as is": (True, True, True), "no dot": (False, True, True), "no tail": (True, False, True),
+VARIANTS = {"as is": (True, True, True), "acq_rel adds": (True, "acq_rel", True), "no dot": (False, True, True), "no tail": (True, False, True),
             "no dot, no tail": (False, False, True), "no PDL": (True, True, False)}
 
 
@@ -63,7 +63,16 @@ def _variant_kernel(x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, out_ptr, ws_ptr,
         acc = tl.sum(tl.sum(dots, axis=1) * scale.to(tl.float32), axis=0)
     else:  # every word still reaches the result, so no load is optimised away
         acc = tl.sum(tl.sum(words & 0xFF, axis=1) + zero, axis=0).to(tl.float32) * tl.sum(scale, axis=0).to(tl.float32)
-    if TAIL:
+    if TAIL == "acq_rel":  # the tail before its workspace adds were relaxed
+        tl.atomic_add(ws_ptr + offs_n, acc, mask=mask_n)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(counter_ptr + pid_n, 1)
+        if arrived == SPLIT_K - 1:
+            total = tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptr + offs_n, total.to(out_ptr.dtype.element_ty), mask=mask_n)
+            tl.store(ws_ptr + offs_n, tl.zeros_like(total), mask=mask_n)
+            tl.atomic_xchg(counter_ptr + pid_n, 0)
+    elif TAIL:
         _store_columns(out_ptr, ws_ptr, counter_ptr, acc, offs_n, mask_n, pid_n, SPLIT_K)
     else:
         tl.atomic_add(ws_ptr + offs_n, acc, mask=mask_n, sem="relaxed")

@@ -116,9 +116,11 @@ def _store_columns(out_ptr, ws_ptr, counter_ptr, acc, offs_n, mask_n, pid_n, SPL
     if SPLIT_K == 1:
         tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
     else:
-        tl.atomic_add(ws_ptr + offs_n, acc, mask=mask_n)
+        # Relaxed adds (an acq_rel add per thread fences each one); the barrier orders them all before the
+        # counter's release, made by one thread for the program.
+        tl.atomic_add(ws_ptr + offs_n, acc, mask=mask_n, sem="relaxed")
         tl.debug_barrier()
-        arrived = tl.atomic_add(counter_ptr + pid_n, 1)  # acq_rel: orders the adds above before it
+        arrived = tl.atomic_add(counter_ptr + pid_n, 1)  # acq_rel
         if arrived == SPLIT_K - 1:
             total = tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0, cache_modifier=".cg")
             tl.store(out_ptr + offs_n, total.to(out_ptr.dtype.element_ty), mask=mask_n)
