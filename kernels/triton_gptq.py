@@ -250,6 +250,9 @@ def _gptq_gemv_tile_kernel(
     BLOCK_N: tl.constexpr, CHUNK_K: tl.constexpr, CHUNKS: tl.constexpr, SPLIT_K: tl.constexpr,
     ASM: tl.constexpr,  # 4-bit on a GPU: _dot8's inline PTX; else plain Triton arithmetic in fp32
     PDL: tl.constexpr,  # launched as a programmatic dependent: load the weights, then wait for x
+    # benchmarks/triton_gemv_variants.py turns these off to bound what the parts cost (results then wrong):
+    DOT: tl.constexpr = True,  # off: every word still reaches the output, through a cheap sum
+    TAIL: tl.constexpr = True,  # off: only the workspace adds, no arrival counter, no output
 ):
     """One program: CHUNKS chunks of CHUNK_K rows (each inside one group) by BLOCK_N columns, every weight
     word loaded at once, before the program waits for the kernel that writes x (PDL). No loop."""
@@ -276,7 +279,9 @@ def _gptq_gemv_tile_kernel(
     if PDL:
         tl.extra.cuda.gdc_wait()
     k_row = word_row * PACK  # [C, R] first row of each word row
-    if ASM:
+    if not DOT:
+        dots = (words & 0xFF).to(tl.float32) + zero[:, None, :].to(tl.float32)
+    elif ASM:
         xw = x_ptr.to(tl.pointer_type(tl.int32)) + k_row // 2
         x04, x15, x26, x37 = _x_pairs(tl.load(xw, mask=mask_c[:, None], other=0),
                                       tl.load(xw + 1, mask=mask_c[:, None], other=0),
@@ -293,7 +298,10 @@ def _gptq_gemv_tile_kernel(
             xj = tl.load(x_ptr + k_row + j, mask=mask_c[:, None], other=0.0).to(tl.float32)
             dots += xj[:, :, None] * (q - zero[:, None, :]).to(tl.float32)
     acc = tl.sum(tl.sum(dots, axis=1) * scale.to(tl.float32), axis=0)  # [BLOCK_N]
-    _store_columns(out_ptr, ws_ptr, counter_ptr, acc, offs_n, mask_n, pid_n, SPLIT_K)
+    if TAIL:
+        _store_columns(out_ptr, ws_ptr, counter_ptr, acc, offs_n, mask_n, pid_n, SPLIT_K)
+    else:
+        tl.atomic_add(ws_ptr + offs_n, acc, mask=mask_n, sem="relaxed")
 
 
 @triton.jit
