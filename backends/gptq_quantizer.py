@@ -29,7 +29,7 @@ class QuantizedWeight:
 
 def _grid_params(xmin, xmax, bits, sym, min_zero):
     maxq = 2**bits - 1
-    scale = ((xmax - xmin) / maxq).half().float()
+    scale = ((xmax - xmin) / maxq).half().to(xmax.dtype)
     scale = torch.where(scale == 0, torch.full_like(scale, 2**-14), scale)
     if sym:
         zero = torch.full_like(scale, (maxq + 1) // 2)
@@ -41,7 +41,7 @@ def _grid_params(xmin, xmax, bits, sym, min_zero):
 def find_params(
     w: torch.Tensor, bits: int, sym: bool, min_zero: int, clip_grid: int = 0, max_shrink: float = 0.8, norm: float = 2.4
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row scale (fp16-representable, as fp32) and integer zero for ``w`` ``[rows, cols]``.
+    """Per-row scale (fp16-representable, in w's dtype) and integer zero for ``w`` ``[rows, cols]``.
 
     With ``clip_grid`` > 0, the range is also shrunk in ``clip_grid`` steps (down
     to ``1 - max_shrink``) and the one with the least ``|error|**norm`` kept,
@@ -93,7 +93,7 @@ def gptq_quantize(
     ``min_zero=1`` keeps asymmetric zero points writable in the v1 format,
     which stores ``zero - 1`` and cannot hold a zero point of 0.
     """
-    W = weight.detach().clone().float()
+    W = weight.detach().clone().double()  # float64 throughout: the same choices on every CPU's BLAS
     H = hessian.detach().clone().double()
     rows, cols = W.shape
     maxq = 2**bits - 1
@@ -105,19 +105,19 @@ def gptq_quantize(
 
     perm = torch.arange(cols)
     if act_order:
-        perm = torch.argsort(torch.diag(H), descending=True)
+        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
         W = W[:, perm]
         H = H[perm][:, perm]
     invperm = torch.argsort(perm)
 
     damp = damp_percent * torch.mean(torch.diag(H))
     H[range(cols), range(cols)] += damp
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
     Q = torch.zeros_like(W, dtype=torch.int32)
     n_groups = -(-cols // gsize)
-    scales = torch.zeros(n_groups, rows)
-    zeros = torch.zeros(n_groups, rows)
+    scales = torch.zeros(n_groups, rows, dtype=torch.float64)
+    zeros = torch.zeros(n_groups, rows, dtype=torch.float64)
     scale = zero = None
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
