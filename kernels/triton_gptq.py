@@ -466,6 +466,8 @@ def _run_gemv(cfg: dict, x, qweight, scales, qzeros, bits, zero_offset, group_si
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), split)
     if tile:
         pdl = x.is_cuda and not INTERPRET
+        if cfg["ASM"] and x.data_ptr() % 4:
+            x = x.clone()  # _x_pairs reads x as int32 pairs: a view starting mid-pair gets its own copy
         _gptq_gemv_tile_kernel[grid](x, qweight, scales, qzeros, out, ws, counters, n, k, group_size, BITS=bits,
                                      ZERO_OFFSET=zero_offset, BLOCK_N=cfg["BLOCK_N"], CHUNK_K=cfg["CHUNK_K"],
                                      CHUNKS=cfg["CHUNKS"], SPLIT_K=split, ASM=cfg["ASM"], PDL=pdl,

@@ -52,6 +52,18 @@ def test_every_gemv_configuration(bits, group_size):
     assert not sums.any() and not counters.any(), "the split-K programs leave their workspace zero"
 
 
+def test_gemv_of_a_view_that_starts_mid_pair():
+    """x at an odd fp16 offset (a row sliced out of a wider buffer) cannot be read as int32 pairs in place."""
+    k, n = 256, 128
+    t = {key: v.to(DEVICE) for key, v in random_gptq_layer(k, n, 4, 128, False, True, np.random.default_rng(3)).items()}
+    x = torch.randn(1, k + 1, generator=torch.Generator().manual_seed(3)).half().to(DEVICE)[:, 1:]
+    assert x.is_contiguous() and x.data_ptr() % 4
+    expected = reference_matmul(x.float(), t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, 1)
+    for cfg in triton_gptq._gemv_configs(n, k, 128, 4):
+        out = triton_gptq._run_gemv(cfg, x, t["qweight"], t["scales"], t["qzeros"], 4, 1, 128)
+        assert relative_error(out, expected) < 1e-2, cfg
+
+
 @pytest.mark.parametrize("act_order", [False, True])
 def test_dequantize_matches_reference(act_order):
     from kernels.gptq_format import dequantize
