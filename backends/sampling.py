@@ -122,4 +122,3 @@ def sample_token(
     logits = apply_min_p(logits, params.min_p)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).view(1)
-

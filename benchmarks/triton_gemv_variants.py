@@ -17,7 +17,7 @@ import triton
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.triton_matmul import SHAPES, copy_bandwidth, g128_bytes, graph_us, make_layer  # noqa: E402
+from benchmarks.triton_matmul import SHAPES, copy_bandwidth, g128_bytes, graph_us, in_turn, rotated_layers  # noqa: E402
 from kernels.triton_gptq import _gemv_workspace, _gptq_gemv_tile_kernel  # noqa: E402
 
 CONFIGS = [(128, 128, 2, 4), (256, 64, 2, 4)]  # (BLOCK_N, CHUNK_K, CHUNKS, warps), the tuner's usual picks
@@ -33,25 +33,22 @@ def main() -> None:
     print("|---|---|" + "---|" * len(VARIANTS))
     regs: dict[tuple, int] = {}
     for name, (k, n) in SHAPES.items():
-        copies = max(2, int(4 * props.L2_cache_size // g128_bytes(k, n)) + 1)
-        layers = [make_layer(k, n, 4, 128, False, seed=i) for i in range(copies)]
+        layers = rotated_layers(k, n, props.L2_cache_size)
         x = torch.randn(1, k, device="cuda", dtype=torch.float16)
         ws, counters = _gemv_workspace(n, x.device)
         for bn, ck, chunks, warps in CONFIGS:
             cells = []
             for variant, (dot, tail, pdl) in VARIANTS.items():
-                state = {"i": 0}
                 out = torch.empty(1, n, device="cuda", dtype=torch.float16)
                 split = triton.cdiv(k, ck * chunks)
 
-                def run():
-                    t = layers[state["i"] % copies]
-                    state["i"] += 1
+                def launch(t, dot=dot, tail=tail, pdl=pdl):
                     return _gptq_gemv_tile_kernel[(triton.cdiv(n, bn), split)](
                         x, t["qweight"], t["scales"], t["qzeros"], out, ws, counters, n, k, 128, BITS=4,
                         ZERO_OFFSET=1, BLOCK_N=bn, CHUNK_K=ck, CHUNKS=chunks, SPLIT_K=split, ASM=True, PDL=pdl,
                         DOT=dot, TAIL=tail, num_warps=warps, **({"launch_pdl": True} if pdl else {}))
 
+                run = in_turn(layers, launch)
                 compiled = run()
                 regs[(bn, ck, chunks, warps, variant)] = (compiled.n_regs, compiled.n_spills)
                 us = graph_us(run)

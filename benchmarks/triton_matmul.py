@@ -92,31 +92,38 @@ def graph_us(fn, calls: int = 20) -> float:
     return ms * 1e3 / calls
 
 
+def rotated_layers(k: int, n: int, l2_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """Enough random 4-bit g128 [k, n] layers that calling them in turn reads each past the L2 cache."""
+    return [make_layer(k, n, 4, 128, False, seed=i) for i in range(max(2, int(4 * l2_bytes // g128_bytes(k, n)) + 1))]
+
+
+def in_turn(items: list, call):
+    """A function of no arguments that calls `call` on the next of `items` each time, round and round."""
+    state = {"i": 0}
+
+    def run():
+        item = items[state["i"] % len(items)]
+        state["i"] += 1
+        return call(item)
+
+    return run
+
+
 def bench_shape(k: int, n: int, bw: float, l2_bytes: int) -> list[dict]:
     layer_bytes = g128_bytes(k, n)
-    copies = max(2, int(4 * l2_bytes // layer_bytes) + 1)
-    layers = [make_layer(k, n, 4, 128, False, seed=i) for i in range(copies)]
+    layers = rotated_layers(k, n, l2_bytes)
     dense = [torch.randn(k, n, device="cuda", dtype=torch.float16) * 0.02 for _ in range(max(2, int(4 * l2_bytes // (k * n * 2)) + 1))]
     rows = []
     for m in MS:
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-        state = {"i": 0, "j": 0}
 
-        def run_gptq():
-            t = layers[state["i"] % copies]
-            state["i"] += 1
-            return gptq_matmul(x, t["qweight"], t["scales"], t["qzeros"], t["g_idx"], 4, 1, 128)
-
-        def run_fused():
-            t = layers[state["i"] % copies]
-            state["i"] += 1
+        def fused(t):
             cfg = triton_gptq._tuned_config(x, t["qweight"], t["scales"], t["qzeros"], t["qweight"], 4, 1, 128)
             return triton_gptq._run(cfg, x, t["qweight"], t["scales"], t["qzeros"], t["qweight"], 4, 1, 128)
 
-        def run_dense():
-            w = dense[state["j"] % len(dense)]
-            state["j"] += 1
-            return x @ w
+        run_gptq = in_turn(layers, lambda t: gptq_matmul(x, t["qweight"], t["scales"], t["qzeros"], t["g_idx"], 4, 1, 128))
+        run_fused = in_turn(layers, fused)
+        run_dense = in_turn(dense, lambda w: x @ w)
 
         run_gptq()  # autotune outside the timing
         us_q = graph_us(run_gptq)
@@ -131,19 +138,12 @@ def bench_shape(k: int, n: int, bw: float, l2_bytes: int) -> list[dict]:
 
 def gemv_configs(k: int, n: int) -> list[tuple[float, dict]]:
     """M = 1: every GEMV candidate configuration of the shape (4-bit g128), timed alike, fastest first."""
-    layer_bytes = g128_bytes(k, n)
-    copies = max(2, int(4 * torch.cuda.get_device_properties(0).L2_cache_size // layer_bytes) + 1)
-    layers = [make_layer(k, n, 4, 128, False, seed=i) for i in range(copies)]
+    layers = rotated_layers(k, n, torch.cuda.get_device_properties(0).L2_cache_size)
     x = torch.randn(1, k, device="cuda", dtype=torch.float16)
     timings = []
     for cfg in triton_gptq._gemv_configs(n, k, 128, 4):
-        state = {"i": 0}
-
-        def run():
-            t = layers[state["i"] % copies]
-            state["i"] += 1
-            return triton_gptq._run_gemv(cfg, x, t["qweight"], t["scales"], t["qzeros"], 4, 1, 128)
-
+        run = in_turn(layers, lambda t, cfg=cfg: triton_gptq._run_gemv(cfg, x, t["qweight"], t["scales"], t["qzeros"],
+                                                                       4, 1, 128))
         try:
             timings.append((graph_us(run), cfg))
         except triton.runtime.errors.OutOfResources:
