@@ -1,6 +1,6 @@
 """Where the Triton tile GEMV's time goes (4-bit g128, M = 1): the kernel next to itself without the dot
-(loads and the split-K reduction only), without the split-K tail (no arrival counter, no last program's
-write; results wrong, timing a bound), both, and without programmatic dependent launch (the kernel's
+(loads and the split-K reduction only), without the split-K tail (the workspace adds without waiting for
+their old values, no output; results wrong, timing a bound), both, and without programmatic dependent launch (the kernel's
 DOT / TAIL / PDL switches); with the registers each compiles to.
 
     python benchmarks/triton_gemv_variants.py
@@ -20,9 +20,9 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.triton_matmul import SHAPES, copy_bandwidth, g128_bytes, graph_us, in_turn, rotated_layers  # noqa: E402
 from kernels.triton_gptq import _gemv_workspace, _gptq_gemv_tile_kernel  # noqa: E402
 
-CONFIGS = [(128, 128, 2, 4), (256, 64, 2, 4)]  # (BLOCK_N, CHUNK_K, CHUNKS, warps), the tuner's usual picks
-VARIANTS = {"as is": (True, True, True), "no dot": (False, True, True), "no tail": (True, False, True),
-            "no dot, no tail": (False, False, True), "no PDL": (True, True, False)}
+CONFIGS = [(128, 128, 2, 4)]  # (BLOCK_N, CHUNK_K, CHUNKS, warps): the tuner's pick at every shape
+VARIANTS = {"as is": {}, "no dot": {"DOT": False}, "no tail": {"TAIL": False},
+            "no dot, no tail": {"DOT": False, "TAIL": False}, "no PDL": {"PDL": False}}
 
 
 def main() -> None:
@@ -35,18 +35,20 @@ def main() -> None:
     for name, (k, n) in SHAPES.items():
         layers = rotated_layers(k, n, props.L2_cache_size)
         x = torch.randn(1, k, device="cuda", dtype=torch.float16)
-        ws, counters = _gemv_workspace(n, x.device)
+        ws = _gemv_workspace(n, x.device)
         for bn, ck, chunks, warps in CONFIGS:
             cells = []
-            for variant, (dot, tail, pdl) in VARIANTS.items():
+            for variant, switches in VARIANTS.items():
                 out = torch.empty(1, n, device="cuda", dtype=torch.float16)
                 split = triton.cdiv(k, ck * chunks)
 
-                def launch(t, dot=dot, tail=tail, pdl=pdl):
+                def launch(t, switches=switches):
+                    pdl = switches.get("PDL", True)
+                    kw = {"PDL": pdl, **switches, **({"launch_pdl": True} if pdl else {})}
                     return _gptq_gemv_tile_kernel[(triton.cdiv(n, bn), split)](
-                        x, t["qweight"], t["scales"], t["qzeros"], out, ws, counters, n, k, 128, BITS=4,
-                        ZERO_OFFSET=1, BLOCK_N=bn, CHUNK_K=ck, CHUNKS=chunks, SPLIT_K=split, ASM=True, PDL=pdl,
-                        DOT=dot, TAIL=tail, num_warps=warps, **({"launch_pdl": True} if pdl else {}))
+                        x, t["qweight"], t["scales"], t["qzeros"], out, ws, n, k, 128, BITS=4,
+                        ZERO_OFFSET=1, BLOCK_N=bn, CHUNK_K=ck, CHUNKS=chunks, SPLIT_K=split, ASM=True,
+                        num_warps=warps, **kw)
 
                 run = in_turn(layers, launch)
                 compiled = run()
@@ -54,7 +56,6 @@ def main() -> None:
                 us = graph_us(run)
                 cells.append(f"{us:.1f} ({g128_bytes(k, n) / (us * 1e-6) / bw:.0%})")
                 ws.zero_()
-                counters.zero_()
             print(f"| {name} ({k}x{n}) | {(bn, ck, chunks, warps)} | " + " | ".join(cells) + " |", flush=True)
     print("\nregisters (spills) per thread:")
     for key, (r, s) in regs.items():

@@ -33,9 +33,12 @@ import kernels.triton_gptq as triton_gptq  # noqa: E402
 from kernels.triton_gptq import _TUNED, gptq_matmul  # noqa: E402
 from tests.gptq_testing import random_gptq_layer  # noqa: E402
 
+# Llama-2's layers, and the fused q+k+v and gate+up layers that the triton backend runs instead of the single ones.
 SHAPES = {
-    "7B qkvo": (4096, 4096), "7B gate/up": (4096, 11008), "7B down": (11008, 4096),
-    "13B qkvo": (5120, 5120), "13B gate/up": (5120, 13824), "13B down": (13824, 5120),
+    "7B qkvo": (4096, 4096), "7B qkv fused": (4096, 12288), "7B gate/up": (4096, 11008),
+    "7B gate+up fused": (4096, 22016), "7B down": (11008, 4096),
+    "13B qkvo": (5120, 5120), "13B qkv fused": (5120, 15360), "13B gate/up": (5120, 13824),
+    "13B gate+up fused": (5120, 27648), "13B down": (13824, 5120),
 }
 MS = (1, 4, 16, 128, 2048)
 

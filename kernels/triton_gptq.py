@@ -11,8 +11,9 @@ Three paths, chosen by M:
   words loaded at once before it waits for the kernel that writes x
   (programmatic dependent launch), the nibbles unpacked and multiplied with x
   in half2 inline PTX (_dot8); otherwise a kernel that loops over K. K is
-  split across programs and the last one to finish a column block writes it
-  (one kernel per call).
+  split across programs; each adds its partial sums and a count to an int64
+  per column in one atomic, and the program that completes a column writes
+  it (_store_columns; one kernel per call).
 - small M, or act-order groups read through g_idx: the fused tiled kernel
   (tl.dot); small M splits K across programs and sums with atomics.
 - M >= DEQUANT_MIN_M: dequantize into an fp16 scratch matrix with a Triton
@@ -108,30 +109,41 @@ def _expand(words, BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.conste
     return tl.reshape(q, (BLOCK_K, BLOCK_N))
 
 
+# The split-K workspace: one int64 per column holding the number of programs that have added to it
+# (bits 54..63) plus the sum of their partial sums in fixed point (30 fractional bits, two's complement;
+# |sum| < 2**(54 - 1 - 30) = 2**23, far past fp16's largest value).
+_COUNT_SHIFT, _FRAC_BITS = 54, 30
+COUNT_SHIFT = tl.constexpr(_COUNT_SHIFT)
+ONE_COUNT = tl.constexpr(1 << _COUNT_SHIFT)
+HALF_COUNT = tl.constexpr(1 << (_COUNT_SHIFT - 1))
+FIXED_ONE = tl.constexpr(float(1 << _FRAC_BITS))
+FIXED_STEP = tl.constexpr(1.0 / (1 << _FRAC_BITS))
+MAX_SPLIT_K = (1 << (63 - _COUNT_SHIFT)) - 1  # the count stays below the sign bit
+
+
 @triton.jit
-def _store_columns(out_ptr, ws_ptr, counter_ptr, acc, offs_n, mask_n, pid_n, SPLIT_K: tl.constexpr):
-    """Writes a GEMV program's fp32 sums for its columns. With K split, the partial sums meet in the fp32
-    workspace; the last program of the column block to arrive writes the output and zeroes the workspace and
-    its counter for the next call: one kernel, no memset, no cast."""
+def _store_columns(out_ptr, ws_ptr, acc, offs_n, mask_n, SPLIT_K: tl.constexpr):
+    """Writes a GEMV program's fp32 sums for its columns. With K split, each program adds its partial sum and a
+    count of one to the column's int64 (see COUNT_SHIFT) in one relaxed atomic that returns the old value: the
+    program that brings the count to SPLIT_K holds the whole sum, writes the output and zeroes the workspace
+    for the next call. One atomic round trip, no fence, no separate arrival counter, no re-read of the sums;
+    one kernel, no memset, no cast."""
     if SPLIT_K == 1:
         tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
     else:
-        # Relaxed adds (an acq_rel add per thread fences each one); the barrier orders them all before the
-        # counter's release, made by one thread for the program.
-        tl.atomic_add(ws_ptr + offs_n, acc, mask=mask_n, sem="relaxed")
-        tl.debug_barrier()
-        arrived = tl.atomic_add(counter_ptr + pid_n, 1)  # acq_rel
-        if arrived == SPLIT_K - 1:
-            total = tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0, cache_modifier=".cg")
-            tl.store(out_ptr + offs_n, total.to(out_ptr.dtype.element_ty), mask=mask_n)
-            tl.store(ws_ptr + offs_n, tl.zeros_like(total), mask=mask_n)
-            tl.atomic_xchg(counter_ptr + pid_n, 0)
+        mine = tl.floor(acc * FIXED_ONE + 0.5).to(tl.int64) + ONE_COUNT
+        total = tl.atomic_add(ws_ptr + offs_n, mine, mask=mask_n, sem="relaxed") + mine
+        count = (total + HALF_COUNT) >> COUNT_SHIFT
+        last = mask_n & (count == SPLIT_K)
+        value = tl.where(last, total - (count << COUNT_SHIFT), 0).to(tl.float32) * FIXED_STEP
+        tl.store(out_ptr + offs_n, value.to(out_ptr.dtype.element_ty), mask=last)
+        tl.store(ws_ptr + offs_n, tl.zeros_like(total), mask=last)
 
 
 @triton.jit
 def _gptq_gemv_kernel(
     x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, out_ptr,
-    ws_ptr, counter_ptr,  # SPLIT_K > 1: fp32 [N] partial sums and int32 arrival counters per column block, zero
+    ws_ptr,  # SPLIT_K > 1: int64 [N], zero (see _store_columns)
     N, K, group_size,  # contiguous groups; BLOCK_K divides group_size
     BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -173,7 +185,7 @@ def _gptq_gemv_kernel(
             w = (q - zero[None, None, :]).to(tl.float32) * scale.to(tl.float32)[None, None, :]
             acc3 += x.to(tl.float32)[:, :, None] * w
     acc = tl.sum(tl.sum(acc3.to(tl.float32), axis=0), axis=0)
-    _store_columns(out_ptr, ws_ptr, counter_ptr, acc, offs_n, mask_n, pid_n, SPLIT_K)
+    _store_columns(out_ptr, ws_ptr, acc, offs_n, mask_n, SPLIT_K)
 
 
 @triton.jit
@@ -244,7 +256,7 @@ def _dot8(words, z1, z16, x04, x15, x26, x37):
 @triton.jit
 def _gptq_gemv_tile_kernel(
     x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, out_ptr,
-    ws_ptr, counter_ptr,  # SPLIT_K > 1: fp32 [N] partial sums and int32 arrival counters per column block, zero
+    ws_ptr,  # SPLIT_K > 1: int64 [N], zero (see _store_columns)
     N, K, group_size,  # contiguous groups; CHUNK_K divides group_size
     BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr,
     BLOCK_N: tl.constexpr, CHUNK_K: tl.constexpr, CHUNKS: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -252,7 +264,7 @@ def _gptq_gemv_tile_kernel(
     PDL: tl.constexpr,  # launched as a programmatic dependent: load the weights, then wait for x
     # benchmarks/triton_gemv_variants.py turns these off to bound what the parts cost (results then wrong):
     DOT: tl.constexpr = True,  # off: every word still reaches the output, through a cheap sum
-    TAIL: tl.constexpr = True,  # off: only the workspace adds, no arrival counter, no output
+    TAIL: tl.constexpr = True,  # off: the workspace adds without waiting for their old values, no output
 ):
     """One program: CHUNKS chunks of CHUNK_K rows (each inside one group) by BLOCK_N columns, every weight
     word loaded at once, before the program waits for the kernel that writes x (PDL). No loop."""
@@ -267,8 +279,8 @@ def _gptq_gemv_tile_kernel(
     mask_n = offs_n < N
     chunk_k = pid_k * (CHUNKS * CHUNK_K) + tl.arange(0, CHUNKS) * CHUNK_K  # [C] first row of each chunk
     mask_c = chunk_k < K
-    word_row = chunk_k[:, None] // PACK + tl.arange(0, ROWS)[None, :]  # [C, R]
     tile_mask = mask_c[:, None, None] & mask_n[None, None, :]
+    word_row = chunk_k[:, None] // PACK + tl.arange(0, ROWS)[None, :]  # [C, R]
     words = tl.load(qweight_ptr + word_row[:, :, None] * N + offs_n[None, None, :], mask=tile_mask, other=0,
                     eviction_policy="evict_first")  # [C, R, BLOCK_N], read once
     g = chunk_k // group_size
@@ -299,9 +311,9 @@ def _gptq_gemv_tile_kernel(
             dots += xj[:, :, None] * (q - zero[:, None, :]).to(tl.float32)
     acc = tl.sum(tl.sum(dots, axis=1) * scale.to(tl.float32), axis=0)  # [BLOCK_N]
     if TAIL:
-        _store_columns(out_ptr, ws_ptr, counter_ptr, acc, offs_n, mask_n, pid_n, SPLIT_K)
+        _store_columns(out_ptr, ws_ptr, acc, offs_n, mask_n, SPLIT_K)
     else:
-        tl.atomic_add(ws_ptr + offs_n, acc, mask=mask_n, sem="relaxed")
+        tl.atomic_add(ws_ptr + offs_n, acc.to(tl.int64), mask=mask_n, sem="relaxed")
 
 
 @triton.jit
@@ -356,7 +368,7 @@ def _m_bucket(m: int) -> int:
 
 
 _TUNED: dict[tuple, triton.Config] = {}
-_WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # see _gemv_workspace
+_WORKSPACES: dict[tuple, torch.Tensor] = {}  # see _gemv_workspace
 
 
 def _time(fn) -> float:
@@ -429,8 +441,8 @@ GEMV_SHAPES = [(128, 64, 16, 4), (64, 64, 16, 2), (256, 64, 16, 8), (64, 128, 8,
                (128, 128, 8, 4), (256, 128, 4, 8), (128, 128, 4, 4)]
 # (BLOCK_N, CHUNK_K, CHUNKS, warps) candidates for the one-tile GEMV (_gptq_gemv_tile_kernel).
 TILE_SHAPES = [(128, 128, 2, 4), (512, 64, 1, 4), (256, 64, 2, 4), (512, 128, 1, 4), (256, 128, 2, 8),
-               (128, 64, 4, 4), (64, 128, 2, 2), (64, 64, 2, 2), (128, 32, 8, 4), (256, 32, 4, 8)]
-MIN_GEMV_BLOCK_N = min(bn for bn, *_ in GEMV_SHAPES + TILE_SHAPES)  # the narrowest column block: sizes the counters
+               (128, 64, 4, 4), (64, 128, 2, 2), (64, 64, 2, 2), (128, 32, 8, 4), (256, 32, 4, 8),
+               (512, 128, 1, 8), (1024, 64, 1, 8), (256, 64, 1, 2)]
 
 
 def _gemv_configs(n: int, k: int, group_size: int, bits: int) -> list[dict]:
@@ -447,13 +459,12 @@ def _gemv_configs(n: int, k: int, group_size: int, bits: int) -> list[dict]:
     return loops + tiles
 
 
-def _gemv_workspace(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The split-K partial sums and arrival counters for N columns on ``device``, zero, shared by every GEMV
-    of that width: each call leaves them zero and calls on a stream run one after another."""
+def _gemv_workspace(n: int, device: torch.device) -> torch.Tensor:
+    """The split-K workspace for N columns on ``device`` (see _store_columns), zero, shared by every GEMV of
+    that width: each call leaves it zero and calls on a stream run one after another."""
     key = (n, device)
     if key not in _WORKSPACES:
-        _WORKSPACES[key] = (torch.zeros(n, dtype=torch.float32, device=device),
-                            torch.zeros(triton.cdiv(n, MIN_GEMV_BLOCK_N), dtype=torch.int32, device=device))
+        _WORKSPACES[key] = torch.zeros(n, dtype=torch.int64, device=device)
     return _WORKSPACES[key]
 
 
@@ -462,18 +473,20 @@ def _run_gemv(cfg: dict, x, qweight, scales, qzeros, bits, zero_offset, group_si
     tile = cfg.get("TILE", False)
     split = triton.cdiv(k, cfg["CHUNK_K"] * cfg["CHUNKS"]) if tile else cfg["SPLIT_K"]
     out = torch.empty((1, n), device=x.device, dtype=x.dtype)
-    ws, counters = _gemv_workspace(n, x.device) if split > 1 else (out, out)
+    if split > MAX_SPLIT_K:
+        raise ValueError(f"K={k} splits into {split} parts, more than the workspace counts ({MAX_SPLIT_K})")
+    ws = _gemv_workspace(n, x.device) if split > 1 else out
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), split)
     if tile:
         pdl = x.is_cuda and not INTERPRET
         if cfg["ASM"] and x.data_ptr() % 4:
             x = x.clone()  # _x_pairs reads x as int32 pairs: a view starting mid-pair gets its own copy
-        _gptq_gemv_tile_kernel[grid](x, qweight, scales, qzeros, out, ws, counters, n, k, group_size, BITS=bits,
+        _gptq_gemv_tile_kernel[grid](x, qweight, scales, qzeros, out, ws, n, k, group_size, BITS=bits,
                                      ZERO_OFFSET=zero_offset, BLOCK_N=cfg["BLOCK_N"], CHUNK_K=cfg["CHUNK_K"],
                                      CHUNKS=cfg["CHUNKS"], SPLIT_K=split, ASM=cfg["ASM"], PDL=pdl,
                                      num_warps=cfg["num_warps"], **({"launch_pdl": True} if pdl else {}))
         return out
-    _gptq_gemv_kernel[grid](x, qweight, scales, qzeros, out, ws, counters, n, k, group_size, BITS=bits,
+    _gptq_gemv_kernel[grid](x, qweight, scales, qzeros, out, ws, n, k, group_size, BITS=bits,
                             ZERO_OFFSET=zero_offset, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split,
                             MAGIC=cfg["MAGIC"], num_warps=cfg["num_warps"])
     return out

@@ -48,8 +48,26 @@ def test_every_gemv_configuration(bits, group_size):
     for cfg in configs:
         out = triton_gptq._run_gemv(cfg, x, t["qweight"], t["scales"], t["qzeros"], bits, 1, group_size)
         assert out.dtype == torch.float16 and relative_error(out, expected) < 1e-2, cfg
-    sums, counters = triton_gptq._gemv_workspace(n, x.device)
-    assert not sums.any() and not counters.any(), "the split-K programs leave their workspace zero"
+    assert not triton_gptq._gemv_workspace(n, x.device).any(), "the split-K programs leave their workspace zero"
+
+
+@pytest.mark.parametrize("x_scale, w_scale", [(1e-2, 1.0), (100.0, 10.0)])
+def test_split_k_sums_far_from_one(x_scale, w_scale):
+    """The split-K partial sums meet in fixed point (_store_columns): outputs from ~1e-4 to ~1e4, of both
+    signs, stay within fp16 rounding of the fp32 reference, and columns whose sums are zero come out zero."""
+    k, n = 1024, 128
+    t = {key: v.to(DEVICE) for key, v in random_gptq_layer(k, n, 4, 128, False, True, np.random.default_rng(9)).items()}
+    t["scales"] = t["scales"] * w_scale
+    x = (torch.randn(1, k, generator=torch.Generator().manual_seed(9)) * x_scale).half().to(DEVICE)
+    expected = reference_matmul(x.float(), t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, 1)
+    assert (expected.abs().max() > 5e3) if x_scale > 1 else (expected.abs().min() < 1e-3)
+    assert (expected < 0).any() and (expected > 0).any()
+    tolerance = 3e-3 * (expected.abs() + expected.pow(2).mean().sqrt())
+    for cfg in triton_gptq._gemv_configs(n, k, 128, 4):
+        out = triton_gptq._run_gemv(cfg, x, t["qweight"], t["scales"], t["qzeros"], 4, 1, 128)
+        assert torch.all((out.float() - expected).abs() <= tolerance), cfg
+        zero = triton_gptq._run_gemv(cfg, torch.zeros_like(x), t["qweight"], t["scales"], t["qzeros"], 4, 1, 128)
+        assert not zero.any(), cfg
 
 
 def test_gemv_of_a_view_that_starts_mid_pair():
