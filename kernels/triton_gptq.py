@@ -451,7 +451,8 @@ def _gemv_configs(n: int, k: int, group_size: int, bits: int) -> list[dict]:
     the looping GEMV_SHAPES with and without the fp16 dequantization, then the TILE_SHAPES in fp32."""
     asm = bits == 4 and not INTERPRET
     tiles = [{"TILE": True, "BLOCK_N": bn, "CHUNK_K": ck, "CHUNKS": c, "num_warps": w, "ASM": asm}
-             for bn, ck, c, w in TILE_SHAPES if group_size % ck == 0 and k % ck == 0]
+             for bn, ck, c, w in TILE_SHAPES
+             if group_size % ck == 0 and k % ck == 0 and triton.cdiv(k, ck * c) <= MAX_SPLIT_K]
     if asm:
         return tiles
     loops = [{"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": w, "MAGIC": magic}

@@ -197,3 +197,17 @@ def test_the_inline_ptx_gemv_is_a_candidate_for_4_bit_on_a_gpu_only(monkeypatch)
     monkeypatch.setattr(triton_gptq, "INTERPRET", True)
     interpreted = triton_gptq._gemv_configs(4096, 4096, 128, 4)
     assert not any(c.get("ASM") for c in interpreted) and any(c.get("TILE") for c in interpreted)
+
+
+def test_gemv_candidates_split_k_no_further_than_the_workspace_counts():
+    """The split-K count lives in 9 bits of the workspace (_store_columns): a very long K drops the tile shapes
+    that would split it more often, and the launcher refuses such a split outright."""
+    k = 128 * (triton_gptq.MAX_SPLIT_K + 1)
+    tiles = [c for c in triton_gptq._gemv_configs(4096, k, 128, 4) if c.get("TILE")]
+    assert tiles and all(-(-k // (c["CHUNK_K"] * c["CHUNKS"])) <= triton_gptq.MAX_SPLIT_K for c in tiles)
+    assert any(c["CHUNK_K"] * c["CHUNKS"] == 128 for c in triton_gptq._gemv_configs(4096, 4096, 128, 4) if c.get("TILE"))
+    assert not any(c["CHUNK_K"] * c["CHUNKS"] == 128 for c in tiles)
+    x = torch.zeros(1, k, dtype=torch.float16)
+    cfg = {"TILE": True, "BLOCK_N": 64, "CHUNK_K": 64, "CHUNKS": 2, "num_warps": 2, "ASM": False}
+    with pytest.raises(ValueError, match="splits into"):
+        triton_gptq._run_gemv(cfg, x, torch.zeros(k // 8, 64, dtype=torch.int32), None, None, 4, 1, 128)
