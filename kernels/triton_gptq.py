@@ -279,8 +279,8 @@ def _gptq_gemv_tile_kernel(
     mask_n = offs_n < N
     chunk_k = pid_k * (CHUNKS * CHUNK_K) + tl.arange(0, CHUNKS) * CHUNK_K  # [C] first row of each chunk
     mask_c = chunk_k < K
-    tile_mask = mask_c[:, None, None] & mask_n[None, None, :]
     word_row = chunk_k[:, None] // PACK + tl.arange(0, ROWS)[None, :]  # [C, R]
+    tile_mask = mask_c[:, None, None] & mask_n[None, None, :]
     words = tl.load(qweight_ptr + word_row[:, :, None] * N + offs_n[None, None, :], mask=tile_mask, other=0,
                     eviction_policy="evict_first")  # [C, R, BLOCK_N], read once
     g = chunk_k // group_size
@@ -441,8 +441,7 @@ GEMV_SHAPES = [(128, 64, 16, 4), (64, 64, 16, 2), (256, 64, 16, 8), (64, 128, 8,
                (128, 128, 8, 4), (256, 128, 4, 8), (128, 128, 4, 4)]
 # (BLOCK_N, CHUNK_K, CHUNKS, warps) candidates for the one-tile GEMV (_gptq_gemv_tile_kernel).
 TILE_SHAPES = [(128, 128, 2, 4), (512, 64, 1, 4), (256, 64, 2, 4), (512, 128, 1, 4), (256, 128, 2, 8),
-               (128, 64, 4, 4), (64, 128, 2, 2), (64, 64, 2, 2), (128, 32, 8, 4), (256, 32, 4, 8),
-               (512, 128, 1, 8), (1024, 64, 1, 8), (256, 64, 1, 2)]
+               (128, 64, 4, 4), (64, 128, 2, 2), (64, 64, 2, 2), (128, 32, 8, 4), (256, 32, 4, 8)]
 
 
 def _gemv_configs(n: int, k: int, group_size: int, bits: int) -> list[dict]:
