@@ -95,9 +95,14 @@ def graph_us(fn, calls: int = 20) -> float:
     return ms * 1e3 / calls
 
 
+def copies_past_l2(item_bytes: int, l2_bytes: int) -> int:
+    """How many copies of an item to call in turn so that each is read from memory, not from the L2 cache."""
+    return max(2, int(4 * l2_bytes // item_bytes) + 1)
+
+
 def rotated_layers(k: int, n: int, l2_bytes: int) -> list[dict[str, torch.Tensor]]:
     """Enough random 4-bit g128 [k, n] layers that calling them in turn reads each past the L2 cache."""
-    return [make_layer(k, n, 4, 128, False, seed=i) for i in range(max(2, int(4 * l2_bytes // g128_bytes(k, n)) + 1))]
+    return [make_layer(k, n, 4, 128, False, seed=i) for i in range(copies_past_l2(g128_bytes(k, n), l2_bytes))]
 
 
 def in_turn(items: list, call):
@@ -115,7 +120,7 @@ def in_turn(items: list, call):
 def bench_shape(k: int, n: int, bw: float, l2_bytes: int) -> list[dict]:
     layer_bytes = g128_bytes(k, n)
     layers = rotated_layers(k, n, l2_bytes)
-    dense = [torch.randn(k, n, device="cuda", dtype=torch.float16) * 0.02 for _ in range(max(2, int(4 * l2_bytes // (k * n * 2)) + 1))]
+    dense = [torch.randn(k, n, device="cuda", dtype=torch.float16) * 0.02 for _ in range(copies_past_l2(k * n * 2, l2_bytes))]
     rows = []
     for m in MS:
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
