@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.triton_matmul import copy_bandwidth, graph_us, make_layer  # noqa: E402
+from benchmarks.triton_matmul import copy_bandwidth, g128_bytes, graph_us, in_turn, rotated_layers  # noqa: E402
 from kernels import cuda_lib  # noqa: E402
 from kernels import q4_gemv as cuda_gemv  # noqa: E402
 from kernels import triton_gptq  # noqa: E402
@@ -88,31 +88,24 @@ def main() -> None:
 
     rows = []
     for name, (k, n) in SHAPES.items():
-        layer_bytes = k * n // 2 + (k // 128) * n * 2 + (k // 128) * n // 2
-        copies = max(2, int(4 * props.L2_cache_size // layer_bytes) + 1)
-        layers = [make_layer(k, n, 4, 128, False, seed=i) for i in range(copies)]
+        layer_bytes = g128_bytes(k, n)
+        layers = rotated_layers(k, n, props.L2_cache_size)
         ws = cuda_gemv.Workspace(n, torch.device("cuda"))
         dense = torch.randn(k, n, device="cuda", dtype=torch.float16) * 0.02
         for m in (1, 4):
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-            state = {"i": 0}
-
-            def nxt():
-                state["i"] += 1
-                return layers[state["i"] % copies]
-
             row = {"shape": name, "k": k, "n": n, "m": m, "configs": {}}
             for config in [c for c in cuda_gemv.CONFIGS if cuda_gemv._fits(c, m)]:
-                row["configs"][str(config)] = graph_us(lambda: (lambda t: cuda_gemv.q4_gemv(
-                    x, t["qweight"], t["scales"], t["qzeros"], 1, 128, ws, config=config))(nxt()))
+                row["configs"][str(config)] = graph_us(in_turn(layers, lambda t, config=config: cuda_gemv.q4_gemv(
+                    x, t["qweight"], t["scales"], t["qzeros"], 1, 128, ws, config=config)))
             best = min(row["configs"], key=row["configs"].get)
             row["cuda_us"], row["best_config"] = row["configs"][best], best
             t = layers[0]
             cuda_gemv.q4_gemv(x, t["qweight"], t["scales"], t["qzeros"], 1, 128, ws)  # the tuner's pick
             row["tuned_config"] = str(cuda_gemv.TUNER.best[(m, n, k, False)])
             if m == 1:
-                row["triton_us"] = graph_us(lambda: (lambda t: triton_gptq.gptq_gemv(
-                    x, t["qweight"], t["scales"], t["qzeros"], 4, 1, 128))(nxt()))
+                row["triton_us"] = graph_us(in_turn(layers, lambda t: triton_gptq.gptq_gemv(
+                    x, t["qweight"], t["scales"], t["qzeros"], 4, 1, 128)))
             row["cublas_fp16_us"] = graph_us(lambda: x @ dense)
             row["of_copy_bw"] = layer_bytes / (row["cuda_us"] * 1e-6) / bw
             rows.append(row)

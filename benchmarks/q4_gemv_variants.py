@@ -17,7 +17,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.triton_matmul import copy_bandwidth, graph_us, make_layer  # noqa: E402
+from benchmarks.triton_matmul import copy_bandwidth, g128_bytes, graph_us, in_turn, make_layer, rotated_layers  # noqa: E402
 from kernels import cuda_lib  # noqa: E402
 from kernels import q4_gemv as cuda_gemv  # noqa: E402
 
@@ -50,20 +50,15 @@ def main() -> None:
     print("| shape | config (warps, rows/warp) | " + " | ".join(f"{v} µs" for v in libs) + " | full of copy BW | load-only of copy BW |")
     print("|---|---|" + "---|" * (len(libs) + 2))
     for name, (k, n) in SHAPES.items():
-        layer_bytes = k * n // 2 + (k // 128) * n * 2 + (k // 128) * n // 2
-        copies = max(2, int(4 * props.L2_cache_size // layer_bytes) + 1)
-        layers = [make_layer(k, n, 4, 128, False, seed=i) for i in range(copies)]
+        layer_bytes = g128_bytes(k, n)
+        layers = rotated_layers(k, n, props.L2_cache_size)
         ws = cuda_gemv.Workspace(n, torch.device("cuda"))
         x = torch.randn(1, k, device="cuda", dtype=torch.float16)
-        state = {"i": 0}
         for config in cuda_gemv.CONFIGS:
             us = {}
             for variant, (lib, pdl) in libs.items():
-                def run():
-                    state["i"] += 1
-                    t = layers[state["i"] % copies]
-                    cuda_gemv.q4_gemv(x, t["qweight"], t["scales"], t["qzeros"], 1, 128, ws, config=config, lib=lib, pdl=pdl)
-                us[variant] = graph_us(run)
+                us[variant] = graph_us(in_turn(layers, lambda t, config=config, lib=lib, pdl=pdl: cuda_gemv.q4_gemv(
+                    x, t["qweight"], t["scales"], t["qzeros"], 1, 128, ws, config=config, lib=lib, pdl=pdl)))
             t = layers[0]
             outs = {v: cuda_gemv.q4_gemv(x, t["qweight"], t["scales"], t["qzeros"], 1, 128, ws, config=config,
                                          lib=lib, pdl=pdl).float() for v, (lib, pdl) in libs.items()}

@@ -31,16 +31,16 @@ def main() -> None:
     print(f"{props.name}, triton {triton.__version__}; copy bandwidth {bw / 1e9:.0f} GB/s")
     print("| shape | config | " + " | ".join(VARIANTS) + " |")
     print("|---|---|" + "---|" * len(VARIANTS))
-    regs: dict[tuple, int] = {}
+    regs: dict[tuple, tuple[int, int]] = {}
     for name, (k, n) in SHAPES.items():
         layers = rotated_layers(k, n, props.L2_cache_size)
         x = torch.randn(1, k, device="cuda", dtype=torch.float16)
         ws = _gemv_workspace(n, x.device)
+        out = torch.empty(1, n, device="cuda", dtype=torch.float16)
         for bn, ck, chunks, warps in CONFIGS:
             cells = []
+            split = triton.cdiv(k, ck * chunks)
             for variant, switches in VARIANTS.items():
-                out = torch.empty(1, n, device="cuda", dtype=torch.float16)
-                split = triton.cdiv(k, ck * chunks)
 
                 def launch(t, switches=switches):
                     pdl = switches.get("PDL", True)
