@@ -1,7 +1,18 @@
-"""How fast can a Triton kernel stream a 4-bit GPTQ weight matrix at all? Load-only kernels with the
-GEMV's access pattern, next to the GEMV itself (CUDA-graph timing, weights rotated past L2).
+"""How close to the copy bandwidth can one kernel per call read a 4-bit g128 layer at all?
 
     python benchmarks/gemv_ceiling.py
+
+At every Llama-2 shape of triton_matmul.py, timed as it times the GEMV (a CUDA graph of 20 calls, each on
+the next of enough layers to read past L2), with the bytes the GEMV must read (qweight + scales + qzeros):
+- "stream": a kernel that loads exactly the GEMV tile kernel's bytes in its tiles, all at once, and folds
+  them into a value it (practically) never stores: no dot, no split-K sums, nothing after the loads.
+  Three launch modes: no PDL; PDL waiting after the loads for the previous kernel, as the GEMV does;
+  PDL without waiting at all (no dependency between calls: the most overlap a chain of calls can get).
+  Best of several tile shapes each, folding the words as they arrive (fewer registers) or only after a
+  value loaded behind them ("held", as the GEMV holds its words until x arrives).
+- "copy": torch's copy of a buffer of the layer's size (read + write, so twice the bytes).
+- "GEMV": gptq_gemv as the triton backend runs it (autotuned).
+The stream kernel without a wait bounds what any kernel that reads the weights once per call can reach here.
 """
 
 from __future__ import annotations
@@ -16,54 +27,86 @@ import triton.language as tl
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.triton_matmul import copy_bandwidth, graph_us, make_layer  # noqa: E402
+from benchmarks.triton_matmul import SHAPES, copies_past_l2, copy_bandwidth, g128_bytes, graph_us, in_turn  # noqa: E402
 from kernels import triton_gptq  # noqa: E402
+
+# (BLOCK_N, CHUNK_K, CHUNKS, warps) as in triton_gptq.TILE_SHAPES
+STREAM_TILES = [(128, 128, 2, 4), (128, 128, 1, 4), (128, 128, 4, 4), (256, 128, 2, 8), (64, 128, 2, 2),
+                (256, 128, 1, 4), (512, 128, 1, 8)]
+MODES = {"no PDL": 0, "PDL, wait after loads": 1, "PDL, no wait": 2}
 
 
 @triton.jit
-def _load_only(q_ptr, out_ptr, N, K_WORDS, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, SPLIT_K: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.arange(0, ROWS)
-    acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.int32)
-    per = tl.cdiv(tl.cdiv(K_WORDS, ROWS), SPLIT_K) * ROWS
-    start = pid_k * per
-    for r0 in range(start, tl.minimum(start + per, K_WORDS), ROWS):
-        acc ^= tl.load(q_ptr + (r0 + rows)[:, None] * N + offs_n[None, :])
-    tl.atomic_xor(out_ptr + offs_n, tl.xor_sum(acc, axis=0))
+def _stream(q_ptr, s_ptr, z_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, CHUNK_K: tl.constexpr,
+            CHUNKS: tl.constexpr, MODE: tl.constexpr, HOLD: tl.constexpr):
+    ROWS: tl.constexpr = CHUNK_K // 8
+    if MODE > 0:
+        tl.extra.cuda.gdc_launch_dependents()
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    chunk_k = tl.program_id(1) * (CHUNKS * CHUNK_K) + tl.arange(0, CHUNKS) * CHUNK_K
+    mask_c = chunk_k < K
+    word_row = chunk_k[:, None] // 8 + tl.arange(0, ROWS)[None, :]
+    words = tl.load(q_ptr + word_row[:, :, None] * N + offs_n[None, None, :], mask=mask_c[:, None, None], other=0,
+                    eviction_policy="evict_first")
+    g = chunk_k // 128
+    scale = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=mask_c[:, None], other=0.0)
+    zword = tl.load(z_ptr + g[:, None] * (N // 8) + (offs_n // 8)[None, :], mask=mask_c[:, None], other=0)
+    if MODE == 1:
+        tl.extra.cuda.gdc_wait()
+    if HOLD:  # every word waits for a value loaded afterwards, as the GEMV's words wait for x: all in flight
+        words *= tl.load(out_ptr + N, volatile=True)
+    folded = tl.xor_sum(tl.xor_sum(words, axis=1), axis=0)
+    folded ^= tl.xor_sum(zword + scale.to(tl.int16, bitcast=True).to(tl.int32), axis=0)
+    tl.store(out_ptr + offs_n, folded, mask=folded == 0x7FFFFFFF)  # practically never: the loads stay
+
+
+def random_layers(k: int, n: int, l2_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """Random bits in the 4-bit g128 layout (what the stream kernel and the copy read; not a valid GEMV layer)."""
+    def layer() -> dict[str, torch.Tensor]:
+        return {"qweight": torch.randint(-2**31, 2**31 - 1, (k // 8, n), dtype=torch.int32, device="cuda"),
+                "scales": torch.rand(k // 128, n, device="cuda").half(),
+                "qzeros": torch.randint(-2**31, 2**31 - 1, (k // 128, n // 8), dtype=torch.int32, device="cuda")}
+    return [layer() for _ in range(copies_past_l2(g128_bytes(k, n), l2_bytes))]
+
+
+def stream_us(layers: list[dict], k: int, n: int, tile: tuple[int, int, int, int], mode: int, hold: bool) -> float:
+    bn, ck, chunks, warps = tile
+    out = torch.ones(n + 1, dtype=torch.int32, device="cuda")  # out[n]: the value held words wait for
+    grid = (triton.cdiv(n, bn), triton.cdiv(k, ck * chunks))
+    pdl = {"launch_pdl": True} if mode else {}
+    return graph_us(in_turn(layers, lambda t: _stream[grid](t["qweight"], t["scales"], t["qzeros"], out, n, k, BLOCK_N=bn,
+                                                            CHUNK_K=ck, CHUNKS=chunks, MODE=mode, HOLD=hold,
+                                                            num_warps=warps, **pdl)))
 
 
 def main() -> None:
+    props = torch.cuda.get_device_properties(0)
     bw = copy_bandwidth()
-    print(f"copy bandwidth {bw / 1e9:.0f} GB/s")
-    for k, n in ((4096, 4096), (4096, 12288), (11008, 4096), (4096, 22016)):
-        layers = [make_layer(k, n, 4, 128, False, seed=i) for i in range(6)]
-        nbytes = k * n // 2
-        out = torch.zeros(n, dtype=torch.int32, device="cuda")
-        state = {"i": 0}
-        results = []
-        for bn, rows, split, warps in ((128, 8, 16, 4), (256, 16, 8, 4), (128, 32, 8, 4), (512, 8, 8, 8),
-                                       (256, 32, 4, 8), (64, 8, 32, 2), (128, 16, 16, 4)):
-            def run(bn=bn, rows=rows, split=split, warps=warps):
-                t = layers[state["i"] % len(layers)]
-                state["i"] += 1
-                _load_only[(triton.cdiv(n, bn), split)](t["qweight"], out, n, k // 8, BLOCK_N=bn, ROWS=rows,
-                                                        SPLIT_K=split, num_warps=warps)
-            us = graph_us(run)
-            results.append((us, f"load-only BN={bn} rows={rows} split={split} warps={warps}"))
+    print(f"{props.name}, triton {triton.__version__}; copy bandwidth {bw / 1e9:.0f} GB/s (2 GiB, read + write)")
+    print("µs per call (of copy bandwidth), the stream kernel's best tile in brackets\n")
+    print("| shape | " + " | ".join(f"stream, {m}" for m in MODES) + " | copy of the layer's bytes | GEMV |")
+    print("|---|" + "---|" * (len(MODES) + 2))
+    for name, (k, n) in SHAPES.items():
+        nbytes = g128_bytes(k, n)
+
+        def cell(us: float, moved: int = nbytes) -> str:
+            return f"{us:.1f} ({moved / (us * 1e-6) / bw:.0%})"
+
+        layers = random_layers(k, n, props.L2_cache_size)
+        cells = []
+        for mode in MODES.values():
+            us, tile, hold = min((stream_us(layers, k, n, tile, mode, hold), tile, hold)
+                                 for tile in STREAM_TILES for hold in (False, True))
+            cells.append(f"{cell(us)} {tile}{' held' if hold else ''}")
+        copies = [(torch.cat([t["qweight"].view(torch.uint8).view(-1), t["scales"].view(torch.uint8).view(-1),
+                              t["qzeros"].view(torch.uint8).view(-1)]), torch.empty(nbytes, dtype=torch.uint8,
+                                                                                    device="cuda")) for t in layers]
+        cells.append(cell(graph_us(in_turn(copies, lambda c: c[1].copy_(c[0]))), 2 * nbytes))
         x = torch.randn(1, k, device="cuda", dtype=torch.float16)
-
-        def gemv():
-            t = layers[state["i"] % len(layers)]
-            state["i"] += 1
-            return triton_gptq.gptq_gemv(x, t["qweight"], t["scales"], t["qzeros"], 4, 1, 128)
-
-        gemv()
-        results.append((graph_us(gemv), f"GEMV {triton_gptq._TUNED[('gemv', n, k, 4, 128)]}"))
-        print(f"{k}x{n} ({nbytes / 1e6:.1f} MB of qweight; 75% of copy BW = {nbytes / (0.75 * bw) * 1e6:.1f} us)")
-        for us, name in sorted(results)[:5] + [r for r in results if r[1].startswith("GEMV")]:
-            print(f"  {us:7.1f} us  {nbytes / (us * 1e-6) / bw:5.0%} of copy BW  {name}")
+        gemv = in_turn(layers, lambda t: triton_gptq.gptq_gemv(x, t["qweight"], t["scales"], t["qzeros"], 4, 1, 128))
+        gemv()  # autotune outside the timing
+        cells.append(cell(graph_us(gemv)))
+        print(f"| {name} ({k}x{n}) | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,10 @@ Three paths, chosen by M:
   kernel, each program one tile of whole groups by a column block, all its
   words loaded at once before it waits for the kernel that writes x
   (programmatic dependent launch), the nibbles unpacked and multiplied with x
-  in half2 inline PTX (_dot8); otherwise a kernel that loops over K. K is
-  split across programs; each adds its partial sums and a count to an int64
+  in half2 inline PTX (_dot8), or the same tile with x rounded to 16-bit
+  integers per chunk and the dot in dp4a (_idot8), whichever the tuner
+  finds faster; otherwise a kernel that loops over K. K is split across
+  programs; each adds its partial sums and a count to an int64
   per column in one atomic, and the program that completes a column writes
   it (_store_columns; one kernel per call).
 - small M, or act-order groups read through g_idx: the fused tiled kernel
@@ -317,6 +319,94 @@ def _gptq_gemv_tile_kernel(
 
 
 @triton.jit
+def _idot8(words, xeh, xoh, xel, xol):
+    """sum_j q_j x_j over the 8 nibbles q_j of each word, x given as 16-bit integers split into bytes and packed
+    four to a word: the even rows' (j = 0, 2, 4, 6) high bytes (signed) in xeh, the odd rows' in xoh, the low
+    bytes (unsigned) in xel, xol. w & 0x0F0F0F0F holds the even nibbles one to a byte, (w >> 4) & 0x0F0F0F0F
+    the odd ones; four dp4a and one multiply-add, exact in int32."""
+    return tl.inline_asm_elementwise(
+        asm="""
+        {
+        .reg .b32 e, o, h, l;
+        and.b32 e, $1, 0x0F0F0F0F;
+        shr.u32 o, $1, 4;
+        and.b32 o, o, 0x0F0F0F0F;
+        dp4a.u32.s32 h, e, $2, 0;
+        dp4a.u32.s32 h, o, $3, h;
+        dp4a.u32.u32 l, e, $4, 0;
+        dp4a.u32.u32 l, o, $5, l;
+        mad.lo.s32 $0, h, 256, l;
+        }
+        """,
+        constraints="=r,r,r,r,r,r",
+        args=[words, xeh, xoh, xel, xol],
+        dtype=tl.int32,
+        is_pure=True,
+        pack=1,
+    )
+
+
+@triton.jit
+def _pack_bytes(v, BYTE_SHIFT: tl.constexpr):
+    """[C, R, 4] int32 -> [C, R]: byte BYTE_SHIFT / 8 of each, packed little-endian into one int32."""
+    return tl.sum(((v >> BYTE_SHIFT) & 0xFF) << (tl.arange(0, 4) * 8)[None, None, :], axis=2)
+
+
+@triton.jit
+def _gptq_gemv_int_kernel(
+    x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, out_ptr,
+    ws_ptr,  # SPLIT_K > 1: int64 [N], zero (see _store_columns)
+    N, K, group_size,  # contiguous groups; CHUNK_K divides group_size
+    ZERO_OFFSET: tl.constexpr,
+    BLOCK_N: tl.constexpr, CHUNK_K: tl.constexpr, CHUNKS: tl.constexpr, SPLIT_K: tl.constexpr,
+    ASM: tl.constexpr,  # on a GPU: _idot8's dp4a; else the same integer sums in plain Triton
+    PDL: tl.constexpr,
+):
+    """4-bit GEMV in integers: the tile of _gptq_gemv_tile_kernel, loaded the same way before the PDL wait, but
+    x is rounded to 16-bit integers per chunk (x = step_c * x16, step_c = max |x| over the chunk / 32767) and
+    the dot is integer: sum_k (q - z) x16 = sum_k q x16 - z sum_k x16, exact in int32, converted once per chunk
+    and column. x16 carries 15 bits of each chunk's largest x, where fp16 carries 11 bits of every x."""
+    ROWS: tl.constexpr = CHUNK_K // 8
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    chunk_k = pid_k * (CHUNKS * CHUNK_K) + tl.arange(0, CHUNKS) * CHUNK_K  # [C]
+    mask_c = chunk_k < K
+    word_row = chunk_k[:, None] // 8 + tl.arange(0, ROWS)[None, :]  # [C, R]
+    words = tl.load(qweight_ptr + word_row[:, :, None] * N + offs_n[None, None, :],
+                    mask=mask_c[:, None, None] & mask_n[None, None, :], other=0, eviction_policy="evict_first")
+    g = chunk_k // group_size
+    cmask = mask_c[:, None] & mask_n[None, :]
+    scale = tl.load(scales_ptr + g[:, None] * N + offs_n[None, :], mask=cmask, other=0.0)  # [C, BLOCK_N]
+    zword = tl.load(qzeros_ptr + g[:, None] * (N // 8) + (offs_n // 8)[None, :], mask=cmask, other=0)
+    zero = ((zword >> ((offs_n % 8) * 4)[None, :]) & 15) + ZERO_OFFSET  # [C, BLOCK_N]
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    xv = tl.load(x_ptr + chunk_k[:, None] + tl.arange(0, CHUNK_K)[None, :], mask=mask_c[:, None],
+                 other=0.0).to(tl.float32)  # [C, CHUNK_K]
+    amax = tl.max(tl.abs(xv), axis=1)  # [C]
+    x16 = tl.floor(xv * tl.where(amax > 0, 32767.0 / tl.maximum(amax, 1e-30), 0.0)[:, None] + 0.5).to(tl.int32)
+    x_sum = tl.sum(x16, axis=1)  # [C]
+    if ASM:
+        xe, xo = tl.split(tl.reshape(x16, (CHUNKS, ROWS, 4, 2)))  # [C, R, 4]: rows 8r + 2j and 8r + 2j + 1
+        dots = _idot8(words, _pack_bytes(xe, 8)[:, :, None], _pack_bytes(xo, 8)[:, :, None],
+                      _pack_bytes(xe, 0)[:, :, None], _pack_bytes(xo, 0)[:, :, None])  # [C, R, BLOCK_N]
+    else:
+        x8 = tl.reshape(x16, (CHUNKS, ROWS, 8))
+        dots = tl.zeros((CHUNKS, ROWS, BLOCK_N), dtype=tl.int32)
+        for j in tl.static_range(8):
+            xj = tl.sum(tl.where(tl.arange(0, 8) == j, x8, 0), axis=2)  # [C, R]
+            dots += ((words >> (4 * j)) & 15) * xj[:, :, None]
+    exact = tl.sum(dots, axis=1) - zero * x_sum[:, None]  # [C, BLOCK_N]
+    step = amax / 32767.0
+    acc = tl.sum(exact.to(tl.float32) * step[:, None] * scale.to(tl.float32), axis=0)  # [BLOCK_N]
+    _store_columns(out_ptr, ws_ptr, acc, offs_n, mask_n, SPLIT_K)
+
+
+@triton.jit
 def _gptq_dequant_kernel(
     qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, w_ptr,
     N, K, group_size,  # group_size > 0: contiguous groups, else read g_idx
@@ -442,21 +532,29 @@ GEMV_SHAPES = [(128, 64, 16, 4), (64, 64, 16, 2), (256, 64, 16, 8), (64, 128, 8,
 # (BLOCK_N, CHUNK_K, CHUNKS, warps) candidates for the one-tile GEMV (_gptq_gemv_tile_kernel).
 TILE_SHAPES = [(128, 128, 2, 4), (512, 64, 1, 4), (256, 64, 2, 4), (512, 128, 1, 4), (256, 128, 2, 8),
                (128, 64, 4, 4), (64, 128, 2, 2), (64, 64, 2, 2), (128, 32, 8, 4), (256, 32, 4, 8)]
+# (BLOCK_N, CHUNK_K, CHUNKS, warps) candidates for the integer GEMV (_gptq_gemv_int_kernel, 4-bit only).
+INT_SHAPES = [(256, 128, 2, 8), (64, 128, 2, 2), (128, 64, 4, 4), (256, 64, 2, 4), (128, 32, 8, 4)]
 
 
 def _gemv_configs(n: int, k: int, group_size: int, bits: int) -> list[dict]:
     """GEMV candidates whose K block divides the group size. 4-bit on a GPU: the TILE_SHAPES with the inline
-    PTX dot (which the CPU interpreter cannot run), faster at every Llama shape (benchmarks/RESULTS.md). Else
-    the looping GEMV_SHAPES with and without the fp16 dequantization, then the TILE_SHAPES in fp32."""
+    PTX dot and the INT_SHAPES with dp4a (inline asm the CPU interpreter cannot run), faster at every Llama
+    shape than the rest (benchmarks/RESULTS.md). Else the looping GEMV_SHAPES with and without the fp16
+    dequantization, then the TILE_SHAPES in fp32, then (4-bit) the INT_SHAPES in plain Triton integers."""
     asm = bits == 4 and not INTERPRET
-    tiles = [{"TILE": True, "BLOCK_N": bn, "CHUNK_K": ck, "CHUNKS": c, "num_warps": w, "ASM": asm}
-             for bn, ck, c, w in TILE_SHAPES
-             if group_size % ck == 0 and k % ck == 0 and triton.cdiv(k, ck * c) <= MAX_SPLIT_K]
+
+    def tiled(shapes, kind):
+        return [{kind: True, "BLOCK_N": bn, "CHUNK_K": ck, "CHUNKS": c, "num_warps": w, "ASM": asm}
+                for bn, ck, c, w in shapes
+                if group_size % ck == 0 and k % ck == 0 and triton.cdiv(k, ck * c) <= MAX_SPLIT_K]
+
+    tiles = tiled(TILE_SHAPES, "TILE")
+    ints = tiled(INT_SHAPES, "INT") if bits == 4 else []
     if asm:
-        return tiles
+        return tiles + ints
     loops = [{"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": w, "MAGIC": magic}
              for magic in (True, False) for bn, bk, sk, w in GEMV_SHAPES if group_size % bk == 0 and k % bk == 0]
-    return loops + tiles
+    return loops + tiles + ints
 
 
 def _gemv_workspace(n: int, device: torch.device) -> torch.Tensor:
@@ -470,15 +568,21 @@ def _gemv_workspace(n: int, device: torch.device) -> torch.Tensor:
 
 def _run_gemv(cfg: dict, x, qweight, scales, qzeros, bits, zero_offset, group_size) -> torch.Tensor:
     k, n = x.shape[1], qweight.shape[1]
-    tile = cfg.get("TILE", False)
-    split = triton.cdiv(k, cfg["CHUNK_K"] * cfg["CHUNKS"]) if tile else cfg["SPLIT_K"]
+    tile, integer = cfg.get("TILE", False), cfg.get("INT", False)
+    split = triton.cdiv(k, cfg["CHUNK_K"] * cfg["CHUNKS"]) if tile or integer else cfg["SPLIT_K"]
     out = torch.empty((1, n), device=x.device, dtype=x.dtype)
     if split > MAX_SPLIT_K:
         raise ValueError(f"K={k} splits into {split} parts, more than the workspace counts ({MAX_SPLIT_K})")
     ws = _gemv_workspace(n, x.device) if split > 1 else out
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), split)
+    pdl = x.is_cuda and not INTERPRET
+    if integer:
+        _gptq_gemv_int_kernel[grid](x, qweight, scales, qzeros, out, ws, n, k, group_size, ZERO_OFFSET=zero_offset,
+                                    BLOCK_N=cfg["BLOCK_N"], CHUNK_K=cfg["CHUNK_K"], CHUNKS=cfg["CHUNKS"], SPLIT_K=split,
+                                    ASM=cfg["ASM"], PDL=pdl, num_warps=cfg["num_warps"],
+                                    **({"launch_pdl": True} if pdl else {}))
+        return out
     if tile:
-        pdl = x.is_cuda and not INTERPRET
         if cfg["ASM"] and x.data_ptr() % 4:
             x = x.clone()  # _x_pairs reads x as int32 pairs: a view starting mid-pair gets its own copy
         _gptq_gemv_tile_kernel[grid](x, qweight, scales, qzeros, out, ws, n, k, group_size, BITS=bits,

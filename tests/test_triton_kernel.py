@@ -189,14 +189,46 @@ def test_fused_rotary_matches_torch(head_dim):
 
 
 def test_the_inline_ptx_gemv_is_a_candidate_for_4_bit_on_a_gpu_only(monkeypatch):
-    """The CPU interpreter cannot run inline asm: there, and for 8-bit, the candidates leave it out."""
+    """The CPU interpreter cannot run inline asm: there, and for 8-bit, the candidates leave it out. The
+    integer kernel is 4-bit only; the interpreter runs its plain-Triton form."""
     monkeypatch.setattr(triton_gptq, "INTERPRET", False)
     four, eight = triton_gptq._gemv_configs(4096, 4096, 128, 4), triton_gptq._gemv_configs(4096, 4096, 128, 8)
-    assert four and all(c.get("TILE") and c["ASM"] for c in four)
-    assert not any(c.get("ASM") for c in eight) and any(c.get("TILE") for c in eight)
+    assert all((c.get("TILE") or c.get("INT")) and c["ASM"] for c in four)
+    assert any(c.get("TILE") for c in four) and any(c.get("INT") for c in four)
+    assert not any(c.get("ASM") or c.get("INT") for c in eight) and any(c.get("TILE") for c in eight)
     monkeypatch.setattr(triton_gptq, "INTERPRET", True)
     interpreted = triton_gptq._gemv_configs(4096, 4096, 128, 4)
-    assert not any(c.get("ASM") for c in interpreted) and any(c.get("TILE") for c in interpreted)
+    assert not any(c.get("ASM") for c in interpreted)
+    assert any(c.get("TILE") for c in interpreted) and any(c.get("INT") for c in interpreted)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_integer_gemv_rounds_x_per_chunk(sym):
+    """The integer GEMV rounds x to 16 bits of each chunk's largest |x|. A chunk holding one x ~1000 times
+    the rest gives the fp32 reference within fp16-like error; an all-zero chunk (step 0) adds nothing; and a
+    chunk of x ~1 next to a chunk of x ~1000 in the same program keeps its own scale: with group 0's scales
+    zero, only the x ~1 chunk reaches the output, and it comes out exact to fp16, not rounded at a step of
+    ~0.1 as one scale for the program would round it."""
+    k, n = 512, 128
+    t = {key: v.to(DEVICE) for key, v in random_gptq_layer(k, n, 4, 128, False, sym, np.random.default_rng(21)).items()}
+    configs = [c for c in triton_gptq._gemv_configs(n, k, 128, 4) if c.get("INT")]
+    assert any(c["CHUNK_K"] * c["CHUNKS"] >= 256 for c in configs)  # programs that hold both chunks
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(21))
+    x[0, 10] = 1500.0
+    x[0, 256:384] = 0.0
+    x = x.half().to(DEVICE)
+    expected = reference_matmul(x.float(), t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, 1)
+    big_first = torch.randn(1, k, generator=torch.Generator().manual_seed(22))
+    big_first[0, :128] *= 1000
+    big_first = big_first.half().to(DEVICE)
+    scales = t["scales"].clone()
+    scales[0] = 0
+    expected_rest = reference_matmul(big_first.float(), t["qweight"], t["qzeros"], scales, t["g_idx"], 4, 1)
+    for cfg in configs:
+        out = triton_gptq._run_gemv(cfg, x, t["qweight"], t["scales"], t["qzeros"], 4, 1, 128)
+        assert relative_error(out, expected) < 1e-3, cfg
+        rest = triton_gptq._run_gemv(cfg, big_first, t["qweight"], scales, t["qzeros"], 4, 1, 128)
+        assert relative_error(rest, expected_rest) < 2e-3, cfg
 
 
 def test_gemv_candidates_split_k_no_further_than_the_workspace_counts():
