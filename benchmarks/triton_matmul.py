@@ -144,11 +144,14 @@ def bench_shape(k: int, n: int, bw: float, l2_bytes: int) -> list[dict]:
     return rows
 
 
-def gemv_configs(k: int, n: int) -> list[tuple[float, dict]]:
-    """M = 1: every GEMV candidate configuration of the shape (4-bit g128), timed alike, fastest first."""
+def gemv_configs(k: int, n: int) -> tuple[list[tuple[float, dict]], float]:
+    """M = 1: every GEMV candidate configuration of the shape (4-bit g128), timed alike, fastest first; and the
+    largest relative error of any of them against the fp32 dequantized reference."""
     layers = rotated_layers(k, n, torch.cuda.get_device_properties(0).L2_cache_size)
     x = torch.randn(1, k, device="cuda", dtype=torch.float16)
-    timings = []
+    first = layers[0]
+    ref = reference_matmul(x.float(), first["qweight"], first["qzeros"], first["scales"], first["g_idx"], 4, 1)
+    timings, worst = [], 0.0
     for cfg in triton_gptq._gemv_configs(n, k, 128, 4):
         run = in_turn(layers, lambda t, cfg=cfg: triton_gptq._run_gemv(cfg, x, t["qweight"], t["scales"], t["qzeros"],
                                                                        4, 1, 128))
@@ -156,14 +159,17 @@ def gemv_configs(k: int, n: int) -> list[tuple[float, dict]]:
             timings.append((graph_us(run), cfg))
         except triton.runtime.errors.OutOfResources:
             continue
-    return sorted(timings, key=lambda t: t[0])
+        out = triton_gptq._run_gemv(cfg, x, first["qweight"], first["scales"], first["qzeros"], 4, 1, 128)
+        worst = max(worst, float((out.float() - ref).norm() / ref.norm()))
+    return sorted(timings, key=lambda t: t[0]), worst
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="7B shapes only")
     parser.add_argument("--gemv-configs", action="store_true",
-                        help="only M = 1: the three fastest GEMV configurations at every shape")
+                        help="only M = 1: the three fastest GEMV configurations at every shape, and the largest "
+                             "error of any configuration")
     opts = parser.parse_args()
     props = torch.cuda.get_device_properties(0)
     print(f"{props.name}, {props.multi_processor_count} SMs, L2 {props.L2_cache_size / 2**20:.0f} MB, "
@@ -175,8 +181,11 @@ def main() -> None:
         print("| shape | µs | of copy BW | configuration |\n|---|---|---|---|")
         for name, (k, n) in SHAPES.items():
             layer_bytes = g128_bytes(k, n)
-            for us, cfg in gemv_configs(k, n)[:3]:
+            timings, worst = gemv_configs(k, n)
+            for us, cfg in timings[:3]:
                 print(f"| {name} ({k}x{n}) | {us:.1f} | {layer_bytes / (us * 1e-6) / bw:.0%} | {cfg} |", flush=True)
+            print(f"|  | all {len(timings)} configurations: largest relative error {worst:.1e} "
+                  f"{'ok' if worst < 1e-2 else 'FAIL'} | | |", flush=True)
         return
 
     print("\ncorrectness (relative error vs fp32 dequantized reference, M = 1, 16, 300):")

@@ -266,7 +266,9 @@ def _gptq_gemv_tile_kernel(
     PDL: tl.constexpr,  # launched as a programmatic dependent: load the weights, then wait for x
     # benchmarks/triton_gemv_variants.py turns these off to bound what the parts cost (results then wrong):
     DOT: tl.constexpr = True,  # off: every word still reaches the output, through a cheap sum
-    TAIL: tl.constexpr = True,  # off: the workspace adds without waiting for their old values, no output
+    # 1: the split-K tail (_store_columns); 0: the workspace adds without waiting for their old values, no
+    # output; 2: no atomics at all, each program's sums stored to its own row of an fp32 [SPLIT_K, N] ws
+    TAIL: tl.constexpr = 1,
 ):
     """One program: CHUNKS chunks of CHUNK_K rows (each inside one group) by BLOCK_N columns, every weight
     word loaded at once, before the program waits for the kernel that writes x (PDL). No loop."""
@@ -312,8 +314,10 @@ def _gptq_gemv_tile_kernel(
             xj = tl.load(x_ptr + k_row + j, mask=mask_c[:, None], other=0.0).to(tl.float32)
             dots += xj[:, :, None] * (q - zero[:, None, :]).to(tl.float32)
     acc = tl.sum(tl.sum(dots, axis=1) * scale.to(tl.float32), axis=0)  # [BLOCK_N]
-    if TAIL:
+    if TAIL == 1:
         _store_columns(out_ptr, ws_ptr, acc, offs_n, mask_n, SPLIT_K)
+    elif TAIL == 2:
+        tl.store(ws_ptr.to(tl.pointer_type(tl.float32)) + pid_k * N + offs_n, acc, mask=mask_n)
     else:
         tl.atomic_add(ws_ptr + offs_n, acc.to(tl.int64), mask=mask_n, sem="relaxed")
 
@@ -531,9 +535,11 @@ GEMV_SHAPES = [(128, 64, 16, 4), (64, 64, 16, 2), (256, 64, 16, 8), (64, 128, 8,
                (128, 128, 8, 4), (256, 128, 4, 8), (128, 128, 4, 4)]
 # (BLOCK_N, CHUNK_K, CHUNKS, warps) candidates for the one-tile GEMV (_gptq_gemv_tile_kernel).
 TILE_SHAPES = [(128, 128, 2, 4), (512, 64, 1, 4), (256, 64, 2, 4), (512, 128, 1, 4), (256, 128, 2, 8),
-               (128, 64, 4, 4), (64, 128, 2, 2), (64, 64, 2, 2), (128, 32, 8, 4), (256, 32, 4, 8)]
+               (128, 64, 4, 4), (64, 128, 2, 2), (64, 64, 2, 2), (128, 32, 8, 4), (256, 32, 4, 8), (512, 128, 1, 8),
+               (256, 128, 1, 8)]
 # (BLOCK_N, CHUNK_K, CHUNKS, warps) candidates for the integer GEMV (_gptq_gemv_int_kernel, 4-bit only).
-INT_SHAPES = [(256, 128, 2, 8), (64, 128, 2, 2), (128, 64, 4, 4), (256, 64, 2, 4), (128, 32, 8, 4)]
+INT_SHAPES = [(256, 128, 2, 8), (512, 128, 1, 8), (1024, 128, 1, 16), (512, 128, 1, 4), (64, 128, 2, 2),
+              (128, 64, 4, 4), (256, 64, 2, 4), (128, 32, 8, 4)]
 
 
 def _gemv_configs(n: int, k: int, group_size: int, bits: int) -> list[dict]:
