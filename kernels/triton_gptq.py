@@ -256,6 +256,31 @@ def _dot8(words, z1, z16, x04, x15, x26, x37):
 
 
 @triton.jit
+def _load_tile(qweight_ptr, scales_ptr, qzeros_ptr, N, K, group_size, BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr,
+               BLOCK_N: tl.constexpr, CHUNK_K: tl.constexpr, CHUNKS: tl.constexpr):
+    """A GEMV program's tile: CHUNKS chunks of CHUNK_K rows (each inside one group) by BLOCK_N columns. Returns
+    the columns and their mask, the chunks' first rows [C] and mask, the word rows [C, R], the words
+    [C, R, BLOCK_N] (read once), and the chunks' scales and zero points [C, BLOCK_N]."""
+    PACK: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    ROWS: tl.constexpr = CHUNK_K // PACK  # word rows per chunk
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    chunk_k = tl.program_id(1) * (CHUNKS * CHUNK_K) + tl.arange(0, CHUNKS) * CHUNK_K  # [C] first row of each chunk
+    mask_c = chunk_k < K
+    word_row = chunk_k[:, None] // PACK + tl.arange(0, ROWS)[None, :]  # [C, R]
+    tile_mask = mask_c[:, None, None] & mask_n[None, None, :]
+    words = tl.load(qweight_ptr + word_row[:, :, None] * N + offs_n[None, None, :], mask=tile_mask, other=0,
+                    eviction_policy="evict_first")
+    g = chunk_k // group_size
+    cmask = mask_c[:, None] & mask_n[None, :]
+    scale = tl.load(scales_ptr + g[:, None] * N + offs_n[None, :], mask=cmask, other=0.0)
+    zword = tl.load(qzeros_ptr + g[:, None] * (N // PACK) + (offs_n // PACK)[None, :], mask=cmask, other=0)
+    zero = ((zword >> ((offs_n % PACK) * BITS)[None, :]) & MASK) + ZERO_OFFSET
+    return offs_n, mask_n, chunk_k, mask_c, word_row, words, scale, zero
+
+
+@triton.jit
 def _gptq_gemv_tile_kernel(
     x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, out_ptr,
     ws_ptr,  # SPLIT_K > 1: int64 [N], zero (see _store_columns)
@@ -277,21 +302,9 @@ def _gptq_gemv_tile_kernel(
     ROWS: tl.constexpr = CHUNK_K // PACK  # word rows per chunk
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
-    pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    chunk_k = pid_k * (CHUNKS * CHUNK_K) + tl.arange(0, CHUNKS) * CHUNK_K  # [C] first row of each chunk
-    mask_c = chunk_k < K
-    word_row = chunk_k[:, None] // PACK + tl.arange(0, ROWS)[None, :]  # [C, R]
-    tile_mask = mask_c[:, None, None] & mask_n[None, None, :]
-    words = tl.load(qweight_ptr + word_row[:, :, None] * N + offs_n[None, None, :], mask=tile_mask, other=0,
-                    eviction_policy="evict_first")  # [C, R, BLOCK_N], read once
-    g = chunk_k // group_size
-    cmask = mask_c[:, None] & mask_n[None, :]
-    scale = tl.load(scales_ptr + g[:, None] * N + offs_n[None, :], mask=cmask, other=0.0)  # [C, BLOCK_N]
-    zword = tl.load(qzeros_ptr + g[:, None] * (N // PACK) + (offs_n // PACK)[None, :], mask=cmask, other=0)
-    zero = ((zword >> ((offs_n % PACK) * BITS)[None, :]) & MASK) + ZERO_OFFSET  # [C, BLOCK_N]
+    offs_n, mask_n, chunk_k, mask_c, word_row, words, scale, zero = _load_tile(
+        qweight_ptr, scales_ptr, qzeros_ptr, N, K, group_size, BITS, ZERO_OFFSET, BLOCK_N, CHUNK_K, CHUNKS)
     if PDL:
         tl.extra.cuda.gdc_wait()
     k_row = word_row * PACK  # [C, R] first row of each word row
@@ -373,20 +386,8 @@ def _gptq_gemv_int_kernel(
     ROWS: tl.constexpr = CHUNK_K // 8
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    chunk_k = pid_k * (CHUNKS * CHUNK_K) + tl.arange(0, CHUNKS) * CHUNK_K  # [C]
-    mask_c = chunk_k < K
-    word_row = chunk_k[:, None] // 8 + tl.arange(0, ROWS)[None, :]  # [C, R]
-    words = tl.load(qweight_ptr + word_row[:, :, None] * N + offs_n[None, None, :],
-                    mask=mask_c[:, None, None] & mask_n[None, None, :], other=0, eviction_policy="evict_first")
-    g = chunk_k // group_size
-    cmask = mask_c[:, None] & mask_n[None, :]
-    scale = tl.load(scales_ptr + g[:, None] * N + offs_n[None, :], mask=cmask, other=0.0)  # [C, BLOCK_N]
-    zword = tl.load(qzeros_ptr + g[:, None] * (N // 8) + (offs_n // 8)[None, :], mask=cmask, other=0)
-    zero = ((zword >> ((offs_n % 8) * 4)[None, :]) & 15) + ZERO_OFFSET  # [C, BLOCK_N]
+    offs_n, mask_n, chunk_k, mask_c, word_row, words, scale, zero = _load_tile(
+        qweight_ptr, scales_ptr, qzeros_ptr, N, K, group_size, 4, ZERO_OFFSET, BLOCK_N, CHUNK_K, CHUNKS)
     if PDL:
         tl.extra.cuda.gdc_wait()
     xv = tl.load(x_ptr + chunk_k[:, None] + tl.arange(0, CHUNK_K)[None, :], mask=mask_c[:, None],
