@@ -305,6 +305,9 @@ def _gptq_gemv_tile_kernel(
     pid_k = tl.program_id(1)
     offs_n, mask_n, chunk_k, mask_c, word_row, words, scale, zero = _load_tile(
         qweight_ptr, scales_ptr, qzeros_ptr, N, K, group_size, BITS, ZERO_OFFSET, BLOCK_N, CHUNK_K, CHUNKS)
+    # the half2 (1024 + z, 1024 + z) as bits, and with z << 4, for _dot8: built before the wait
+    z1 = ((0x6400 | zero) * 0x10001)[:, None, :]
+    z16 = ((0x6400 | (zero << 4)) * 0x10001)[:, None, :]
     if PDL:
         tl.extra.cuda.gdc_wait()
     k_row = word_row * PACK  # [C, R] first row of each word row
@@ -316,10 +319,7 @@ def _gptq_gemv_tile_kernel(
                                       tl.load(xw + 1, mask=mask_c[:, None], other=0),
                                       tl.load(xw + 2, mask=mask_c[:, None], other=0),
                                       tl.load(xw + 3, mask=mask_c[:, None], other=0))
-        z1 = (0x6400 | zero) * 0x10001  # the half2 (1024 + z, 1024 + z) as bits
-        z16 = (0x6400 | (zero << 4)) * 0x10001
-        dots = _dot8(words, z1[:, None, :], z16[:, None, :], x04[:, :, None], x15[:, :, None], x26[:, :, None],
-                     x37[:, :, None])  # [C, R, BLOCK_N]
+        dots = _dot8(words, z1, z16, x04[:, :, None], x15[:, :, None], x26[:, :, None], x37[:, :, None])
     else:
         dots = tl.zeros((CHUNKS, ROWS, BLOCK_N), dtype=tl.float32)
         for j in tl.static_range(PACK):
