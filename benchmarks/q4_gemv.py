@@ -37,7 +37,7 @@ SHAPES = {
 def check(k: int, n: int, gs: int, sym: bool) -> float:
     import numpy as np
 
-    from tests.gptq_testing import random_gptq_layer
+    from tests.gptq_testing import random_gptq_layer, relative_error
 
     t = {key: v.cuda() for key, v in random_gptq_layer(k, n, 4, gs, False, sym=sym, rng=np.random.default_rng(n)).items()}
     group = k if gs == -1 else gs
@@ -54,15 +54,15 @@ def check(k: int, n: int, gs: int, sym: bool) -> float:
         res = torch.randn(m, n, device="cuda", dtype=torch.float16)
         for config in [c for c in cuda_gemv.CONFIGS if c[1] <= 256 and cuda_gemv._fits(c, m)]:
             y = cuda_gemv.q4_gemv(x, t["qweight"], t["scales"], t["qzeros"], 1, group, ws, config=config)
-            worst = max(worst, float((y.float() - ref).norm() / ref.norm()))
+            worst = max(worst, relative_error(y, ref))
             y = cuda_gemv.q4_gemv(x, t["qweight"], t["scales"], t["qzeros"], 1, group, ws, residual=res, config=config)
             ref_add = ref + res.float()
-            worst = max(worst, float((y.float() - ref_add).norm() / ref_add.norm()))
+            worst = max(worst, relative_error(y, ref_add))
             if glu is not None:
                 y = cuda_gemv.q4_gemv(x, *glu, 1, group, ws, silu_mul=True, config=config)
                 gate, up = ref.chunk(2, dim=1)
                 ref_glu = torch.nn.functional.silu(gate) * up
-                worst = max(worst, float((y.float() - ref_glu).norm() / ref_glu.norm()))
+                worst = max(worst, relative_error(y, ref_glu))
     assert not ws.sums.any() and not ws.counters.any(), "the kernel must leave its workspace zeroed"
     return worst
 

@@ -31,7 +31,7 @@ from backends.triton_backend import contiguous_layout  # noqa: E402
 from kernels.gptq_format import reference_matmul  # noqa: E402
 import kernels.triton_gptq as triton_gptq  # noqa: E402
 from kernels.triton_gptq import _TUNED, gptq_matmul  # noqa: E402
-from tests.gptq_testing import random_gptq_layer  # noqa: E402
+from tests.gptq_testing import random_gptq_layer, relative_error  # noqa: E402
 
 # Llama-2's layers, and the fused q+k+v and gate+up layers that the triton backend runs instead of the single ones.
 SHAPES = {
@@ -73,7 +73,7 @@ def check(k: int, n: int, bits: int, group_size: int, act_order: bool) -> float:
         for grouping in (kernel_gs, 0):  # the regrouped fast path and the g_idx path
             w, xi = (qweight, xp) if grouping else (t["qweight"], x)
             out = gptq_matmul(xi.contiguous(), w, t["scales"], t["qzeros"], t["g_idx"], bits, 1, grouping)
-            worst = max(worst, float((out.float() - ref).norm() / ref.norm()))
+            worst = max(worst, relative_error(out, ref))
     return worst
 
 
@@ -160,7 +160,7 @@ def gemv_configs(k: int, n: int) -> tuple[list[tuple[float, dict]], float]:
         except triton.runtime.errors.OutOfResources:
             continue
         out = triton_gptq._run_gemv(cfg, x, first["qweight"], first["scales"], first["qzeros"], 4, 1, 128)
-        worst = max(worst, float((out.float() - ref).norm() / ref.norm()))
+        worst = max(worst, relative_error(out, ref))
     return sorted(timings, key=lambda t: t[0]), worst
 
 
