@@ -580,20 +580,14 @@ def _run_gemv(cfg: dict, x, qweight, scales, qzeros, bits, zero_offset, group_si
         raise ValueError(f"K={k} splits into {split} parts, more than the workspace counts ({MAX_SPLIT_K})")
     ws = _gemv_workspace(n, x.device) if split > 1 else out
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), split)
-    pdl = x.is_cuda and not INTERPRET
-    if integer:
-        _gptq_gemv_int_kernel[grid](x, qweight, scales, qzeros, out, ws, n, k, group_size, ZERO_OFFSET=zero_offset,
-                                    BLOCK_N=cfg["BLOCK_N"], CHUNK_K=cfg["CHUNK_K"], CHUNKS=cfg["CHUNKS"], SPLIT_K=split,
-                                    ASM=cfg["ASM"], PDL=pdl, num_warps=cfg["num_warps"],
-                                    **({"launch_pdl": True} if pdl else {}))
-        return out
-    if tile:
-        if cfg["ASM"] and x.data_ptr() % 4:
+    if tile or integer:
+        pdl = x.is_cuda and not INTERPRET
+        if tile and cfg["ASM"] and x.data_ptr() % 4:
             x = x.clone()  # _x_pairs reads x as int32 pairs: a view starting mid-pair gets its own copy
-        _gptq_gemv_tile_kernel[grid](x, qweight, scales, qzeros, out, ws, n, k, group_size, BITS=bits,
-                                     ZERO_OFFSET=zero_offset, BLOCK_N=cfg["BLOCK_N"], CHUNK_K=cfg["CHUNK_K"],
-                                     CHUNKS=cfg["CHUNKS"], SPLIT_K=split, ASM=cfg["ASM"], PDL=pdl,
-                                     num_warps=cfg["num_warps"], **({"launch_pdl": True} if pdl else {}))
+        kernel, bits_arg = (_gptq_gemv_int_kernel, {}) if integer else (_gptq_gemv_tile_kernel, {"BITS": bits})
+        kernel[grid](x, qweight, scales, qzeros, out, ws, n, k, group_size, ZERO_OFFSET=zero_offset,
+                     BLOCK_N=cfg["BLOCK_N"], CHUNK_K=cfg["CHUNK_K"], CHUNKS=cfg["CHUNKS"], SPLIT_K=split, ASM=cfg["ASM"],
+                     PDL=pdl, num_warps=cfg["num_warps"], **bits_arg, **({"launch_pdl": True} if pdl else {}))
         return out
     _gptq_gemv_kernel[grid](x, qweight, scales, qzeros, out, ws, n, k, group_size, BITS=bits,
                             ZERO_OFFSET=zero_offset, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split,
