@@ -6,10 +6,12 @@ At every Llama-2 shape of triton_matmul.py, timed as it times the GEMV (a CUDA g
 the next of enough layers to read past L2), with the bytes the GEMV must read (qweight + scales + qzeros):
 - "stream": a kernel that loads exactly the GEMV tile kernel's bytes in its tiles, all at once, and folds
   them into a value it (practically) never stores: no dot, no split-K sums, nothing after the loads.
-  Three launch modes: no PDL; PDL waiting after the loads for the previous kernel, as the GEMV does;
-  PDL without waiting at all (no dependency between calls: the most overlap a chain of calls can get).
-  Best of several tile shapes each, folding the words as they arrive (fewer registers) or only after a
-  value loaded behind them ("held", as the GEMV holds its words until x arrives).
+  "Held": every word waits for a value loaded after the wait, as the GEMV's words wait for x, so the
+  words stay in registers until it arrives; "not held": the words are folded as they arrive (ptxas then
+  interleaves loads and folds, and frees registers early), which no GEMV can do, since it needs x.
+  Launch modes: no PDL; PDL waiting after the loads for the previous kernel, as the GEMV does; PDL
+  without waiting at all (no dependency between calls: the most overlap a chain of calls can get).
+  Best of several tile shapes each. "Held, PDL, wait after loads" bounds the GEMV.
 - "copy": torch's copy of a buffer of the layer's size (read + write, so twice the bytes).
 - "GEMV": gptq_gemv as the triton backend runs it (autotuned).
 The stream kernel without a wait bounds what any kernel that reads the weights once per call can reach here.
@@ -32,8 +34,10 @@ from kernels import triton_gptq  # noqa: E402
 
 # (BLOCK_N, CHUNK_K, CHUNKS, warps) as in triton_gptq.TILE_SHAPES
 STREAM_TILES = [(128, 128, 2, 4), (128, 128, 1, 4), (128, 128, 4, 4), (256, 128, 2, 8), (64, 128, 2, 2),
-                (256, 128, 1, 4), (512, 128, 1, 8)]
-MODES = {"no PDL": 0, "PDL, wait after loads": 1, "PDL, no wait": 2}
+                (256, 128, 1, 4), (512, 128, 1, 8), (512, 64, 1, 4), (256, 64, 1, 2)]
+# column -> (launch mode, whether the words are held): 0 no PDL, 1 PDL waiting after the loads, 2 PDL, no wait
+COLUMNS = {"held, no PDL": (0, (True,)), "held, PDL, wait after loads": (1, (True,)),
+           "not held, PDL, wait after loads": (1, (False,)), "PDL, no wait": (2, (False, True))}
 
 
 @triton.jit
@@ -84,8 +88,8 @@ def main() -> None:
     bw = copy_bandwidth()
     print(f"{props.name}, triton {triton.__version__}; copy bandwidth {bw / 1e9:.0f} GB/s (2 GiB, read + write)")
     print("µs per call (of copy bandwidth), the stream kernel's best tile in brackets\n")
-    print("| shape | " + " | ".join(f"stream, {m}" for m in MODES) + " | copy of the layer's bytes | GEMV |")
-    print("|---|" + "---|" * (len(MODES) + 2))
+    print("| shape | " + " | ".join(f"stream, {c}" for c in COLUMNS) + " | copy of the layer's bytes | GEMV |")
+    print("|---|" + "---|" * (len(COLUMNS) + 2))
     for name, (k, n) in SHAPES.items():
         nbytes = g128_bytes(k, n)
 
@@ -94,9 +98,9 @@ def main() -> None:
 
         layers = random_layers(k, n, props.L2_cache_size)
         cells = []
-        for mode in MODES.values():
+        for mode, holds in COLUMNS.values():
             us, tile, hold = min((stream_us(layers, k, n, tile, mode, hold), tile, hold)
-                                 for tile in STREAM_TILES for hold in (False, True))
+                                 for tile in STREAM_TILES for hold in holds)
             cells.append(f"{cell(us)} {tile}{' held' if hold else ''}")
         copies = [(torch.cat([t["qweight"].view(torch.uint8).view(-1), t["scales"].view(torch.uint8).view(-1),
                               t["qzeros"].view(torch.uint8).view(-1)]), torch.empty(nbytes, dtype=torch.uint8,
