@@ -4,8 +4,9 @@
 
 At every Llama-2 shape of triton_matmul.py, timed as it times the GEMV (a CUDA graph of 20 calls, each on
 the next of enough layers to read past L2), with the bytes the GEMV must read (qweight + scales + qzeros):
-- "stream": a kernel that loads exactly the GEMV tile kernel's bytes in its tiles, all at once, and folds
-  them into a value it (practically) never stores: no dot, no split-K sums, nothing after the loads.
+- "stream": a kernel that loads exactly the GEMV tile kernel's bytes in its tiles, through the same _load_tile
+  and all at once, and folds them into a value it (practically) never stores: no dot, no split-K sums,
+  nothing after the loads.
   "Held": every word waits for a value loaded after the wait, as the GEMV's words wait for x, so the
   words stay in registers until it arrives; "not held": the words are folded as they arrive (ptxas then
   interleaves loads and folds, and frees registers early), which no GEMV can do, since it needs x.
@@ -43,24 +44,16 @@ COLUMNS = {"held, no PDL": (0, (True,)), "held, PDL, wait after loads": (1, (Tru
 @triton.jit
 def _stream(q_ptr, s_ptr, z_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, CHUNK_K: tl.constexpr,
             CHUNKS: tl.constexpr, MODE: tl.constexpr, HOLD: tl.constexpr):
-    ROWS: tl.constexpr = CHUNK_K // 8
     if MODE > 0:
         tl.extra.cuda.gdc_launch_dependents()
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    chunk_k = tl.program_id(1) * (CHUNKS * CHUNK_K) + tl.arange(0, CHUNKS) * CHUNK_K
-    mask_c = chunk_k < K
-    word_row = chunk_k[:, None] // 8 + tl.arange(0, ROWS)[None, :]
-    words = tl.load(q_ptr + word_row[:, :, None] * N + offs_n[None, None, :], mask=mask_c[:, None, None], other=0,
-                    eviction_policy="evict_first")
-    g = chunk_k // 128
-    scale = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=mask_c[:, None], other=0.0)
-    zword = tl.load(z_ptr + g[:, None] * (N // 8) + (offs_n // 8)[None, :], mask=mask_c[:, None], other=0)
+    offs_n, _, _, _, _, words, scale, zero = triton_gptq._load_tile(q_ptr, s_ptr, z_ptr, N, K, 128, 4, 0, BLOCK_N,
+                                                                    CHUNK_K, CHUNKS)
     if MODE == 1:
         tl.extra.cuda.gdc_wait()
     if HOLD:  # every word waits for a value loaded afterwards, as the GEMV's words wait for x: all in flight
         words *= tl.load(out_ptr + N, volatile=True)
     folded = tl.xor_sum(tl.xor_sum(words, axis=1), axis=0)
-    folded ^= tl.xor_sum(zword + scale.to(tl.int16, bitcast=True).to(tl.int32), axis=0)
+    folded ^= tl.xor_sum(zero + scale.to(tl.int16, bitcast=True).to(tl.int32), axis=0)
     tl.store(out_ptr + offs_n, folded, mask=folded == 0x7FFFFFFF)  # practically never: the loads stay
 
 
