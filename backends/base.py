@@ -1,4 +1,12 @@
-"""What every backend provides: quantized linear layers for the model."""
+"""What a backend provides, and what its linear layers can do, declared in one place.
+
+The model (backends/model.py) calls only what is declared here:
+- a :class:`Backend` builds the model's projections (:meth:`Backend.make_linear`) and may offer its own
+  batch-1 decode step through all layers (:meth:`Backend.decode_chain`);
+- every projection is a :class:`Linear`. The base class computes each operation from ``forward``; a
+  backend's layer overrides what its kernels do in one launch (the norm folded into the GEMV, the residual
+  add or SiLU(gate) * up in its epilogue) and says how projections of one input fuse.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from backends.quant_config import QuantConfig
@@ -32,19 +41,88 @@ class GPTQTensors:
         return (torch.arange(self.in_features, dtype=torch.int32) // size).to(self.qweight.device)
 
 
-class Backend(Protocol):
+class Linear(nn.Module):
+    """One projection of the model: ``forward(x, norm)`` is ``W(norm(x)) + b``."""
+
+    in_features: int
+    out_features: int
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W^T + b``."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        """The projection of ``norm(x)`` (of ``x`` without a norm); a layer may fold the norm into its kernel."""
+        return self.project(norm(x) if norm is not None else x)
+
+    def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``residual + self(x)``."""
+        return residual + self(x)
+
+    def silu_mul(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        """For gate and up fused into one layer (:meth:`fuse_glu`): ``silu(gate) * up`` of ``norm(x)``."""
+        gate, up = self(x, norm).chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    @classmethod
+    def fuse(cls, parts: list["Linear"]) -> "Linear | None":
+        """One layer computing the parts' outputs side by side (they share their input), or None where
+        this kind of layer does not fuse, or these parts cannot."""
+        return None
+
+    @classmethod
+    def fuse_glu(cls, gate: "Linear", up: "Linear") -> "Linear | None":
+        """gate and up as one layer for :meth:`silu_mul`, where the layer has a faster form than
+        :meth:`fuse`'s; None to use :meth:`fuse`."""
+        return None
+
+
+class DenseLinear(Linear):
+    """A dense weight ``[out, in]`` (layers a checkpoint stores unquantized, such as lm_head)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class DecodeChain(Protocol):
+    """A backend's own way through all layers for one decoded token (attention by kernels.decode_attention)."""
+
+    def takes(self, x: torch.Tensor) -> bool:
+        """Whether it can run this step (``x``: the token's embedding)."""
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                 kv_len: int) -> torch.Tensor:
+        """The last layer's output for ``x``, as the layers would compute it."""
+
+
+class Backend:
+    """A way to run GPTQ layers. Subclasses set ``name`` and ``description`` and build the layers."""
+
     name: str
     description: str
 
     def unavailable_reason(self, device: torch.device, qconfig: QuantConfig | None) -> str | None:
         """Why this backend cannot run here, or None when it can."""
+        return None
 
-    def make_linear(
-        self, tensors: GPTQTensors, qconfig: QuantConfig, dtype: torch.dtype, device: torch.device
-    ) -> nn.Module: ...
+    def make_linear(self, tensors: GPTQTensors, qconfig: QuantConfig, dtype: torch.dtype,
+                    device: torch.device) -> Linear:
+        raise NotImplementedError
 
-    # Optional: decode_chain(model) -> backends.model.DecodeChain | None, the backend's own batch-1 decode
-    # step through all layers (the loader sets it as model.decode_chain).
+    def decode_chain(self, model: nn.Module) -> DecodeChain | None:
+        """The backend's own batch-1 decode step through all of ``model``'s layers (a backends.model
+        Transformer), or None."""
+        return None
+
+    def note(self, device: torch.device) -> str:
+        """What the user should know about how it runs here (the load report), or ""."""
+        return ""
 
 
 def same_tensor(tensors: list[torch.Tensor | None]) -> bool:

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
-from backends.exllama_backend import ExllamaLinear, cuda_gemv_unavailable
-from backends.model import Attention, RMSNorm, Transformer, cuda_kernels
-from kernels import q4_gemv
+from backends.exllama_linear import ExllamaLinear, cuda_gemv_unavailable
+from backends.model import Attention, RMSNorm, Transformer
+from kernels import decode_attention, q4_gemv
 
 
 @dataclass
@@ -72,11 +72,10 @@ class SumsDecoder:
         return cls(layers, model.args.hidden_size) if layers else None
 
     def takes(self, x: torch.Tensor) -> bool:
-        """Whether this step can run here: one fp16 token on a GPU where the CUDA kernels run, the layers
-        folding their norms (benchmarks switch that off), the attention kernel set up (model.setup_cache)."""
+        """Whether this step can run here: one fp16 token on a GPU where the CUDA kernels run, the attention
+        kernel set up (model.setup_cache)."""
         return (x.is_cuda and x.dtype == torch.float16 and x.shape == (1, 1, self.hidden)
                 and cuda_gemv_unavailable(x.device) is None
-                and all(p.qkv.folds_norm and p.gate_up.folds_norm for p in self.layers)
                 and all(p.attn.decode_workspace is not None for p in self.layers))
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
@@ -101,7 +100,6 @@ class SumsDecoder:
             self.residual = tuple(torch.zeros((1, self.hidden), dtype=torch.float16, device=x.device)
                                   for _ in range(2))
         after_attn, after_mlp = self.residual
-        kernel = cuda_kernels("decode_attention", x.device)
         h = x.reshape(1, self.hidden)
         down_sums = None  # the previous layer's down_proj sums, still to be added to h
         previous: _Layer | None = None
@@ -115,7 +113,7 @@ class SumsDecoder:
             attn = p.attn
 
             def attention() -> torch.Tensor:  # (again, it writes the same cache slot: o_proj is tuned after it)
-                return kernel.decode_attention(None, None, None, cos, sin, positions,
+                return decode_attention.decode_attention(None, None, None, cos, sin, positions,
                                                attn.kv_cache.k, attn.kv_cache.v, kv_len, attn.sliding_window,
                                                attn.decode_workspace, qkv_sums=qkv.view(-1))
 

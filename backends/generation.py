@@ -37,13 +37,14 @@ class GenerationResult:
     new_tokens: int = 0
     finish_reason: str = ""
     seed: int | None = None
-    prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0
+    prefill_seconds: float = 0.0  # until the first new token reached the host (prefill + first sample)
+    decode_seconds: float = 0.0  # from the first new token to the last
+    decode_steps: int = 0  # tokens that reached the host after the first (an end token included)
     token_ids: list[int] = field(default_factory=list)
 
     @property
     def tokens_per_second(self) -> float:
-        return self.new_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
+        return self.decode_steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
 
 class IncrementalDecoder:
@@ -208,9 +209,8 @@ class Generation:
         history = torch.tensor(self.prompt_ids, dtype=torch.long, device=device)
 
         started = time.perf_counter()
+        first_token_at: float | None = None
         logits = self._prefill()
-        result.prefill_seconds = time.perf_counter() - started
-        started = time.perf_counter()
         result.finish_reason = "length"
         pieces: list[str] = []
         pipe = TokenPipe(device)
@@ -225,6 +225,11 @@ class Generation:
             if decoded:  # queued before the host looks at the token; wasted if it ends the generation
                 logits = self._decode(sampled, len(self.prompt_ids) + step)
             token = pipe.receive()
+            if first_token_at is None:
+                first_token_at = time.perf_counter()
+                result.prefill_seconds = first_token_at - started
+            else:
+                result.decode_steps += 1
             if token in stops:
                 result.finish_reason = "eos"
                 break
@@ -243,5 +248,9 @@ class Generation:
         if tail:
             pieces.append(tail)
             yield tail
-        result.decode_seconds = time.perf_counter() - started
+        ended = time.perf_counter()
+        if first_token_at is None:
+            result.prefill_seconds = ended - started
+        else:
+            result.decode_seconds = ended - first_token_at
         result.text = "".join(pieces)

@@ -6,12 +6,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from backends.base import Backend, GPTQTensors
+from backends import tensor_names as names
+from backends.base import Backend, DenseLinear, GPTQTensors, Linear
 from backends.cuda_graph import GraphedDecoder
 from backends.fair_lock import FairLock
-from backends.model import Transformer
+from backends.model import TorchOps, Transformer
 from backends.model_config import ModelArgs, load_model_args
 from backends.quant_config import QuantConfig, load_quant_config
 from backends.registry import all_backends, resolve_backend
@@ -88,18 +88,16 @@ class _LinearBuilder:
         self.store, self.qconfig, self.backend = store, qconfig, backend
         self.args, self.dtype, self.device = args, dtype, device
 
-    def __call__(self, name: str, in_features: int, out_features: int, bias: bool) -> nn.Module:
+    def __call__(self, name: str, in_features: int, out_features: int, bias: bool) -> Linear:
         if f"{name}.qweight" in self.store:
             return self._quantized(name, in_features, out_features)
         weight_name = f"{name}.weight"
-        if weight_name not in self.store and name == "lm_head" and self.args.tie_word_embeddings:
-            weight_name = "model.embed_tokens.weight"
-        weight = self._checked(weight_name, (out_features, in_features))
-        linear = nn.Linear(in_features, out_features, bias=f"{name}.bias" in self.store, device="meta")
-        linear.weight = nn.Parameter(weight.to(self.device, self.dtype), requires_grad=False)
-        if linear.bias is not None:
-            linear.bias = nn.Parameter(self.store.get(f"{name}.bias").to(self.device, self.dtype), requires_grad=False)
-        return linear
+        if weight_name not in self.store and name == names.LM_HEAD and self.args.tie_word_embeddings:
+            weight_name = names.EMBED
+        weight = self._checked(weight_name, (out_features, in_features)).to(self.device, self.dtype)
+        bias_name = f"{name}.bias"
+        stored_bias = self.store.get(bias_name).to(self.device, self.dtype) if bias_name in self.store else None
+        return DenseLinear(weight, stored_bias)
 
     def _checked(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         if name not in self.store:
@@ -109,7 +107,7 @@ class _LinearBuilder:
             raise WeightsError(f"tensor '{name}' has shape {tuple(tensor.shape)}, expected {shape}")
         return tensor
 
-    def _quantized(self, name: str, in_features: int, out_features: int) -> nn.Module:
+    def _quantized(self, name: str, in_features: int, out_features: int) -> Linear:
         q = self.qconfig
         if q is None:
             raise WeightsError(f"'{name}' is GPTQ-quantized but the model has no quantize_config.json")
@@ -134,20 +132,26 @@ class _LinearBuilder:
 
 
 def _load_plain(model: Transformer, store: WeightStore, dtype, device) -> None:
-    plain = {"embed_tokens.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
-    for i in range(model.args.n_layers):
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            plain[f"layers.{i}.{norm}.weight"] = f"model.layers.{i}.{norm}.weight"
-    for attr, stored in plain.items():
-        module_path, _, param = attr.rpartition(".")
-        module = model.get_submodule(module_path)
-        expected = tuple(getattr(module, param).shape)
+    """The embedding and the norms (lm_head is a projection: the LinearFactory builds it)."""
+    for stored, module in model.stored_dense().items():
+        expected = tuple(module.weight.shape)
         if stored not in store:
             raise WeightsError(f"tensor '{stored}' is missing from the weight files")
         tensor = store.get(stored)
         if tuple(tensor.shape) != expected:
             raise WeightsError(f"tensor '{stored}' has shape {tuple(tensor.shape)}, expected {expected}")
-        setattr(module, param, nn.Parameter(tensor.to(device, dtype), requires_grad=False))
+        module.weight = torch.nn.Parameter(tensor.to(device, dtype), requires_grad=False)
+
+
+def model_ops(device: torch.device) -> TorchOps:
+    """The model's non-linear steps: kernels on a GPU where they import, else plain torch."""
+    if device.type != "cuda":
+        return TorchOps()
+    try:
+        from backends.cuda_ops import CudaOps
+    except ImportError:  # no triton: the torch forms
+        return TorchOps()
+    return CudaOps(device)
 
 
 def build_model(model_dir: Path, options: LoadOptions) -> tuple[Transformer, ModelArgs, QuantConfig | None, str, torch.device, torch.dtype]:
@@ -157,11 +161,10 @@ def build_model(model_dir: Path, options: LoadOptions) -> tuple[Transformer, Mod
     dtype = resolve_dtype(options.dtype, device)
     backend = resolve_backend(options.backend, device, qconfig)
     store = WeightStore(find_weight_files(model_dir, qconfig, options.allow_pickle))
-    model = Transformer(args, _LinearBuilder(store, qconfig, backend, args, dtype, device))
+    model = Transformer(args, _LinearBuilder(store, qconfig, backend, args, dtype, device), model_ops(device))
     _load_plain(model, store, dtype, device)
     model.fuse_projections()
-    chain = getattr(backend, "decode_chain", None)
-    model.decode_chain = chain(model) if chain is not None else None
+    model.decode_chain = backend.decode_chain(model)
     model.rotary.to(device)
     model.eval()
     return model, args, qconfig, backend.name, device, dtype
@@ -183,7 +186,6 @@ def load_model(model_dir: str | Path, options: LoadOptions = LoadOptions()) -> L
     model, args, qconfig, backend, device, dtype = build_model(model_dir, options)
     context = options.context_length or min(args.max_position_embeddings, DEFAULT_CONTEXT)
     model.setup_cache(batch=1, max_seq_len=context)
-    note_of = getattr(all_backends()[backend], "note", None)
     return LoadedModel(
         path=model_dir,
         model=model,
@@ -195,5 +197,5 @@ def load_model(model_dir: str | Path, options: LoadOptions = LoadOptions()) -> L
         dtype=dtype,
         context_length=context,
         decoder=GraphedDecoder(model) if device.type == "cuda" and options.cuda_graphs else None,
-        backend_note=note_of(device) if note_of is not None else "",
+        backend_note=all_backends()[backend].note(device),
     )

@@ -1,14 +1,14 @@
-"""A lean Llama / Mistral decoder with a static KV cache.
+"""A lean Llama / Mistral decoder with a static KV cache, in plain torch.
 
-The linear layers are not built here: every projection comes from a
-``LinearFactory`` that the backend supplies, so the same model runs the
-reference dequantized path, the Triton kernels or the ExLlama kernels.
+This file is the reference: every step reads as the math it computes. Speed is plugged in from outside:
+- the projections come from a ``LinearFactory`` that the backend supplies (backends/base.py ``Linear``: the
+  reference's dequantized matmuls, the Triton kernels or the ExLlama kernels);
+- the other steps (RMSNorm, rotary into the cache, one-token attention, the head) go through an ``ops``
+  object, :class:`TorchOps` here; on a GPU the loader passes backends/cuda_ops.py's, whose kernels are
+  tested against these forms.
 """
 
 from __future__ import annotations
-
-import functools
-import importlib
 
 import math
 from typing import Protocol
@@ -17,80 +17,59 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from backends import tensor_names as names
+from backends.base import DecodeChain, Linear
 from backends.model_config import ModelArgs, RopeScaling
-
-LINEAR_NAMES = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
 
 
 class LinearFactory(Protocol):
-    def __call__(self, name: str, in_features: int, out_features: int, bias: bool) -> nn.Module: ...
+    def __call__(self, name: str, in_features: int, out_features: int, bias: bool) -> Linear: ...
 
 
-class DecodeChain(Protocol):
-    """A backend's own way through all layers for one decoded token (attention by kernels.decode_attention)."""
+class TorchOps:
+    """The model's non-linear-layer steps in plain torch. A subclass overrides what its kernels do faster;
+    the one-token attention kernel is used only where :meth:`decode_workspace` gives a workspace."""
 
-    def takes(self, x: torch.Tensor) -> bool:
-        """Whether it can run this step (``x``: the token's embedding)."""
+    def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        return (weight.float() * xf).to(x.dtype)
 
-    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                 kv_len: int) -> torch.Tensor:
-        """The last layer's output for ``x``, as the layers would compute it."""
+    def rotary_into_cache(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                          sin: torch.Tensor, cache: "KVCache", positions: torch.Tensor) -> torch.Tensor:
+        """q, k, v ``[B, T, H, D]``: k rotated and v written to the cache at ``positions``; returns q rotated,
+        ``[B, H, T, D]``."""
+        cache.update(positions, apply_rotary(k.transpose(1, 2), cos, sin), v.transpose(1, 2))
+        return apply_rotary(q.transpose(1, 2), cos, sin)
+
+    def decode_workspace(self, args: ModelArgs, device: torch.device) -> object | None:
+        """The one-token attention kernel's workspace for this model (batch 1), or None: no such kernel."""
+        return None
+
+    def decode_attention_pays(self, kv_len: int, args: ModelArgs) -> bool:
+        """Whether the one-token attention kernel beats the plain path at this length."""
+        return False
+
+    def decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                         sin: torch.Tensor, positions: torch.Tensor, cache: "KVCache", kv_len: int,
+                         window: int | None, workspace: object) -> torch.Tensor:
+        """One token's attention ``[Hq * D]`` with rotary and the cache write folded in."""
+        raise NotImplementedError("no one-token attention kernel here (decode_workspace gives None)")
+
+    def head(self, x: torch.Tensor, lm_head: Linear, norm: "RMSNorm") -> torch.Tensor:
+        """fp32 logits of the last layer's output: the final norm and lm_head."""
+        return lm_head(norm(x)).float()
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, ops: TorchOps = TorchOps()):
         super().__init__()
         self.eps = eps
+        self.ops = ops
         self.weight = nn.Parameter(torch.ones(dim, device="meta"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fused = _fused_rmsnorm() if x.is_cuda else None
-        if fused is not None:
-            return fused(x, self.weight, self.eps)
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * xf).to(x.dtype)
-
-
-@functools.cache
-def _fused_rotary():
-    """kernels.rotary for GPUs (apply_rotary is its reference), imported on first use."""
-    try:
-        from kernels import rotary
-    except ImportError:
-        return None
-    return rotary
-
-
-@functools.cache
-def cuda_kernels(name: str, device: torch.device):
-    """The module kernels.<name> (decode_attention, head_gemv) where their CUDA library builds and runs on
-    ``device``, else None."""
-    try:
-        from kernels import cuda_lib
-
-        module = importlib.import_module(f"kernels.{name}")
-    except ImportError:
-        return None
-    return module if cuda_lib.unavailable_reason(device) is None else None
-
-
-@functools.cache
-def _fused_rmsnorm():
-    """The one-kernel RMSNorm for GPUs (the torch form above is its reference), imported on first use."""
-    try:
-        from kernels.rmsnorm import rmsnorm
-    except ImportError:
-        return None
-    return rmsnorm
+        return self.ops.rmsnorm(x, self.weight, self.eps)
 
 
 def base_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
@@ -174,97 +153,85 @@ class KVCache(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, prefix: str, make_linear: LinearFactory):
+    def __init__(self, args: ModelArgs, index: int, make_linear: LinearFactory, ops: TorchOps):
         super().__init__()
         self.n_heads = args.n_heads
         self.n_kv_heads = args.n_kv_heads
         self.head_dim = args.head_dim
+        self.ops = ops
         q_out = args.n_heads * args.head_dim
         kv_out = args.n_kv_heads * args.head_dim
         b = args.attention_bias
-        self.q_proj = make_linear(f"{prefix}.q_proj", args.hidden_size, q_out, b)
-        self.k_proj = make_linear(f"{prefix}.k_proj", args.hidden_size, kv_out, b)
-        self.v_proj = make_linear(f"{prefix}.v_proj", args.hidden_size, kv_out, b)
-        self.o_proj = make_linear(f"{prefix}.o_proj", q_out, args.hidden_size, False)
-        self.qkv_proj: nn.Module | None = None  # set by Transformer.fuse_projections
+        self.q_proj = make_linear(names.projection(index, "q_proj"), args.hidden_size, q_out, b)
+        self.k_proj = make_linear(names.projection(index, "k_proj"), args.hidden_size, kv_out, b)
+        self.v_proj = make_linear(names.projection(index, "v_proj"), args.hidden_size, kv_out, b)
+        self.o_proj = make_linear(names.projection(index, "o_proj"), q_out, args.hidden_size, False)
+        self.qkv_proj: Linear | None = None  # set by Transformer.fuse_projections
         self.split_sizes = [q_out, kv_out, kv_out]
         self.sliding_window = args.sliding_window
         self.kv_cache: KVCache | None = None
-        self.decode_workspace = None  # kernels.decode_attention.Workspace, shared by the layers (setup_cache)
+        self.decode_workspace: object | None = None  # the one-token attention's, shared by the layers (setup_cache)
 
     def forward(self, x, norm: RMSNorm, cos, sin, positions, mask, kv_len: int, residual: torch.Tensor,
                 decode_kernel: bool = False) -> torch.Tensor:
         """``residual`` + attention of ``norm(x)``. ``decode_kernel``: one token of batch 1, attended to
-        by kernels.decode_attention (rotary and the cache write included; ``mask`` is then unused)."""
+        by the ops' one-token attention (rotary and the cache write included; ``mask`` is then unused)."""
         bsz, seqlen, _ = x.shape
         q, k, v = self._qkv(x, norm)
         if decode_kernel:
-            kernel = cuda_kernels("decode_attention", x.device)
-            out = kernel.decode_attention(q.reshape(-1), k.reshape(-1), v.reshape(-1), cos, sin,
-                                          positions, self.kv_cache.k, self.kv_cache.v, kv_len, self.sliding_window,
-                                          self.decode_workspace).view(bsz, seqlen, -1)
-            return linear_add(self.o_proj, out, residual)
+            out = self.ops.decode_attention(q.reshape(-1), k.reshape(-1), v.reshape(-1), cos, sin, positions,
+                                            self.kv_cache, kv_len, self.sliding_window, self.decode_workspace)
+            return self.o_proj.forward_add(out.view(bsz, seqlen, -1), residual)
         q = q.view(bsz, seqlen, self.n_heads, self.head_dim)
         k = k.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         v = v.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
-        fused = _fused_rotary() if x.is_cuda and self.kv_cache is not None else None
-        if fused is not None and fused.supported(self.head_dim):
-            # One kernel: q rotated, k rotated and v copied straight into their cache slots.
-            q = fused.rotary_qkv(q, k, v, cos, sin, self.kv_cache.k, self.kv_cache.v, positions).transpose(1, 2)
+        if self.kv_cache is not None:
+            q = self.ops.rotary_into_cache(q, k, v, cos, sin, self.kv_cache, positions)
             k, v = self.kv_cache.k[:, :, :kv_len], self.kv_cache.v[:, :, :kv_len]
         else:
             q = apply_rotary(q.transpose(1, 2), cos, sin)
             k = apply_rotary(k.transpose(1, 2), cos, sin)
             v = v.transpose(1, 2)
-            if self.kv_cache is not None:
-                k_all, v_all = self.kv_cache.update(positions, k, v)
-                k, v = k_all[:, :, :kv_len], v_all[:, :, :kv_len]
         # mask None: a prompt from position 0 with plain causal attention, which the fused kernels take.
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_heads != self.n_kv_heads
         )
         out = out.transpose(1, 2).reshape(bsz, seqlen, self.n_heads * self.head_dim)
-        return linear_add(self.o_proj, out, residual)
+        return self.o_proj.forward_add(out, residual)
 
     def _qkv(self, x: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.qkv_proj is not None:
-            return self.qkv_proj(*normed_input(self.qkv_proj, x, norm)).split(self.split_sizes, dim=-1)
+            return self.qkv_proj(x, norm).split(self.split_sizes, dim=-1)
         x = norm(x)
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
 
 class FeedForward(nn.Module):
-    def __init__(self, args: ModelArgs, prefix: str, make_linear: LinearFactory):
+    def __init__(self, args: ModelArgs, index: int, make_linear: LinearFactory):
         super().__init__()
         h, i, b = args.hidden_size, args.intermediate_size, args.mlp_bias
-        self.gate_proj = make_linear(f"{prefix}.gate_proj", h, i, b)
-        self.up_proj = make_linear(f"{prefix}.up_proj", h, i, b)
-        self.down_proj = make_linear(f"{prefix}.down_proj", i, h, b)
-        self.gate_up_proj: nn.Module | None = None  # set by Transformer.fuse_projections
+        self.gate_proj = make_linear(names.projection(index, "gate_proj"), h, i, b)
+        self.up_proj = make_linear(names.projection(index, "up_proj"), h, i, b)
+        self.down_proj = make_linear(names.projection(index, "down_proj"), i, h, b)
+        self.gate_up_proj: Linear | None = None  # set by Transformer.fuse_projections
 
     def forward(self, x: torch.Tensor, norm: RMSNorm, residual: torch.Tensor) -> torch.Tensor:
         """``residual`` + the MLP of ``norm(x)``."""
-        fused_glu = getattr(self.gate_up_proj, "silu_mul", None)
-        if fused_glu is not None and getattr(self.gate_up_proj, "glu", False):
-            hidden = fused_glu(*normed_input(self.gate_up_proj, x, norm))
+        if self.gate_up_proj is not None:
+            hidden = self.gate_up_proj.silu_mul(x, norm)
         else:
             x = norm(x)
-            if self.gate_up_proj is not None:
-                gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-            else:
-                gate, up = self.gate_proj(x), self.up_proj(x)
-            hidden = F.silu(gate) * up
-        return linear_add(self.down_proj, hidden, residual)
+            hidden = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj.forward_add(hidden, residual)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, index: int, make_linear: LinearFactory):
+    def __init__(self, args: ModelArgs, index: int, make_linear: LinearFactory, ops: TorchOps):
         super().__init__()
-        prefix = f"model.layers.{index}"
-        self.self_attn = Attention(args, f"{prefix}.self_attn", make_linear)
-        self.mlp = FeedForward(args, f"{prefix}.mlp", make_linear)
-        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = Attention(args, index, make_linear, ops)
+        self.mlp = FeedForward(args, index, make_linear)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, ops)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, ops)
 
     def forward(self, x, cos, sin, positions, mask, kv_len: int, decode_kernel: bool = False) -> torch.Tensor:
         h = self.self_attn(x, self.input_layernorm, cos, sin, positions, mask, kv_len, residual=x,
@@ -272,49 +239,42 @@ class DecoderLayer(nn.Module):
         return self.mlp(h, self.post_attention_layernorm, residual=h)
 
 
-def normed_input(linear: nn.Module, x: torch.Tensor, norm: RMSNorm) -> tuple:
-    """The arguments that make ``linear`` compute ``linear(norm(x))``: a layer with ``folds_norm`` takes the
-    norm along and applies it in its own kernel (no separate RMSNorm kernel per layer input)."""
-    return (x, norm) if getattr(linear, "folds_norm", False) else (norm(x),)
-
-
-def linear_add(linear: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """``residual + linear(x)``; layers with ``forward_add`` do the add in their own kernel."""
-    fused = getattr(linear, "forward_add", None)
-    return fused(x, residual) if fused is not None else residual + linear(x)
-
-
-def fuse_linears(parts: list[nn.Module], glu: bool = False) -> nn.Module | None:
-    """The parts as one layer, if they are of one class that knows how to fuse (``cls.fuse``).
-
-    ``glu``: the parts are gate and up; a class with ``fuse_glu`` then makes a layer whose
-    ``silu_mul(x)`` is ``silu(gate(x)) * up(x)`` (and ``glu`` is True)."""
+def fuse_linears(parts: list[Linear], glu: bool = False) -> Linear | None:
+    """The parts as one layer, if they are of one class that knows how to fuse them (``glu``: gate and up,
+    for ``silu_mul``)."""
     kind = type(parts[0])
-    if any(type(p) is not kind for p in parts) or not hasattr(kind, "fuse"):
+    if any(type(p) is not kind for p in parts):
         return None
-    if glu and hasattr(kind, "fuse_glu"):
-        fused = kind.fuse_glu(*parts)
-        if fused is not None:
-            return fused
-    return kind.fuse(parts)
+    fused = kind.fuse_glu(*parts) if glu else None
+    return fused if fused is not None else kind.fuse(parts)
 
 
 class Transformer(nn.Module):
     """Parameter names follow the Hugging Face checkpoints (``model.layers.N...``)."""
 
-    def __init__(self, args: ModelArgs, make_linear: LinearFactory):
+    def __init__(self, args: ModelArgs, make_linear: LinearFactory, ops: TorchOps = TorchOps()):
         super().__init__()
         self.args = args
+        self.ops = ops
         # Embedding and norms are placeholders until the loader assigns the stored tensors.
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size, device="meta")
-        self.layers = nn.ModuleList(DecoderLayer(args, i, make_linear) for i in range(args.n_layers))
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.lm_head = make_linear("lm_head", args.hidden_size, args.vocab_size, False)
+        self.layers = nn.ModuleList(DecoderLayer(args, i, make_linear, ops) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, ops)
+        self.lm_head = make_linear(names.LM_HEAD, args.hidden_size, args.vocab_size, False)
         self.rotary = Rotary(args)
         self.rotary_table: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin [max_seq_len, D]
         self.max_seq_len = 0
-        # The backend's own batch-1 decode of all layers (backends/exllama_decode.py), set by the loader.
+        # The backend's own batch-1 decode of all layers (Backend.decode_chain), set by the loader.
         self.decode_chain: DecodeChain | None = None
+
+    def stored_dense(self) -> dict[str, nn.Module]:
+        """The modules whose ``weight`` a checkpoint stores as is, by tensor name (lm_head is a projection,
+        built by the LinearFactory)."""
+        modules: dict[str, nn.Module] = {names.EMBED: self.embed_tokens, names.FINAL_NORM: self.norm}
+        for i, layer in enumerate(self.layers):
+            for norm in names.LAYER_NORMS:
+                modules[names.layer_norm(i, norm)] = getattr(layer, norm)
+        return modules
 
     def fuse_projections(self) -> int:
         """Replace q/k/v and gate/up by one layer each where the backend's layers can fuse; returns how many."""
@@ -336,10 +296,7 @@ class Transformer(nn.Module):
         device = self.embed_tokens.weight.device
         self.max_seq_len = max_seq_len
         a = self.args
-        kernel = cuda_kernels("decode_attention", device) if device.type == "cuda" else None
-        workspace = None
-        if batch == 1 and kernel is not None and kernel.supported(a.head_dim, a.n_heads, a.n_kv_heads):
-            workspace = kernel.Workspace(a.n_heads, a.n_kv_heads, a.head_dim, device)
+        workspace = self.ops.decode_workspace(a, device) if batch == 1 else None
         for layer in self.layers:
             layer.self_attn.kv_cache = KVCache(batch, a.n_kv_heads, max_seq_len, a.head_dim, dtype, device)
             layer.self_attn.decode_workspace = workspace
@@ -368,11 +325,9 @@ class Transformer(nn.Module):
             raise ValueError(f"position {kv_len - 1} is past the context length {self.max_seq_len}")
         x = self.embed_tokens(tokens)
         plain_causal = self.args.sliding_window is None and tokens.shape[1] == kv_len > 1
-        a = self.args
         decode_kernel = (tokens.shape == (1, 1) and x.dtype == torch.float16
                          and self.layers[0].self_attn.decode_workspace is not None
-                         and cuda_kernels("decode_attention", x.device).faster_than_sdpa(kv_len, a.n_heads,
-                                                                                         a.n_kv_heads))
+                         and self.ops.decode_attention_pays(kv_len, self.args))
         # For the decode kernel: the whole table (it reads its position's row), or this position's cos/sin.
         cos, sin = self.rotary_table if decode_kernel and self.rotary_table is not None else self.rotary(positions)
         mask = None
@@ -389,12 +344,5 @@ class Transformer(nn.Module):
         return self.head(x)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        """fp32 logits of the last layer's output ``x``: the final norm and lm_head, in one kernel
-        (kernels/head_gemv.cu) for one fp16 token on a GPU where the CUDA kernels run."""
-        lm, norm = self.lm_head, self.norm
-        if (x.is_cuda and x.shape[:2] == (1, 1) and x.dtype == torch.float16 and type(lm) is nn.Linear
-                and lm.bias is None):
-            kernel = cuda_kernels("head_gemv", x.device)
-            if kernel is not None and kernel.supported(lm.weight, norm.weight):
-                return kernel.head_gemv(x, lm.weight, norm.weight, norm.eps).view(1, 1, -1)
-        return lm(norm(x)).float()
+        """fp32 logits of the last layer's output ``x``: the final norm and lm_head."""
+        return self.ops.head(x, self.lm_head, self.norm)

@@ -13,8 +13,9 @@ import os
 import torch
 from torch import nn
 
-from backends.base import GPTQTensors, concat_bias, same_tensor
+from backends.base import GPTQTensors, Linear, concat_bias, same_tensor
 from backends.quant_config import QuantConfig
+from kernels import triton_gptq
 from kernels.gptq_format import pack_rows, unpack_rows
 
 # The kernels' smallest K block: contiguous groups must be a multiple of it.
@@ -57,16 +58,13 @@ def kernel_unavailable_reason(device: torch.device, qconfig: QuantConfig | None)
     return None
 
 
-class PackedGPTQLinear(nn.Module):
+class PackedGPTQLinear(Linear):
     """Packed GPTQ weights, regrouped at load; subclasses compute ``x @ W`` in :meth:`matmul`."""
 
     SHARED = ("g_idx", "perm")  # buffers that projections must have in common to fuse
 
     def __init__(self, t: GPTQTensors, qconfig: QuantConfig, dtype: torch.dtype, device: torch.device):
         super().__init__()
-        from kernels import triton_gptq
-
-        self._kernels = triton_gptq
         self.in_features, self.out_features = t.in_features, t.out_features
         self.bits, self.zero_offset = qconfig.bits, qconfig.zero_offset
         group_size = qconfig.effective_group_size(t.in_features)
@@ -80,11 +78,17 @@ class PackedGPTQLinear(nn.Module):
         bias = t.bias.to(device=device, dtype=dtype) if t.bias is not None else None
         self.register_buffer("bias", bias)
 
+    @property
+    def packed(self) -> triton_gptq.PackedWeight:
+        """The weight as the Triton kernels take it (groups contiguous, or read through g_idx)."""
+        return triton_gptq.PackedWeight(self.qweight, self.scales, self.qzeros, self.bits, self.zero_offset,
+                                        self.group_size, self.g_idx)
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """fp16 ``x`` ``[M, K]``, already permuted, contiguous -> ``[M, N]``."""
-        raise NotImplementedError
+        return triton_gptq.gptq_matmul(x, self.packed)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def project(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(torch.float16)
         if self.perm is not None:
@@ -105,7 +109,6 @@ class PackedGPTQLinear(nn.Module):
             return None
         fused = cls.__new__(cls)
         nn.Module.__init__(fused)
-        fused._kernels = first._kernels
         fused.in_features, fused.out_features = first.in_features, sum(p.out_features for p in parts)
         fused.bits, fused.zero_offset, fused.group_size = layout
         for name in PACKED:

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from backends import tensor_names as names
 from backends.gptq_quantizer import QuantizedWeight, gptq_quantize
 from backends.loader import LoadOptions, build_model
 from backends.model import Transformer
@@ -108,7 +109,7 @@ def quantize_model(
                     )
                     linear.weight.data = qw.dequantize().to(linear.weight.dtype)
                     for key, tensor in pack_layer(qw, qconfig, linear.bias).items():
-                        packed[f"model.layers.{index}.{name}.{key}"] = tensor
+                        packed[f"{names.layer(index)}.{name}.{key}"] = tensor
             x = layer(x, cos, sin, positions, mask, seq_len)
             progress(f"layer {index + 1}/{len(model.layers)} quantized")
     return packed
@@ -135,13 +136,10 @@ def save_gptq_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     tensors = dict(packed)
-    tensors["model.embed_tokens.weight"] = model.embed_tokens.weight.detach().half()
-    tensors["model.norm.weight"] = model.norm.weight.detach().half()
-    for i, layer in enumerate(model.layers):
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            tensors[f"model.layers.{i}.{norm}.weight"] = getattr(layer, norm).weight.detach().half()
+    for name, module in model.stored_dense().items():
+        tensors[name] = module.weight.detach().half()
     if not model.args.tie_word_embeddings:
-        tensors["lm_head.weight"] = model.lm_head.weight.detach().half()
+        tensors[f"{names.LM_HEAD}.weight"] = model.lm_head.weight.detach().half()
     base = qconfig.model_file_base_name or "model"
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / f"{base}.safetensors"), metadata={"format": "pt"})
     config = json.loads((src_dir / "config.json").read_text())
@@ -159,16 +157,9 @@ def save_gptq_checkpoint(
     tmp.rename(out_dir)
 
 
-def quantize_checkpoint(
-    src_dir: Path,
-    out_dir: Path,
-    qconfig: QuantConfig,
-    calibration_text: str,
-    seq_len: int = 256,
-    samples: int = 16,
-    config_block: bool = False,
-    progress: Callable[[str], None] = lambda _: None,
-) -> None:
+def quantize_checkpoint(src_dir: Path, out_dir: Path, qconfig: QuantConfig, calibration_text: str, seq_len: int = 256,
+                        samples: int = 16, config_block: bool = False,
+                        progress: Callable[[str], None] = lambda _: None) -> None:
     from backends.loader import load_tokenizer
 
     model, *_ = build_model(src_dir, LoadOptions(backend="reference", device="cpu", dtype="float32"))

@@ -9,27 +9,21 @@ cuBLAS by the number of rows.
 from __future__ import annotations
 
 import torch
-from torch import nn
-
-from backends.base import GPTQTensors
-from backends.packed_linear import PackedGPTQLinear, contiguous_layout, kernel_unavailable_reason
+from backends.base import Backend, GPTQTensors
+from backends.packed_linear import PackedGPTQLinear, kernel_unavailable_reason
 from backends.quant_config import QuantConfig
-
-__all__ = ["TritonBackend", "TritonLinear", "contiguous_layout"]
 
 
 class TritonLinear(PackedGPTQLinear):
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return self._kernels.gptq_matmul(x, self.qweight, self.scales, self.qzeros, self.g_idx,
-                                         self.bits, self.zero_offset, self.group_size)
+    """The packed layer as it is: kernels.triton_gptq.gptq_matmul picks the kernel by the number of rows."""
 
 
-class TritonBackend:
+class TritonBackend(Backend):
     name = "triton"
     description = "fused GPTQ dequant+matmul Triton kernel (CUDA GPU)"
 
     def unavailable_reason(self, device: torch.device, qconfig: QuantConfig | None) -> str | None:
         return kernel_unavailable_reason(device, qconfig)
 
-    def make_linear(self, tensors: GPTQTensors, qconfig: QuantConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    def make_linear(self, tensors: GPTQTensors, qconfig: QuantConfig, dtype: torch.dtype, device: torch.device) -> TritonLinear:
         return TritonLinear(tensors, qconfig, dtype, device)

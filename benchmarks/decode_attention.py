@@ -1,6 +1,6 @@
 """The one-token attention kernel against cuDNN/flash SDPA (+ the rotary kernel it replaces), 7B/GQA shapes.
 
-    python benchmarks/decode_attention.py [--ncu]
+    python -m benchmarks.decode_attention [--ncu]
 """
 
 from __future__ import annotations
@@ -8,17 +8,13 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from kernels import decode_attention as da  # noqa: E402
-from kernels import rotary  # noqa: E402
-from kernels.q4_gemv import _graph_us  # noqa: E402
+from kernels import decode_attention as da
+from kernels import rotary
+from kernels.timing import graph_us
 
 SEQ = 4096
 
@@ -58,7 +54,7 @@ def main() -> None:
     if opts.ncu:
         subprocess.run(["ncu", "--kernel-name", "regex:decode_attention", "--launch-skip", "2", "--launch-count", "1",
                         "--section", "SpeedOfLight", "--section", "WarpStateStats", "--section", "SourceCounters",
-                        "--section", "MemoryWorkloadAnalysis", sys.executable, __file__, "--one"], check=False)
+                        "--section", "MemoryWorkloadAnalysis", sys.executable, "-m", "benchmarks.decode_attention", "--one"], check=False)
         return
     print(f"{torch.cuda.get_device_name()}")
     print("| heads / kv heads / dim | position | kv_len | kernel µs (splits) | rotary + SDPA µs | "
@@ -68,9 +64,9 @@ def main() -> None:
         for position, kv_len in ((20, 128), (200, 256), (1000, 1024), (4000, 4096)):
             kernel, sdpa = case(heads, kv_heads, dim, position, kv_len)
             chosen = da.splits_for(kv_len, kv_heads, torch.device("cuda"))
-            each = " / ".join(f"{_graph_us(lambda: kernel(s)):.1f}" for s in (1, 2, 4, 8, 16))
-            print(f"| {heads}/{kv_heads}/{dim} | {position} | {kv_len} | {_graph_us(kernel):.1f} ({chosen}) | "
-                  f"{_graph_us(sdpa):.1f} | {each} |", flush=True)
+            each = " / ".join(f"{graph_us(lambda: kernel(s)):.1f}" for s in (1, 2, 4, 8, 16))
+            print(f"| {heads}/{kv_heads}/{dim} | {position} | {kv_len} | {graph_us(kernel):.1f} ({chosen}) | "
+                  f"{graph_us(sdpa):.1f} | {each} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Perplexity of every SmolLM2 test branch next to the fp32 model it was quantized from.
 
-    python benchmarks/perplexity.py [--device cpu|cuda] [--backend reference]
+    python -m benchmarks.perplexity [--device cpu|cuda] [--backend reference]
 
 Builds (or reuses) the cached fixture checkpoints, then prints a table.
 """
@@ -8,16 +8,11 @@ Builds (or reuses) the cached fixture checkpoints, then prints a table.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from backends.loader import LoadOptions, load_model  # noqa: E402
-from backends.perplexity import perplexity  # noqa: E402
-from tests.fixture_models import BRANCHES, DATA, base_checkpoint, branch_checkpoint  # noqa: E402
+from backends.loader import LoadOptions, load_model
+from backends.perplexity import perplexity
+from tests.fixture_models import BRANCHES, DATA, base_checkpoint, branch_checkpoint
 
 
 def main() -> None:

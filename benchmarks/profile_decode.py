@@ -1,6 +1,6 @@
 """Where a decode step's GPU time goes: kernels of one eager 7B decode step, by total time.
 
-    python benchmarks/profile_decode.py [--size 7B] [--backend exllama] [--pdl]
+    python -m benchmarks.profile_decode [--size 7B] [--backend exllama] [--pdl]
 
 Programmatic dependent launch is off unless --pdl: a kernel launched early
 counts the time it waits on its predecessor as its own, so with it the
@@ -11,17 +11,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from backends.loader import LoadOptions, build_model  # noqa: E402
-from benchmarks.decode import CONTEXT, SIZES, llama2_config, write_random_gptq  # noqa: E402
+from backends.loader import LoadOptions, build_model
+from benchmarks.llama2 import CONTEXT, SIZES, write_checkpoint
 
 
 def main() -> None:
@@ -34,7 +30,7 @@ def main() -> None:
     if not opts.pdl:
         os.environ["GPTQ_CUDA_PDL"] = "0"
     with tempfile.TemporaryDirectory() as tmp:
-        path = write_random_gptq(Path(tmp) / "m", llama2_config(opts.size), opts.act_order)
+        path = write_checkpoint(Path(tmp) / "m", opts.size, opts.act_order)
         model, *_ = build_model(path, LoadOptions(backend=opts.backend, context_length=CONTEXT))
     model.setup_cache(batch=1, max_seq_len=CONTEXT)
     token = torch.tensor([[1]], device="cuda")

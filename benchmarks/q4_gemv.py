@@ -1,45 +1,39 @@
 """The exllama backend's CUDA 4-bit GEMV on the GPU: build, correctness, speed.
 
-    python benchmarks/q4_gemv.py
+    python -m benchmarks.q4_gemv
 
 Correctness: every epilogue (store, + residual, SiLU(gate) * up), M = 1..4,
 4-bit g128 sym, g32 asym and no groups, at Llama-2 7B/13B shapes, against the
 fp32 dequantized reference. Speed: 4-bit g128 at those shapes, M = 1 and 4,
-next to the Triton GEMV and fp16 cuBLAS, CUDA-graph timing with weights
-rotated past the L2 cache; bandwidth = qweight + scales + qzeros bytes / time.
+next to the Triton GEMV and fp16 cuBLAS, timed by kernels.timing (CUDA-graph
+replay, weights rotated past L2); bandwidth = qweight + scales + qzeros bytes / time.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from benchmarks.llama2 import SHAPES as LLAMA_SHAPES
+from benchmarks.llama2 import g128_bytes, layer
+from kernels import cuda_lib
+from kernels import q4_gemv as cuda_gemv
+from kernels import triton_gptq
+from kernels.gptq_format import dequantize
+from kernels.timing import cold_copies, copy_bandwidth, graph_us, in_turn
+from tests.gptq_testing import relative_error
 
-from benchmarks.triton_matmul import copy_bandwidth, g128_bytes, graph_us, in_turn, rotated_layers  # noqa: E402
-from kernels import cuda_lib  # noqa: E402
-from kernels import q4_gemv as cuda_gemv  # noqa: E402
-from kernels import triton_gptq  # noqa: E402
-from kernels.gptq_format import dequantize  # noqa: E402
-
-SHAPES = {
-    "7B qkv fused": (4096, 12288), "7B o": (4096, 4096), "7B gate+up fused": (4096, 22016), "7B down": (11008, 4096),
-    "13B qkv fused": (5120, 15360), "13B o": (5120, 5120), "13B gate+up fused": (5120, 27648), "13B down": (13824, 5120),
-}
+# The layers the exllama backend runs: q+k+v fused, o (qkvo), gate+up fused, down.
+SHAPES = {name: kn for name, kn in LLAMA_SHAPES.items() if name.split(" ", 1)[1] in ("qkv fused", "qkvo",
+                                                                                      "gate+up fused", "down")}
 
 
 def check(k: int, n: int, gs: int, sym: bool) -> float:
-    import numpy as np
-
-    from tests.gptq_testing import random_gptq_layer, relative_error
-
-    t = {key: v.cuda() for key, v in random_gptq_layer(k, n, 4, gs, False, sym=sym, rng=np.random.default_rng(n)).items()}
+    t = layer(k, n, 4, gs, False, sym=sym, seed=n)
     group = k if gs == -1 else gs
     w = dequantize(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, 1)
     ws = cuda_gemv.Workspace(n, torch.device("cuda"))
@@ -52,7 +46,7 @@ def check(k: int, n: int, gs: int, sym: bool) -> float:
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         ref = x.float() @ w
         res = torch.randn(m, n, device="cuda", dtype=torch.float16)
-        for config in [c for c in cuda_gemv.CONFIGS if c[1] <= 256 and cuda_gemv._fits(c, m)]:
+        for config in [c for c in cuda_gemv.CONFIGS if c[1] <= 256 and cuda_gemv.fits(c, m)]:
             y = cuda_gemv.q4_gemv(x, t["qweight"], t["scales"], t["qzeros"], 1, group, ws, config=config)
             worst = max(worst, relative_error(y, ref))
             y = cuda_gemv.q4_gemv(x, t["qweight"], t["scales"], t["qzeros"], 1, group, ws, residual=res, config=config)
@@ -79,7 +73,7 @@ def main() -> None:
     print("\ncorrectness (relative error vs fp32 dequantized reference; M = 1..4; store, +residual, silu*up):")
     failures = 0
     for name, (k, n) in SHAPES.items():
-        formats = ((128, True), (32, False), (-1, False)) if name in ("7B o", "13B down") else ((128, True),)
+        formats = ((128, True), (32, False), (-1, False)) if name in ("7B qkvo", "13B down") else ((128, True),)
         for gs, sym in formats:
             err = check(k, n, gs, sym)
             failures += err >= 1e-2
@@ -88,27 +82,26 @@ def main() -> None:
 
     rows = []
     for name, (k, n) in SHAPES.items():
-        layer_bytes = g128_bytes(k, n)
-        layers = rotated_layers(k, n, props.L2_cache_size)
+        t = layer(k, n)
+        copies = cold_copies((t["qweight"], t["scales"], t["qzeros"]))
         ws = cuda_gemv.Workspace(n, torch.device("cuda"))
         dense = torch.randn(k, n, device="cuda", dtype=torch.float16) * 0.02
         for m in (1, 4):
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             row = {"shape": name, "k": k, "n": n, "m": m, "configs": {}}
-            for config in [c for c in cuda_gemv.CONFIGS if cuda_gemv._fits(c, m)]:
-                row["configs"][str(config)] = graph_us(in_turn(layers, lambda t, config=config: cuda_gemv.q4_gemv(
-                    x, t["qweight"], t["scales"], t["qzeros"], 1, 128, ws, config=config)))
+            for config in [c for c in cuda_gemv.CONFIGS if cuda_gemv.fits(c, m)]:
+                row["configs"][str(config)] = graph_us(in_turn(copies, lambda t, config=config: cuda_gemv.q4_gemv(
+                    x, *t, 1, 128, ws, config=config)))
             best = min(row["configs"], key=row["configs"].get)
             row["cuda_us"], row["best_config"] = row["configs"][best], best
-            t = layers[0]
-            cuda_gemv.q4_gemv(x, t["qweight"], t["scales"], t["qzeros"], 1, 128, ws)  # the tuner's pick
+            cuda_gemv.q4_gemv(x, *copies[0], 1, 128, ws)  # the tuner's pick
             # The tuner's key begins (m, n, k, with a folded norm) and goes on with the call's other modes.
             row["tuned_config"] = str(next(cfg for key, cfg in cuda_gemv.TUNER.best.items() if key[:4] == (m, n, k, False)))
             if m == 1:
-                row["triton_us"] = graph_us(in_turn(layers, lambda t: triton_gptq.gptq_gemv(
-                    x, t["qweight"], t["scales"], t["qzeros"], 4, 1, 128)))
+                w = triton_gptq.PackedWeight(*copies[0], 4, 1, 128)
+                row["triton_us"] = graph_us(in_turn(copies, lambda t: triton_gptq.gptq_gemv(x, w.on(t))))
             row["cublas_fp16_us"] = graph_us(lambda: x @ dense)
-            row["of_copy_bw"] = layer_bytes / (row["cuda_us"] * 1e-6) / bw
+            row["of_copy_bw"] = g128_bytes(k, n) / (row["cuda_us"] * 1e-6) / bw
             rows.append(row)
             print(f"  timed {name} M={m}", flush=True)
     print(f"\n4-bit g128, {time.strftime('%Y-%m-%d')}, {props.name}, copy bandwidth {bw / 1e9:.0f} GB/s")

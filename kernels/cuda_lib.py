@@ -51,15 +51,13 @@ def find_nvcc() -> str | None:
 
 
 @functools.cache
-def library(arch: str, defines: tuple[str, ...] = ()) -> ctypes.CDLL:
-    """The built library for compute capability ``arch`` (e.g. "90"), compiling it if needed.
-
-    ``defines``: preprocessor macros, for benchmark variants of the kernels."""
+def library(arch: str) -> ctypes.CDLL:
+    """The built library for compute capability ``arch`` (e.g. "90"), compiling it if needed."""
     code = b"".join(f.read_bytes() for f in (*SOURCES, *HEADERS))
-    digest = hashlib.sha256(code + arch.encode() + repr(defines).encode())
+    digest = hashlib.sha256(code + arch.encode())
     target = cache_dir() / f"gptq_wb_kernels-sm{arch}-{digest.hexdigest()[:16]}.so"
     if not target.is_file():
-        _build(target, arch, defines)
+        _build(target, arch)
     lib = ctypes.CDLL(str(target))
     lib.q4_gemv.restype = ctypes.c_int
     lib.q4_gemv.argtypes = [ctypes.c_void_p] + [ctypes.c_int] * 4 + [ctypes.c_void_p]
@@ -70,13 +68,13 @@ def library(arch: str, defines: tuple[str, ...] = ()) -> ctypes.CDLL:
     return lib
 
 
-def _build(target: Path, arch: str, defines: tuple[str, ...]) -> None:
+def _build(target: Path, arch: str) -> None:
     """Each source compiled on its own, in parallel (each takes tens of seconds), then linked."""
     nvcc = find_nvcc()
     if nvcc is None:
         raise BuildError("nvcc (the CUDA compiler) was not found; set CUDA_HOME")
     target.parent.mkdir(parents=True, exist_ok=True)
-    flags = ["-O3", "-Xcompiler", "-fPIC", "-std=c++17", *(f"-D{d}" for d in defines),
+    flags = ["-O3", "-Xcompiler", "-fPIC", "-std=c++17",
              f"-gencode=arch=compute_{arch},code=sm_{arch}"]
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name

@@ -113,9 +113,7 @@ __global__ void __launch_bounds__(WARPS * 32) decode_attention_kernel(const Deco
   ChunkRegs<D> regs;
   if (j0 < j1) regs.load(k_cache, v_cache, j0, min(CHUNK, j1 - j0), lane, warp);
 #if __CUDA_ARCH__ >= 900
-#ifndef Q4_NO_WAIT
   asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
 #endif
 
   // Rotary (half-rotation layout: d pairs with d + D/2), rounded to fp16 as the cache stores it.

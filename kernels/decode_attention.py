@@ -60,7 +60,7 @@ def splits_for(kv_len: int, n_kv_heads: int, device: torch.device) -> int:
 def decode_attention(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | None, cos: torch.Tensor,
                      sin: torch.Tensor, position: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      kv_len: int, window: int | None, workspace: Workspace, *, qkv_sums: torch.Tensor | None = None,
-                     splits: int | None = None, pdl: bool | None = None) -> torch.Tensor:
+                     splits: int | None = None) -> torch.Tensor:
     """One token's attention output ``[Hq * D]`` fp16: q ``[Hq * D]``, k and v ``[Hkv * D]`` (un-rotated,
     each contiguous) at ``position`` (int64 ``[1]`` on the device); ``cos``/``sin`` fp32 ``[D]`` for it, or
     tables ``[S, D]`` (row p for position p; the kernel reads its position's).
@@ -99,7 +99,7 @@ def decode_attention(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Te
                  head_dim if table else 0, head_dim, n_heads,
                  n_kv_heads, window or 0, MAX_SPLITS, 1.0 / math.sqrt(head_dim))
     lib = cuda_lib.library(cuda_lib.arch_of(device))
-    use_pdl = cuda_lib.pdl_default(device) if pdl is None else pdl
+    use_pdl = cuda_lib.pdl_default(device)
     rc = lib.decode_attention(ctypes.byref(args), splits, int(use_pdl), torch.cuda.current_stream(device).cuda_stream)
     cuda_lib.check(rc, f"decode_attention (heads={n_heads} kv_heads={n_kv_heads} head_dim={head_dim} splits={splits})")
     return out

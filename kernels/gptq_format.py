@@ -98,16 +98,9 @@ def dequantize(
     return (q.to(dtype) - zeros[g]) * s[g]
 
 
-def reference_matmul(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    qzeros: torch.Tensor,
-    scales: torch.Tensor,
-    g_idx: torch.Tensor,
-    bits: int,
-    zero_offset: int = 1,
-    bias: torch.Tensor | None = None,
-) -> torch.Tensor:
+def reference_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                     g_idx: torch.Tensor, bits: int, zero_offset: int = 1, bias: torch.Tensor | None = None
+                     ) -> torch.Tensor:
     """``x @ W (+ bias)`` computed in fp32 and returned in ``x.dtype``."""
     w = dequantize(qweight, qzeros, scales, g_idx, bits, zero_offset, torch.float32)
     y = x.float() @ w

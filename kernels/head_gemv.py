@@ -25,8 +25,7 @@ def supported(weight: torch.Tensor, norm_weight: torch.Tensor) -> bool:
             and weight.data_ptr() % 16 == 0 and norm_weight.data_ptr() % 16 == 0)
 
 
-def head_gemv(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor, eps: float, *,
-              pdl: bool | None = None) -> torch.Tensor:
+def head_gemv(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
     """fp32 ``[N]``: ``weight @ rmsnorm(x)`` for one fp16 row ``x`` ``[K]``, rounded to fp16 where the norm and
     the fp16 GEMV round (``RMSNorm``, then ``nn.Linear`` in fp16, then ``.float()``)."""
     if not supported(weight, norm_weight):
@@ -41,7 +40,7 @@ def head_gemv(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor, 
     blocks = BLOCKS_PER_SM * torch.cuda.get_device_properties(x.device).multi_processor_count
     args = _Args(x.data_ptr(), weight.data_ptr(), norm_weight.data_ptr(), out.data_ptr(), n, k, eps)
     lib = cuda_lib.library(cuda_lib.arch_of(x.device))
-    use_pdl = cuda_lib.pdl_default(x.device) if pdl is None else pdl
+    use_pdl = cuda_lib.pdl_default(x.device)
     rc = lib.head_gemv(ctypes.byref(args), blocks, int(use_pdl), torch.cuda.current_stream(x.device).cuda_stream)
     cuda_lib.check(rc, f"head_gemv (N={n} K={k})")
     return out

@@ -45,13 +45,6 @@ __device__ __forceinline__ void load_chunk(Chunk& c, const uint32_t* __restrict_
 template <int M>
 __device__ __forceinline__ void compute_chunk(const Chunk& c, const uint4* xs, int zero_offset, float (&acc)[M][4],
                                               int pairs_per_m) {
-#ifdef Q4_GEMV_LOAD_ONLY  // benchmarks/q4_gemv_variants.py: the kernel without its arithmetic
-  uint32_t h = c.zeros ^ c.scales.x;
-#pragma unroll
-  for (int r = 0; r < CHUNK / 8; ++r) h ^= c.words[r].x ^ c.words[r].y ^ c.words[r].z ^ c.words[r].w;
-  acc[0][0] += __uint_as_float(h & 0x3fffffffu) * 1e-30f;
-  return;
-#endif
   half2 a[M][4];
 #pragma unroll
   for (int m = 0; m < M; ++m)

@@ -166,9 +166,7 @@ __global__ void __launch_bounds__(WARPS * 32) q4_gemv_kernel(const Q4GemvArgs ar
     row_weight[r] = norm_weight && k < K ? norm_weight[src] : __float2half(1.f);
   }
 #if __CUDA_ARCH__ >= 900
-#ifndef Q4_NO_WAIT  // benchmarks/decode_variants.py: the step without its data dependencies (wrong results)
   asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
 #endif
   zero_fill(args.zero0, args.zero0_n);
   zero_fill(args.zero1, args.zero1_n);

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import torch
 
 from kernels import cuda_lib
+from kernels.timing import Tuner
 
 MAX_ROWS = 4
 TILE_N = 128  # columns per block, as in the source
@@ -54,92 +55,14 @@ def interleave_glu(t: torch.Tensor, per_word: int = 1) -> torch.Tensor:
     return torch.stack((gate, up), dim=2).reshape(t.shape[0], -1).contiguous()
 
 
-def _fits(config: tuple[int, int, int], m: int) -> bool:
+def fits(config: tuple[int, int, int], m: int) -> bool:
+    """Whether ``m`` rows fit the configuration's shared memory."""
     warps, rows, _ = config
     return m * warps * rows <= 16384  # the x rows staged in shared memory: 32 KB
 
 
-def _graph_us(fn, calls: int = 20) -> float:
-    """Microseconds per call, `calls` calls captured in a CUDA graph (no launch overhead) and replayed."""
-    fn()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(5):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    return sorted(times)[len(times) // 2]
-
-
-class Tuner:
-    """The fastest launch configuration per shape and mode (``key``), timed once on first use outside a graph
-    capture.
-
-    Timed as in a decode step, where every layer's weights come from DRAM: the calls rotate over copies of
-    the weights that together exceed twice the L2 cache (a 4096x4096 layer alone fits in it, and a tuner
-    that reuses it picks configurations that are slower once it does not)."""
-
-    def __init__(self):
-        self.best: dict[tuple, tuple[int, int, int]] = {}
-
-    def config(self, key: tuple, run, weights: tuple[torch.Tensor, ...],
-               follows: Callable[[], object] | None = None) -> tuple[int, int, int]:
-        """``key``: (M, N, K, ...) the shape and whatever else changes the kernel's work; ``run(config,
-        weights)`` launches one call (0 if it did). ``follows``: the kernel that this call follows in a
-        decode step, if launching it again changes nothing: each timed call then comes after it, as in the
-        step. (A call after a short kernel that leaves most SMs idle, such as o_proj after attention, is
-        quickest when its blocks load all their weights before they wait for it, which a call timed after
-        another call of itself does not show.)"""
-        m = key[0]
-        if key in self.best:
-            return self.best[key]
-        candidates = [c for c in CONFIGS if _fits(c, m)]
-        if torch.cuda.is_current_stream_capturing() or os.environ.get("GPTQ_CUDA_AUTOTUNE", "1") == "0":
-            return candidates[0]
-        copies = _cold_copies(weights)
-        calls = {"n": 0}
-
-        def rotating(c: tuple[int, int, int]) -> int:
-            calls["n"] += 1
-            if follows is not None:
-                follows()
-            return run(c, copies[calls["n"] % len(copies)])
-
-        def timing(c: tuple[int, int, int]) -> float:
-            if run(c, weights) != 0:  # refused (nothing launched): an empty graph would time as free
-                return float("inf")
-            return _graph_us(lambda: rotating(c))
-
-        self.best[key] = min(candidates, key=timing)
-        return self.best[key]
-
-
-def _cold_copies(weights: tuple[torch.Tensor, ...]) -> list[tuple[torch.Tensor, ...]]:
-    """The weights and enough copies of them that cycling through all evicts each from L2 before its turn."""
-    size = sum(t.numel() * t.element_size() for t in weights)
-    l2 = torch.cuda.get_device_properties(weights[0].device).L2_cache_size
-    n = max(2, -(-2 * l2 // size) + 1)
-    copies = [weights]
-    try:
-        while len(copies) < n:
-            copies.append(tuple(t.clone() for t in weights))
-    except torch.cuda.OutOfMemoryError:  # a model that nearly fills the GPU: tune on what fits (warmer)
-        torch.cuda.empty_cache()
-    return copies
-
-
-TUNER = Tuner()
+# Timed as in a decode step (kernels.timing); GPTQ_CUDA_AUTOTUNE=0 takes the first configuration.
+TUNER: Tuner[tuple[int, int, int]] = Tuner(timed=os.environ.get("GPTQ_CUDA_AUTOTUNE", "1") != "0")
 
 
 def q4_gemv(x: torch.Tensor | None, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
@@ -148,8 +71,7 @@ def q4_gemv(x: torch.Tensor | None, qweight: torch.Tensor, scales: torch.Tensor,
             norm: tuple[torch.Tensor, float] | None = None, x_sums: torch.Tensor | None = None,
             x_out: torch.Tensor | None = None, glu_sums: torch.Tensor | None = None,
             zero: tuple[torch.Tensor, ...] = (), follows: Callable[[], object] | None = None,
-            config: tuple[int, int, int] | None = None,
-            lib: ctypes.CDLL | None = None, pdl: bool | None = None) -> torch.Tensor:
+            config: tuple[int, int, int] | None = None) -> torch.Tensor:
     """``x @ W`` for 1..4 fp16 rows; with ``residual``: ``residual + x @ W``; with ``silu_mul``: the
     columns are gate and up tiles of 128 interleaved (gate tile t at 2t, up at 2t + 1) and the result is
     ``silu(gate) * up``, ``[M, N / 2]``. With ``sums``: the fp32 ``x @ W`` is left in ``workspace.sums[:M]``
@@ -162,9 +84,8 @@ def q4_gemv(x: torch.Tensor | None, qweight: torch.Tensor, scales: torch.Tensor,
     ``norm``: (weight ``[K]`` fp16, eps): the rows are RMS-normalized first, ``x * rsqrt(mean(x^2) + eps) *
     weight`` (fp32, rounded to fp16 as RMSNorm's output is), inside the kernel. ``zero``: up to two fp32
     tensors the kernel zeroes (after the previous kernel in the stream has finished). ``follows``: for the
-    tuner (see Tuner.config), the kernel this call follows, if it can be launched again. ``config``: (warps,
-    rows per warp, depth), else the tuned one. ``lib`` and ``pdl``: a variant library and launch mode
-    (benchmarks)."""
+    tuner (see kernels.timing.Tuner), the kernel this call follows, if it can be launched again. ``config``:
+    (warps, rows per warp, depth), else the tuned one."""
     source = glu_sums if glu_sums is not None else x
     m, k = source.shape[0], source.shape[1] // (2 if glu_sums is not None else 1)
     n = qweight.shape[1]
@@ -204,8 +125,8 @@ def q4_gemv(x: torch.Tensor | None, qweight: torch.Tensor, scales: torch.Tensor,
         raise ValueError("the norm weight must be a contiguous float16 tensor of K entries")
     if norm is not None and x.data_ptr() % 16:
         x = x.clone()  # the norm's row sums read x 16 bytes at a time
-    lib = lib or cuda_lib.library(cuda_lib.arch_of(device))
-    use_pdl = cuda_lib.pdl_default(device) if pdl is None else pdl
+    lib = cuda_lib.library(cuda_lib.arch_of(device))
+    use_pdl = cuda_lib.pdl_default(device)
     norm_weight, norm_eps = norm if norm is not None else (None, 0.0)
     zeros = [(z.data_ptr(), z.numel()) for z in zero] + [(None, 0)] * (2 - len(zero))
 
@@ -225,13 +146,13 @@ def q4_gemv(x: torch.Tensor | None, qweight: torch.Tensor, scales: torch.Tensor,
         stream = torch.cuda.current_stream(device).cuda_stream
         return lib.q4_gemv(ctypes.byref(args), m, warps, depth, int(use_pdl), stream)
 
-    if config is not None and not _fits(config, m):
+    if config is not None and not fits(config, m):
         raise ValueError(f"configuration {config} does not fit {m} rows")
     weights = (qweight, scales, qzeros)
     if config is None:
         key = (m, n, k, norm is not None, x_mode, sums, follows is not None)
         tuned = key in TUNER.best
-        config = TUNER.config(key, run, weights, follows)
+        config = TUNER.pick(key, [c for c in CONFIGS if fits(c, m)], lambda c, w: run(c, w) == 0, weights, follows)
         if sums and not tuned:
             workspace.sums.zero_()  # the timed calls added into it
     rc = run(config, weights, final=True)

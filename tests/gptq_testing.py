@@ -12,9 +12,6 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b||, in fp32."""
     return float((a.float() - b.float()).norm() / b.float().norm())
@@ -96,39 +93,88 @@ def tiny_config(model_type: str = "llama", **overrides) -> dict:
     return config
 
 
-def write_tiny_checkpoint(
+def torch_random_layer(in_features: int, out_features: int, bits: int, group_size: int, g_idx: torch.Tensor,
+                       generator: torch.Generator, scale: float) -> dict[str, torch.Tensor]:
+    """Random symmetric GPTQ tensors drawn with torch on the generator's device (Llama-2-sized layers in
+    seconds on a GPU): uniformly random words are uniformly random values."""
+    device = generator.device
+    maxq = 2**bits - 1
+    groups = -(-in_features // (in_features if group_size == -1 else group_size))
+    stored_zero = (maxq + 1) // 2 - 1  # v1: the zero point minus one
+    zero_word = sum(stored_zero << (j * bits) for j in range(32 // bits))
+    scales = torch.rand((groups, out_features), device=device, generator=generator) + 0.5
+    return {
+        "qweight": torch.randint(-2**31, 2**31, (in_features * bits // 32, out_features), dtype=torch.int32,
+                                 device=device, generator=generator).cpu(),
+        "qzeros": torch.full((groups, out_features * bits // 32), zero_word - (1 << 32 if zero_word >= 1 << 31 else 0),
+                             dtype=torch.int32),
+        "scales": (scales * (scale * 16 / (maxq + 1))).half().cpu(),
+        "g_idx": g_idx.int().cpu(),
+    }
+
+
+def write_random_checkpoint(
     path: Path, config: dict, bits: int = 4, group_size: int = 32, act_order: bool = True,
     sym: bool = True, seed: int = 0, quantize_config: bool = True, shared_g_idx: bool = False,
+    device: str | None = None,
 ) -> Path:
-    """A random GPTQ checkpoint for ``config`` (no tokenizer). ``shared_g_idx``: with act-order, q/k/v and
-    gate/up share their input's order, as in real checkpoints (GPTQ orders by the input's Hessian), so
-    they fuse; by default each projection has its own."""
+    """A random GPTQ checkpoint for ``config`` (no tokenizer), laid out as AutoGPTQ saves one.
+    ``shared_g_idx``: with act-order, q/k/v and gate/up share their input's order, as in real checkpoints
+    (GPTQ orders by the input's Hessian), so they fuse; by default each projection has its own. ``device``:
+    draw the tensors with torch there (symmetric only; Llama-2-sized models for the benchmarks), else with
+    numpy (the tests' small models)."""
+    from backends import tensor_names as names
+
+    if device is not None and not sym:
+        raise ValueError("the torch draw is symmetric only")
     rng = np.random.default_rng(seed)
+    generator = torch.Generator(device=device).manual_seed(seed) if device is not None else None
     path.mkdir(parents=True, exist_ok=True)
     h, i = config["hidden_size"], config["intermediate_size"]
-    nh, nkv, hd = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
+    nh, nkv = config["num_attention_heads"], config["num_key_value_heads"]
+    hd = config.get("head_dim", h // nh)
+    vocab = config["vocab_size"]
     shapes = {
         "q_proj": (h, nh * hd), "k_proj": (h, nkv * hd), "v_proj": (h, nkv * hd), "o_proj": (nh * hd, h),
         "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
     }
+
+    def dense(shape: tuple[int, ...], low_high: tuple[float, float] | None = None, std: float = 1.0) -> torch.Tensor:
+        if generator is None:
+            values = rng.uniform(*low_high, shape) if low_high else rng.normal(0, std, shape)
+            return torch.from_numpy(values).half()
+        if low_high:
+            return (torch.rand(shape, device=device, generator=generator) * (low_high[1] - low_high[0])
+                    + low_high[0]).half().cpu()
+        return (torch.randn(shape, device=device, generator=generator) * std).half().cpu()
+
     tensors: dict[str, torch.Tensor] = {
-        "model.embed_tokens.weight": torch.from_numpy(rng.normal(0, 1, (config["vocab_size"], h))).half(),
-        "model.norm.weight": torch.from_numpy(rng.uniform(0.8, 1.2, h)).half(),
-        "lm_head.weight": torch.from_numpy(rng.normal(0, 0.05, (config["vocab_size"], h))).half(),
+        names.EMBED: dense((vocab, h)),
+        names.FINAL_NORM: dense((h,), (0.8, 1.2)),
+        f"{names.LM_HEAD}.weight": dense((vocab, h), std=0.05),
     }
     for layer in range(config["num_hidden_layers"]):
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            tensors[f"model.layers.{layer}.{norm}.weight"] = torch.from_numpy(rng.uniform(0.8, 1.2, h)).half()
-        for name in LINEARS:
-            part = "self_attn" if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
+        for norm in names.LAYER_NORMS:
+            tensors[names.layer_norm(layer, norm)] = dense((h,), (0.8, 1.2))
+        for name in names.ATTENTION + names.MLP:
             fan_in, fan_out = shapes[name]
-            layer_tensors = random_gptq_layer(fan_in, fan_out, bits, group_size, act_order, sym, rng, scale=fan_in**-0.5)
-            if shared_g_idx and act_order and name in ("k_proj", "v_proj", "up_proj"):
-                first = "q_proj" if part == "self_attn" else "gate_proj"
-                layer_tensors["g_idx"] = tensors[f"model.layers.{layer}.{part}.{first}.g_idx"].clone()
+            first = "q_proj" if name in names.ATTENTION else "gate_proj"
+            shared = shared_g_idx and act_order and name in ("k_proj", "v_proj", "up_proj")
+            if generator is None:
+                layer_tensors = random_gptq_layer(fan_in, fan_out, bits, group_size, act_order, sym, rng,
+                                                  scale=fan_in**-0.5)
+            else:
+                gs = fan_in if group_size == -1 else group_size
+                g_idx = torch.arange(fan_in, device=device) // gs
+                if act_order and not shared:
+                    g_idx = g_idx[torch.randperm(fan_in, device=device, generator=generator)]
+                layer_tensors = torch_random_layer(fan_in, fan_out, bits, group_size, g_idx, generator, fan_in**-0.5)
+            if shared:
+                layer_tensors["g_idx"] = tensors[f"{names.projection(layer, first)}.g_idx"].clone()
             for key, value in layer_tensors.items():
-                tensors[f"model.layers.{layer}.{part}.{name}.{key}"] = value
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"))
+                tensors[f"{names.projection(layer, name)}.{key}"] = value
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"),
+              metadata={"format": "pt"})
     qc = {"bits": bits, "group_size": group_size, "desc_act": act_order, "sym": sym, "quant_method": "gptq"}
     config = dict(config)
     if quantize_config:

@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from backends.loader import LoadOptions, build_model  # noqa: E402
-from tests.gptq_testing import tiny_config, write_tiny_checkpoint  # noqa: E402
+from tests.gptq_testing import tiny_config, write_random_checkpoint  # noqa: E402
 
 
 def decode_logits(model, tokens: list[int], kv_len_of) -> list[torch.Tensor]:
@@ -27,7 +27,7 @@ def decode_logits(model, tokens: list[int], kv_len_of) -> list[torch.Tensor]:
 @pytest.mark.parametrize("sliding_window", [None, 3])
 def test_fixed_kv_length_matches_exact(tmp_path, sliding_window):
     config = tiny_config("mistral", sliding_window=sliding_window) if sliding_window else tiny_config()
-    path = write_tiny_checkpoint(tmp_path / "m", config, 4, 32, True)
+    path = write_random_checkpoint(tmp_path / "m", config, 4, 32, True)
     model, *_ = build_model(path, LoadOptions(backend="reference", device="cpu", dtype="float32"))
     model.setup_cache(batch=1, max_seq_len=32)
     tokens = [5, 17, 3, 99, 42, 7, 1, 64]
@@ -43,7 +43,7 @@ def test_fixed_kv_length_matches_exact(tmp_path, sliding_window):
 def test_graph_replay_matches_eager_on_gpu(tmp_path, backend):
     from backends.cuda_graph import GraphedDecoder
 
-    path = write_tiny_checkpoint(tmp_path / "m", tiny_config(num_hidden_layers=2), 4, 32, True)
+    path = write_random_checkpoint(tmp_path / "m", tiny_config(num_hidden_layers=2), 4, 32, True)
     model, *_ = build_model(path, LoadOptions(backend=backend, device="cuda"))
     model.setup_cache(batch=1, max_seq_len=300)
     tokens = list(range(3, 3 + 140))  # crosses from the 128 bucket into the 256 one
@@ -65,7 +65,7 @@ def test_fused_projections_match_separate_ones(tmp_path, backend, act_order, mon
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # The tiny checkpoint's act-order is random per projection, so q/k/v (and gate/up) cannot share one
     # permutation and the kernel backends must leave them separate; without act-order they fuse.
-    path = write_tiny_checkpoint(tmp_path / "m", tiny_config(num_hidden_layers=1), 4, 32, act_order)
+    path = write_random_checkpoint(tmp_path / "m", tiny_config(num_hidden_layers=1), 4, 32, act_order)
     tokens = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(0)).to(device)
     options = LoadOptions(backend=backend, device=device, dtype="float32")
 
@@ -105,7 +105,7 @@ def test_generation_queues_the_next_step_before_reading_the_token(tmp_path, back
     from backends.loader import LoadedModel
     from backends.sampling import SamplingParams
 
-    path = write_tiny_checkpoint(tmp_path / "m", tiny_config(num_hidden_layers=2), 4, 32, False)
+    path = write_random_checkpoint(tmp_path / "m", tiny_config(num_hidden_layers=2), 4, 32, False)
     model, args, qconfig, name, device, dtype = build_model(path, LoadOptions(backend=backend, device="cuda"))
     prompt = [5, 17, 3, 99, 42]
     model.setup_cache(batch=1, max_seq_len=64)

@@ -85,11 +85,11 @@ def test_the_model_uses_it_for_one_token_and_matches_the_masked_path(tmp_path):
     """A tiny fp16 model decoding on the GPU: with the kernel (rotary, cache write, attention in one launch)
     and without it (rotary kernel + SDPA with an additive mask), and a sliding window."""
     from backends.loader import LoadOptions, build_model
-    from tests.gptq_testing import tiny_config, write_tiny_checkpoint
+    from tests.gptq_testing import tiny_config, write_random_checkpoint
 
     config = tiny_config("mistral", sliding_window=4, hidden_size=256, intermediate_size=512,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=64)
-    path = write_tiny_checkpoint(tmp_path / "m", config, 4, 32, False)
+    path = write_random_checkpoint(tmp_path / "m", config, 4, 32, False)
     model, *_ = build_model(path, LoadOptions(backend="exllama", device="cuda", dtype="float16"))
     tokens = [5, 17, 3, 99, 42, 7, 1, 64, 8, 11]
     logits = {}

@@ -1,13 +1,11 @@
 """Downloads through huggingface_hub against the Hub-compatible server on 127.0.0.1."""
 
 import hashlib
-import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import pytest
 
 from backends.quant_config import load_quant_config
 from backends.weights import find_weight_files
-from tests.gptq_testing import tiny_config, write_tiny_checkpoint
+from tests.gptq_testing import tiny_config, write_random_checkpoint
 from tests.hub_server import HubServer
 from webui.download import DownloadCancelled, DownloadError, DownloadRequest, Hub, download, staging_dir
 from webui.repo_spec import RepoSpec, RepoSpecError, parse_repo_spec
@@ -28,12 +26,12 @@ REPO = ("TheBloke", "Tiny-GPTQ")
 def hub_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("hub")
     repo = root.joinpath(*REPO)
-    write_tiny_checkpoint(repo / "main", tiny_config(), bits=4, group_size=128, act_order=False)
-    write_tiny_checkpoint(repo / "gptq-4bit-32g-actorder_True", tiny_config(), bits=4, group_size=32, act_order=True)
-    write_tiny_checkpoint(repo / "gptq-8bit-128g-actorder_False", tiny_config(), bits=8, group_size=128,
+    write_random_checkpoint(repo / "main", tiny_config(), bits=4, group_size=128, act_order=False)
+    write_random_checkpoint(repo / "gptq-4bit-32g-actorder_True", tiny_config(), bits=4, group_size=32, act_order=True)
+    write_random_checkpoint(repo / "gptq-8bit-128g-actorder_False", tiny_config(), bits=8, group_size=128,
                           act_order=False, quantize_config=False)
     # a model of ~17 MB, bigger than huggingface_hub's 10 MB read chunk, to interrupt half-way
-    write_tiny_checkpoint(repo / "big", tiny_config(hidden_size=512, intermediate_size=512, vocab_size=8192), seed=3)
+    write_random_checkpoint(repo / "big", tiny_config(hidden_size=512, intermediate_size=512, vocab_size=8192), seed=3)
     (repo / "main" / "README.md").write_text("# Tiny GPTQ\n")
     (repo / "main" / "training_args.bin").write_bytes(b"\x80\x04junk")
     pickles = root / "TheBloke" / "Pickled-GPTQ" / "main"

@@ -20,9 +20,9 @@ pytest.importorskip("triton")
 @pytest.mark.parametrize("group_size, act_order, sym", [(32, True, True), (128, False, False), (-1, True, True),
                                                         (64, True, False)])
 def test_model_matches_reference_backend(tmp_path, group_size, act_order, sym):
-    from tests.gptq_testing import backend_logits, tiny_config, write_tiny_checkpoint
+    from tests.gptq_testing import backend_logits, tiny_config, write_random_checkpoint
 
-    path = write_tiny_checkpoint(tmp_path / "m", tiny_config(num_hidden_layers=1), 4, group_size, act_order, sym=sym)
+    path = write_random_checkpoint(tmp_path / "m", tiny_config(num_hidden_layers=1), 4, group_size, act_order, sym=sym)
     for length in (3, 9):  # GEMV per row, then dequantize + matmul
         tokens = torch.randint(0, 256, (1, length), generator=torch.Generator().manual_seed(length))
         logits = {backend: backend_logits(path, backend, tokens, DEVICE) for backend in ("reference", "exllama")}
@@ -31,7 +31,7 @@ def test_model_matches_reference_backend(tmp_path, group_size, act_order, sym):
 
 def test_act_order_permutation_round_trips():
     from backends.base import GPTQTensors
-    from backends.exllama_backend import ExllamaLinear
+    from backends.exllama_linear import ExllamaLinear
     from kernels.gptq_format import dequantize
 
     rng = np.random.default_rng(3)
@@ -58,7 +58,7 @@ def test_only_what_it_can_run():
 
 def test_irregular_act_order_groups_are_refused():
     from backends.base import GPTQTensors
-    from backends.exllama_backend import ExllamaLinear
+    from backends.exllama_linear import ExllamaLinear
     from backends.weights import WeightsError
 
     t = random_gptq_layer(128, 64, 4, 32, False, True, np.random.default_rng(5))
@@ -71,7 +71,7 @@ def test_irregular_act_order_groups_are_refused():
 
 def _layer(k: int, n: int, seed: int, sym: bool = True):
     from backends.base import GPTQTensors
-    from backends.exllama_backend import ExllamaLinear
+    from backends.exllama_linear import ExllamaLinear
 
     t = random_gptq_layer(k, n, 4, 32, False, sym, np.random.default_rng(seed))
     return ExllamaLinear(GPTQTensors(f"l{seed}", t["qweight"], t["qzeros"], t["scales"], t["g_idx"], None, k, n),
@@ -80,7 +80,7 @@ def _layer(k: int, n: int, seed: int, sym: bool = True):
 
 @pytest.mark.parametrize("rows", [1, 5])  # the GEMV, then dequantize + matmul
 def test_fused_gate_up_computes_silu_gate_times_up(rows):
-    from backends.exllama_backend import ExllamaLinear
+    from backends.exllama_linear import ExllamaLinear
 
     gate, up = _layer(64, 256, 1), _layer(64, 256, 2, sym=False)  # two 128-column tiles each
     fused = ExllamaLinear.fuse_glu(gate, up)
@@ -93,7 +93,7 @@ def test_fused_gate_up_computes_silu_gate_times_up(rows):
 
 
 def test_gate_up_not_multiple_of_a_tile_fuse_plainly():
-    from backends.exllama_backend import ExllamaLinear
+    from backends.exllama_linear import ExllamaLinear
 
     assert ExllamaLinear.fuse_glu(_layer(64, 96, 1), _layer(64, 96, 2)) is None
 
@@ -136,7 +136,7 @@ def test_a_failed_build_reports_the_compiler_error_and_leaves_no_library(tmp_pat
 def test_a_passed_norm_is_applied_wherever_the_kernel_runs(rows):
     """forward(x, norm) and silu_mul(x, norm) equal the layer applied to norm(x): in the CUDA GEMV's staging
     on a GPU, else before the Triton GEMV or dequantize + matmul."""
-    from backends.exllama_backend import ExllamaLinear
+    from backends.exllama_linear import ExllamaLinear
     from backends.model import RMSNorm
 
     norm = RMSNorm(64, 1e-5)

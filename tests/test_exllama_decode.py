@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from backends.loader import LoadOptions, build_model
-from tests.gptq_testing import relative_error, tiny_config, write_tiny_checkpoint
+from tests.gptq_testing import relative_error, tiny_config, write_random_checkpoint
 from tests.test_cuda_graph import decode_logits
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernels need a GPU (run on the device)")
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA 
 def _model(tmp_path, act_order: bool, sym: bool = True, **overrides):
     config = tiny_config(**{"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 3,
                             "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, **overrides})
-    path = write_tiny_checkpoint(tmp_path / "m", config, 4, 32, act_order, sym, shared_g_idx=True)
+    path = write_random_checkpoint(tmp_path / "m", config, 4, 32, act_order, sym, shared_g_idx=True)
     model, *_ = build_model(path, LoadOptions(backend="exllama", device="cuda", dtype="float16"))
     return model
 
@@ -121,6 +121,6 @@ def test_no_chain_where_it_cannot_run(tmp_path):
     assert not model.decode_chain.takes(x) and model.decode_chain.takes(x[:, :1])
     unfused = _model(tmp_path / "u", False, intermediate_size=320)  # not a multiple of 128
     assert unfused.decode_chain is None
-    path = write_tiny_checkpoint(tmp_path / "t", tiny_config(), 4, 32, False)
+    path = write_random_checkpoint(tmp_path / "t", tiny_config(), 4, 32, False)
     triton_model, *_ = build_model(path, LoadOptions(backend="triton", device="cuda", dtype="float16"))
     assert triton_model.decode_chain is None

@@ -28,9 +28,9 @@ def test_matches_norm_then_fp16_linear(n, k):
 
 def test_the_model_uses_it_for_one_token(tmp_path):
     from backends.loader import LoadOptions, build_model
-    from tests.gptq_testing import tiny_config, write_tiny_checkpoint
+    from tests.gptq_testing import tiny_config, write_random_checkpoint
 
-    path = write_tiny_checkpoint(tmp_path / "m", tiny_config(hidden_size=256, head_dim=64), 4, 32, False)
+    path = write_random_checkpoint(tmp_path / "m", tiny_config(hidden_size=256, head_dim=64), 4, 32, False)
     model, *_ = build_model(path, LoadOptions(backend="exllama", device="cuda", dtype="float16"))
     x = torch.randn(1, 1, 256, device="cuda").to(torch.float16)
     expected = model.lm_head(model.norm(x)).float()

@@ -5,7 +5,7 @@ import torch
 
 from backends.loader import LoadOptions, build_model
 from backends.model_config import ModelArgs, RopeScaling
-from tests.gptq_testing import hf_twin, tiny_config, write_tiny_checkpoint
+from tests.gptq_testing import hf_twin, tiny_config, write_random_checkpoint
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -52,7 +52,7 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 def test_prefill_logits_match_transformers(tmp_path, case):
     config, quant = CASES[case]
-    path = write_tiny_checkpoint(tmp_path / case, config, **quant)
+    path = write_random_checkpoint(tmp_path / case, config, **quant)
     tokens = torch.randint(0, config["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = hf_twin(path, quant["bits"])(tokens).logits
@@ -61,7 +61,7 @@ def test_prefill_logits_match_transformers(tmp_path, case):
 
 def test_incremental_decode_matches_full_forward(tmp_path):
     config = tiny_config("mistral", sliding_window=8)
-    path = write_tiny_checkpoint(tmp_path / "m", config)
+    path = write_random_checkpoint(tmp_path / "m", config)
     model, *_ = build_model(path, LoadOptions(backend="reference", device="cpu"))
     model.setup_cache(batch=1, max_seq_len=64)
     tokens = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(2))
@@ -74,7 +74,7 @@ def test_incremental_decode_matches_full_forward(tmp_path):
 
 def test_quantization_config_in_config_json(tmp_path):
     config = tiny_config("llama")
-    path = write_tiny_checkpoint(tmp_path / "c", config, bits=8, group_size=32, quantize_config=False)
+    path = write_random_checkpoint(tmp_path / "c", config, bits=8, group_size=32, quantize_config=False)
     tokens = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected = hf_twin(path, 8)(tokens).logits
@@ -82,7 +82,7 @@ def test_quantization_config_in_config_json(tmp_path):
 
 
 def test_position_past_context_is_refused(tmp_path):
-    path = write_tiny_checkpoint(tmp_path / "m", tiny_config("llama"))
+    path = write_random_checkpoint(tmp_path / "m", tiny_config("llama"))
     model, *_ = build_model(path, LoadOptions(backend="reference", device="cpu"))
     model.setup_cache(batch=1, max_seq_len=8)
     with pytest.raises(ValueError, match="context length 8"):

@@ -25,7 +25,7 @@ def test_gemv_matches_reference_for_every_epilogue(k, n, group_size, sym):
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         residual = torch.randn(m, n, device="cuda", dtype=torch.float16)
         ref = x.float() @ w
-        for config in [c for c in q4_gemv.CONFIGS if q4_gemv._fits(c, m)]:
+        for config in [c for c in q4_gemv.CONFIGS if q4_gemv.fits(c, m)]:
             y = q4_gemv.q4_gemv(x, t["qweight"], t["scales"], t["qzeros"], 1, gs, ws, config=config)
             assert relative_error(y, ref) < 1e-2, (m, config)
             y = q4_gemv.q4_gemv(x, t["qweight"], t["scales"], t["qzeros"], 1, gs, ws, residual=residual, config=config)
@@ -97,7 +97,7 @@ def test_sums_are_left_in_the_workspace_and_read_as_the_next_input():
     ws = q4_gemv.Workspace(n, torch.device("cuda"))
     for m in range(1, 5):
         x = (torch.randn(m, k, device="cuda") * 20).to(torch.float16)
-        for config in [c for c in q4_gemv.CONFIGS if q4_gemv._fits(c, m)][::3]:
+        for config in [c for c in q4_gemv.CONFIGS if q4_gemv.fits(c, m)][::3]:
             y = q4_gemv.q4_gemv(x, *weights, ws, sums=True, config=config)
             assert y.dtype == torch.float32 and y.data_ptr() == ws.sums.data_ptr()
             assert relative_error(y, x.float() @ w) < 1e-2, (m, config)
@@ -150,11 +150,11 @@ def test_exllama_model_in_fp16_matches_reference(tmp_path, act_order):
     prompt of 3 tokens and each decoded token) against the reference backend in fp32."""
     from backends.exllama_backend import ExllamaBackend
     from backends.loader import LoadOptions, build_model
-    from tests.gptq_testing import tiny_config, write_tiny_checkpoint
+    from tests.gptq_testing import tiny_config, write_random_checkpoint
 
     config = tiny_config(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
                          head_dim=64)
-    path = write_tiny_checkpoint(tmp_path / "m", config, 4, 32, act_order)
+    path = write_random_checkpoint(tmp_path / "m", config, 4, 32, act_order)
     assert ExllamaBackend().note(torch.device("cuda")) == "decode GEMV: CUDA (kernels/q4_gemv.cu)"
     tokens = [5, 17, 3, 99, 42, 7]
     logits = {}

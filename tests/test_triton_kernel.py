@@ -15,6 +15,7 @@ from kernels.gptq_format import reference_matmul  # noqa: E402
 from tests.gptq_testing import random_gptq_layer, relative_error  # noqa: E402
 
 triton_gptq = pytest.importorskip("kernels.triton_gptq")
+PackedWeight, LaunchConfig = triton_gptq.PackedWeight, triton_gptq.LaunchConfig
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
@@ -31,7 +32,7 @@ def test_kernel_matches_reference(bits, group_size, act_order):
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).half().to(DEVICE)
         expected = reference_matmul(x.float(), t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits, 1)
         contiguous = 0 if act_order else (k if group_size == -1 else group_size)
-        out = triton_gptq.gptq_matmul(x, t["qweight"], t["scales"], t["qzeros"], t["g_idx"], bits, 1, contiguous)
+        out = triton_gptq.gptq_matmul(x, PackedWeight(t["qweight"], t["scales"], t["qzeros"], bits, 1, contiguous, t["g_idx"]))
         assert out.dtype == torch.float16 and out.shape == (m, n)
         assert relative_error(out, expected) < 1e-2, (m, relative_error(out, expected))
 
@@ -43,12 +44,12 @@ def test_every_gemv_configuration(bits, group_size):
     t = {key: v.to(DEVICE) for key, v in random_gptq_layer(k, n, bits, group_size, False, False, rng).items()}
     x = torch.randn(1, k, generator=torch.Generator().manual_seed(5)).half().to(DEVICE)
     expected = reference_matmul(x.float(), t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits, 1)
-    configs = triton_gptq._gemv_configs(n, k, group_size, bits)
+    configs = triton_gptq.gemv_candidates(n, k, group_size, bits)
     assert len(configs) >= 2
     for cfg in configs:
-        out = triton_gptq._run_gemv(cfg, x, t["qweight"], t["scales"], t["qzeros"], bits, 1, group_size)
+        out = triton_gptq.launch(cfg, x, PackedWeight(t["qweight"], t["scales"], t["qzeros"], bits, 1, group_size))
         assert out.dtype == torch.float16 and relative_error(out, expected) < 1e-2, cfg
-    assert not triton_gptq._gemv_workspace(n, x.device).any(), "the split-K programs leave their workspace zero"
+    assert not triton_gptq.gemv_workspace(n, x.device).any(), "the split-K programs leave their workspace zero"
 
 
 @pytest.mark.parametrize("x_scale, w_scale", [(1e-2, 1.0), (100.0, 10.0)])
@@ -63,10 +64,10 @@ def test_split_k_sums_far_from_one(x_scale, w_scale):
     assert (expected.abs().max() > 5e3) if x_scale > 1 else (expected.abs().min() < 1e-3)
     assert (expected < 0).any() and (expected > 0).any()
     tolerance = 3e-3 * (expected.abs() + expected.pow(2).mean().sqrt())
-    for cfg in triton_gptq._gemv_configs(n, k, 128, 4):
-        out = triton_gptq._run_gemv(cfg, x, t["qweight"], t["scales"], t["qzeros"], 4, 1, 128)
+    for cfg in triton_gptq.gemv_candidates(n, k, 128, 4):
+        out = triton_gptq.launch(cfg, x, PackedWeight(t["qweight"], t["scales"], t["qzeros"], 4, 1, 128))
         assert torch.all((out.float() - expected).abs() <= tolerance), cfg
-        zero = triton_gptq._run_gemv(cfg, torch.zeros_like(x), t["qweight"], t["scales"], t["qzeros"], 4, 1, 128)
+        zero = triton_gptq.launch(cfg, torch.zeros_like(x), PackedWeight(t["qweight"], t["scales"], t["qzeros"], 4, 1, 128))
         assert not zero.any(), cfg
 
 
@@ -77,8 +78,8 @@ def test_gemv_of_a_view_that_starts_mid_pair():
     x = torch.randn(1, k + 1, generator=torch.Generator().manual_seed(3)).half().to(DEVICE)[:, 1:]
     assert x.is_contiguous() and x.data_ptr() % 4
     expected = reference_matmul(x.float(), t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, 1)
-    for cfg in triton_gptq._gemv_configs(n, k, 128, 4):
-        out = triton_gptq._run_gemv(cfg, x, t["qweight"], t["scales"], t["qzeros"], 4, 1, 128)
+    for cfg in triton_gptq.gemv_candidates(n, k, 128, 4):
+        out = triton_gptq.launch(cfg, x, PackedWeight(t["qweight"], t["scales"], t["qzeros"], 4, 1, 128))
         assert relative_error(out, expected) < 1e-2, cfg
 
 
@@ -88,7 +89,7 @@ def test_dequantize_matches_reference(act_order):
 
     rng = np.random.default_rng(7 + act_order)
     t = {key: v.to(DEVICE) for key, v in random_gptq_layer(256, 64, 4, 64, act_order, False, rng).items()}
-    w = triton_gptq.gptq_dequantize(t["qweight"], t["scales"], t["qzeros"], t["g_idx"], 4, 1, 0 if act_order else 64)
+    w = triton_gptq.gptq_dequantize(PackedWeight(t["qweight"], t["scales"], t["qzeros"], 4, 1, 0 if act_order else 64, t["g_idx"]))
     expected = dequantize(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, 1)
     assert w.dtype == torch.float16 and relative_error(w, expected) < 1e-3
 
@@ -98,7 +99,7 @@ def test_g_idx_path_on_contiguous_groups_and_v2_zeros():
     t = {key: v.to(DEVICE) for key, v in random_gptq_layer(128, 64, 4, 32, False, False, rng).items()}
     x = torch.randn(3, 128).half().to(DEVICE)
     expected = reference_matmul(x.float(), t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, 0)
-    out = triton_gptq.gptq_matmul(x, t["qweight"], t["scales"], t["qzeros"], t["g_idx"], 4, 0, 0)
+    out = triton_gptq.gptq_matmul(x, PackedWeight(t["qweight"], t["scales"], t["qzeros"], 4, 0, 0, t["g_idx"]))
     assert relative_error(out, expected) < 1e-2
 
 
@@ -106,23 +107,23 @@ def test_bad_inputs_are_refused():
     rng = np.random.default_rng(1)
     t = random_gptq_layer(64, 32, 4, 32, False, True, rng)
     with pytest.raises(TypeError, match="float16"):
-        triton_gptq.gptq_matmul(torch.randn(1, 64), t["qweight"], t["scales"], t["qzeros"], t["g_idx"], 4, 1, 32)
+        triton_gptq.gptq_matmul(torch.randn(1, 64), PackedWeight(t["qweight"], t["scales"], t["qzeros"], 4, 1, 32, t["g_idx"]))
     with pytest.raises(ValueError, match="g_idx is needed"):
-        triton_gptq.gptq_matmul(torch.randn(1, 64).half(), t["qweight"], t["scales"], t["qzeros"], None, 4, 1, 0)
+        triton_gptq.gptq_matmul(torch.randn(1, 64).half(), PackedWeight(t["qweight"], t["scales"], t["qzeros"], 4, 1, 0))
 
 
 @pytest.mark.parametrize("bits, group_size, act_order", [(4, 32, True), (8, 64, False), (4, -1, True)])
 def test_triton_backend_model_matches_reference_backend(tmp_path, bits, group_size, act_order):
-    from tests.gptq_testing import backend_logits, tiny_config, write_tiny_checkpoint
+    from tests.gptq_testing import backend_logits, tiny_config, write_random_checkpoint
 
-    path = write_tiny_checkpoint(tmp_path / "m", tiny_config(num_hidden_layers=1), bits, group_size, act_order)
+    path = write_random_checkpoint(tmp_path / "m", tiny_config(num_hidden_layers=1), bits, group_size, act_order)
     tokens = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(0))
     logits = {backend: backend_logits(path, backend, tokens, DEVICE) for backend in ("reference", "triton")}
     assert relative_error(logits["triton"], logits["reference"]) < 1e-2
 
 
 def test_act_order_rows_are_regrouped():
-    from backends.triton_backend import contiguous_layout
+    from backends.packed_linear import contiguous_layout
     from kernels.gptq_format import unpack_rows
 
     rng = np.random.default_rng(2)
@@ -134,7 +135,7 @@ def test_act_order_rows_are_regrouped():
 
 
 def test_groups_the_kernel_cannot_tile_use_g_idx():
-    from backends.triton_backend import contiguous_layout
+    from backends.packed_linear import contiguous_layout
 
     rng = np.random.default_rng(4)
     t = random_gptq_layer(48, 32, 4, -1, False, True, rng)  # one group of 48 rows
@@ -143,10 +144,10 @@ def test_groups_the_kernel_cannot_tile_use_g_idx():
     x = torch.randn(2, 48).half().to(DEVICE)
     t = {key: v.to(DEVICE) for key, v in t.items()}
     expected = reference_matmul(x.float(), t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, 1)
-    out = triton_gptq.gptq_matmul(x, t["qweight"], t["scales"], t["qzeros"], t["g_idx"], 4, 1, gs)
+    out = triton_gptq.gptq_matmul(x, PackedWeight(t["qweight"], t["scales"], t["qzeros"], 4, 1, gs, t["g_idx"]))
     assert relative_error(out, expected) < 1e-2
     with pytest.raises(ValueError, match="not a multiple of 32"):
-        triton_gptq.gptq_matmul(x, t["qweight"], t["scales"], t["qzeros"], t["g_idx"], 4, 1, 48)
+        triton_gptq.gptq_matmul(x, PackedWeight(t["qweight"], t["scales"], t["qzeros"], 4, 1, 48, t["g_idx"]))
 
 
 def test_fused_rmsnorm_matches_torch():
@@ -188,18 +189,17 @@ def test_fused_rotary_matches_torch(head_dim):
     assert not k_cache[:, :, :7].any() and not v_cache[:, :, :7].any()
 
 
-def test_the_inline_ptx_gemv_is_a_candidate_for_4_bit_on_a_gpu_only(monkeypatch):
+def test_the_inline_ptx_gemv_is_a_candidate_for_4_bit_on_a_gpu_only():
     """The CPU interpreter cannot run inline asm: there, and for 8-bit, the candidates leave it out. The
     integer kernel is 4-bit only; the interpreter runs its plain-Triton form."""
-    monkeypatch.setattr(triton_gptq, "INTERPRET", False)
-    four, eight = triton_gptq._gemv_configs(4096, 4096, 128, 4), triton_gptq._gemv_configs(4096, 4096, 128, 8)
-    assert all((c.get("TILE") or c.get("INT")) and c["ASM"] for c in four)
-    assert any(c.get("TILE") for c in four) and any(c.get("INT") for c in four)
-    assert not any(c.get("ASM") or c.get("INT") for c in eight) and any(c.get("TILE") for c in eight)
-    monkeypatch.setattr(triton_gptq, "INTERPRET", True)
-    interpreted = triton_gptq._gemv_configs(4096, 4096, 128, 4)
-    assert not any(c.get("ASM") for c in interpreted)
-    assert any(c.get("TILE") for c in interpreted) and any(c.get("INT") for c in interpreted)
+    four = triton_gptq.gemv_candidates(4096, 4096, 128, 4, interpreted=False)
+    eight = triton_gptq.gemv_candidates(4096, 4096, 128, 8, interpreted=False)
+    assert all(c.kernel in ("tile", "int") and c.asm for c in four)
+    assert any(c.kernel == "tile" for c in four) and any(c.kernel == "int" for c in four)
+    assert not any(c.asm or c.kernel == "int" for c in eight) and any(c.kernel == "tile" for c in eight)
+    interpreted = triton_gptq.gemv_candidates(4096, 4096, 128, 4, interpreted=True)
+    assert not any(c.asm for c in interpreted)
+    assert any(c.kernel == "tile" for c in interpreted) and any(c.kernel == "int" for c in interpreted)
 
 
 @pytest.mark.parametrize("sym", [True, False])
@@ -211,8 +211,8 @@ def test_integer_gemv_rounds_x_per_chunk(sym):
     ~0.1 as one scale for the program would round it."""
     k, n = 512, 128
     t = {key: v.to(DEVICE) for key, v in random_gptq_layer(k, n, 4, 128, False, sym, np.random.default_rng(21)).items()}
-    configs = [c for c in triton_gptq._gemv_configs(n, k, 128, 4) if c.get("INT")]
-    assert any(c["CHUNK_K"] * c["CHUNKS"] >= 256 for c in configs)  # programs that hold both chunks
+    configs = [c for c in triton_gptq.gemv_candidates(n, k, 128, 4) if c.kernel == "int"]
+    assert any(c.block_k * c.chunks >= 256 for c in configs)  # programs that hold both chunks
     x = torch.randn(1, k, generator=torch.Generator().manual_seed(21))
     x[0, 10] = 1500.0
     x[0, 256:384] = 0.0
@@ -225,9 +225,9 @@ def test_integer_gemv_rounds_x_per_chunk(sym):
     scales[0] = 0
     expected_rest = reference_matmul(big_first.float(), t["qweight"], t["qzeros"], scales, t["g_idx"], 4, 1)
     for cfg in configs:
-        out = triton_gptq._run_gemv(cfg, x, t["qweight"], t["scales"], t["qzeros"], 4, 1, 128)
+        out = triton_gptq.launch(cfg, x, PackedWeight(t["qweight"], t["scales"], t["qzeros"], 4, 1, 128))
         assert relative_error(out, expected) < 1e-3, cfg
-        rest = triton_gptq._run_gemv(cfg, big_first, t["qweight"], scales, t["qzeros"], 4, 1, 128)
+        rest = triton_gptq.launch(cfg, big_first, PackedWeight(t["qweight"], scales, t["qzeros"], 4, 1, 128))
         assert relative_error(rest, expected_rest) < 2e-3, cfg
 
 
@@ -235,11 +235,14 @@ def test_gemv_candidates_split_k_no_further_than_the_workspace_counts():
     """The split-K count lives in 9 bits of the workspace (_store_columns): a very long K drops the tile shapes
     that would split it more often, and the launcher refuses such a split outright."""
     k = 128 * (triton_gptq.MAX_SPLIT_K + 1)
-    tiles = [c for c in triton_gptq._gemv_configs(4096, k, 128, 4) if c.get("TILE")]
-    assert tiles and all(-(-k // (c["CHUNK_K"] * c["CHUNKS"])) <= triton_gptq.MAX_SPLIT_K for c in tiles)
-    assert any(c["CHUNK_K"] * c["CHUNKS"] == 128 for c in triton_gptq._gemv_configs(4096, 4096, 128, 4) if c.get("TILE"))
-    assert not any(c["CHUNK_K"] * c["CHUNKS"] == 128 for c in tiles)
+    tiles = [c for c in triton_gptq.gemv_candidates(4096, k, 128, 4) if c.kernel == "tile"]
+    assert tiles and all(-(-k // (c.block_k * c.chunks)) <= triton_gptq.MAX_SPLIT_K for c in tiles)
+    short = triton_gptq.gemv_candidates(4096, 4096, 128, 4)
+    assert any(c.block_k * c.chunks == 128 for c in short if c.kernel == "tile")
+    assert not any(c.block_k * c.chunks == 128 for c in tiles)
     x = torch.zeros(1, k, dtype=torch.float16)
-    cfg = {"TILE": True, "BLOCK_N": 64, "CHUNK_K": 64, "CHUNKS": 2, "num_warps": 2, "ASM": False}
+    cfg = LaunchConfig("tile", block_n=64, block_k=64, num_warps=2, chunks=2)
+    placeholder = torch.zeros(1, dtype=torch.int32)
     with pytest.raises(ValueError, match="splits into"):
-        triton_gptq._run_gemv(cfg, x, torch.zeros(k // 8, 64, dtype=torch.int32), None, None, 4, 1, 128)
+        triton_gptq.launch(cfg, x, PackedWeight(torch.zeros(k // 8, 64, dtype=torch.int32), placeholder.half(),
+                                                placeholder, 4, 1, 128))

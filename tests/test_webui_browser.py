@@ -8,7 +8,6 @@ test-artifacts/ (WB_ARTIFACTS to move them).
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from backends.loader import LoadOptions, build_model
 from backends.quant_config import QuantConfig
 from backends.weights import WeightsError, WeightStore, find_weight_files
-from tests.gptq_testing import tiny_config, write_tiny_checkpoint
+from tests.gptq_testing import tiny_config, write_random_checkpoint
 
 Q = QuantConfig(bits=4, group_size=128)
 
@@ -91,14 +91,14 @@ def test_corrupt_safetensors_is_reported(tmp_path):
 
 
 def test_config_that_does_not_match_the_weights_says_so(tmp_path):
-    path = write_tiny_checkpoint(tmp_path / "m", tiny_config(), bits=4, group_size=32)
+    path = write_random_checkpoint(tmp_path / "m", tiny_config(), bits=4, group_size=32)
     (path / "quantize_config.json").write_text(json.dumps({"bits": 8, "group_size": 32}))
     with pytest.raises(WeightsError, match=r"qweight' has shape .*bits=8, group_size=32 match the weights"):
         build_model(path, LoadOptions(device="cpu"))
 
 
 def test_missing_tensor_is_named(tmp_path):
-    path = write_tiny_checkpoint(tmp_path / "m", tiny_config(), bits=4, group_size=32)
+    path = write_random_checkpoint(tmp_path / "m", tiny_config(), bits=4, group_size=32)
     from safetensors import safe_open
 
     with safe_open(str(path / "model.safetensors"), framework="pt") as f:

@@ -30,7 +30,8 @@ def clean_history(history: list | None) -> list[Message]:
 
 def describe_result(r: GenerationResult) -> str:
     return (f"{r.new_tokens} tokens in {r.decode_seconds:.1f} s ({r.tokens_per_second:.1f} tokens/s); "
-            f"prompt {r.prompt_tokens} tokens, prefill {r.prefill_seconds:.2f} s; stopped: {r.finish_reason}")
+            f"prompt {r.prompt_tokens} tokens, first token after {r.prefill_seconds:.2f} s; "
+            f"stopped: {r.finish_reason}")
 
 
 @dataclass

@@ -14,7 +14,7 @@ import torch
 from backends.generation import Generation
 from backends.loader import DEFAULT_CONTEXT, LoadedModel, LoadOptions, load_model, resolve_device
 from backends.model_config import load_model_args
-from backends.quant_config import QuantConfig, QuantConfigError, load_quant_config
+from backends.quant_config import QuantConfig, load_quant_config
 from backends.registry import all_backends, suggested_backend
 from backends.sampling import SamplingParams
 from backends.weights import find_weight_files

@@ -1,10 +1,10 @@
 """How close to the copy bandwidth can one kernel per call read a 4-bit g128 layer at all?
 
-    python benchmarks/gemv_ceiling.py
+    python -m benchmarks.experiments.gemv_ceiling
 
 At every Llama-2 shape of triton_matmul.py, timed as it times the GEMV (a CUDA graph of 20 calls, each on
 the next of enough layers to read past L2), with the bytes the GEMV must read (qweight + scales + qzeros):
-- "stream": a kernel that loads exactly the GEMV tile kernel's bytes in its tiles, through the same _load_tile
+- "stream": a kernel that loads exactly the GEMV tile kernel's bytes in its tiles, through the same load_tile
   and all at once, and folds them into a value it (practically) never stores: no dot, no split-K sums,
   nothing after the loads.
   "Held": every word waits for a value loaded after the wait, as the GEMV's words wait for x, so the
@@ -16,24 +16,24 @@ the next of enough layers to read past L2), with the bytes the GEMV must read (q
 - "copy": torch's copy of a buffer of the layer's size (read + write, so twice the bytes).
 - "GEMV": gptq_gemv as the triton backend runs it (autotuned).
 The stream kernel without a wait bounds what any kernel that reads the weights once per call can reach here.
+Before timing, :func:`check` compares the stream kernel's per-tile folds with the same fold in torch, and
+the GEMV with the fp32 reference, on a small layer.
 """
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from benchmarks.llama2 import SHAPES, g128_bytes
+from kernels import triton_gptq
+from kernels.gptq_format import reference_matmul
+from kernels.timing import copies_past_l2, copy_bandwidth, graph_us, in_turn
+from kernels.triton_gptq.gemv import load_tile
+from tests.gptq_testing import relative_error
 
-from benchmarks.triton_matmul import SHAPES, copies_past_l2, copy_bandwidth, g128_bytes, graph_us, in_turn  # noqa: E402
-from kernels import triton_gptq  # noqa: E402
-
-# (BLOCK_N, CHUNK_K, CHUNKS, warps) as in triton_gptq.TILE_SHAPES
+# (BLOCK_N, CHUNK_K, CHUNKS, warps) as in kernels/triton_gptq/tuning.py's TILE_SHAPES
 STREAM_TILES = [(128, 128, 2, 4), (128, 128, 1, 4), (128, 128, 4, 4), (256, 128, 2, 8), (64, 128, 2, 2),
                 (256, 128, 1, 4), (512, 128, 1, 8), (512, 64, 1, 4), (256, 64, 1, 2)]
 # column -> (launch mode, whether the words are held): 0 no PDL, 1 PDL waiting after the loads, 2 PDL, no wait
@@ -43,27 +43,67 @@ COLUMNS = {"held, no PDL": (0, (True,)), "held, PDL, wait after loads": (1, (Tru
 
 @triton.jit
 def _stream(q_ptr, s_ptr, z_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, CHUNK_K: tl.constexpr,
-            CHUNKS: tl.constexpr, MODE: tl.constexpr, HOLD: tl.constexpr):
+            CHUNKS: tl.constexpr, MODE: tl.constexpr, HOLD: tl.constexpr, CHECK: tl.constexpr = False):
     if MODE > 0:
         tl.extra.cuda.gdc_launch_dependents()
-    offs_n, _, _, _, _, words, scale, zero = triton_gptq._load_tile(q_ptr, s_ptr, z_ptr, N, K, 128, 4, 0, BLOCK_N,
-                                                                    CHUNK_K, CHUNKS)
+    offs_n, _, _, _, _, words, scale, zero = load_tile(q_ptr, s_ptr, z_ptr, N, K, 128, 4, 0, BLOCK_N, CHUNK_K, CHUNKS)
     if MODE == 1:
         tl.extra.cuda.gdc_wait()
     if HOLD:  # every word waits for a value loaded afterwards, as the GEMV's words wait for x: all in flight
         words *= tl.load(out_ptr + N, volatile=True)
     folded = tl.xor_sum(tl.xor_sum(words, axis=1), axis=0)
     folded ^= tl.xor_sum(zero + scale.to(tl.int16, bitcast=True).to(tl.int32), axis=0)
-    tl.store(out_ptr + offs_n, folded, mask=folded == 0x7FFFFFFF)  # practically never: the loads stay
+    if CHECK:  # each program's fold to its own row, for check()
+        tl.store(out_ptr + tl.program_id(1) * N + offs_n, folded, mask=offs_n < N)
+    else:
+        tl.store(out_ptr + offs_n, folded, mask=folded == 0x7FFFFFFF)  # practically never: the loads stay
 
 
-def random_layers(k: int, n: int, l2_bytes: int) -> list[dict[str, torch.Tensor]]:
-    """Random bits in the 4-bit g128 layout (what the stream kernel and the copy read; not a valid GEMV layer)."""
+def reference_folds(t: dict[str, torch.Tensor], k: int, n: int, chunk_k: int, chunks: int) -> torch.Tensor:
+    """What each program of _stream folds, per column: the XOR of its word rows, then of zero + the scale's
+    bits (sign-extended) of each of its chunks. ``[splits, N]``."""
+    def xor(rows: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(rows.shape[1:], dtype=torch.int32, device=rows.device)
+        for row in rows:
+            out ^= row
+        return out
+
+    zero = (t["qzeros"].repeat_interleave(8, dim=1) >> (4 * (torch.arange(n, device="cuda") % 8))) & 15
+    scale_bits = t["scales"].view(torch.int16).to(torch.int32)
+    folds = []
+    for first in range(0, k, chunk_k * chunks):
+        rows = slice(first // 8, min(k, first + chunk_k * chunks) // 8)
+        groups = [c // 128 for c in range(first, min(k, first + chunk_k * chunks), chunk_k)]
+        folds.append(xor(t["qweight"][rows]) ^ xor(torch.stack([zero[g] + scale_bits[g] for g in groups])))
+    return torch.stack(folds)
+
+
+def check() -> None:
+    k, n = 1024, 384
+    t = random_layers(k, n, count=1)[0]
+    for bn, ck, chunks, warps in STREAM_TILES:
+        splits = triton.cdiv(k, ck * chunks)
+        out = torch.zeros(splits * n + 1, dtype=torch.int32, device="cuda")
+        _stream[(triton.cdiv(n, bn), splits)](t["qweight"], t["scales"], t["qzeros"], out, n, k, BLOCK_N=bn,
+                                              CHUNK_K=ck, CHUNKS=chunks, MODE=0, HOLD=False, CHECK=True,
+                                              num_warps=warps)
+        expected = reference_folds(t, k, n, ck, chunks)
+        assert torch.equal(out[:-1].view(splits, n), expected), f"the stream kernel's tile {bn, ck, chunks} reads other bytes"
+    x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+    w = triton_gptq.PackedWeight(t["qweight"], t["scales"], t["qzeros"], 4, 1, 128)
+    g_idx = torch.arange(k, device="cuda", dtype=torch.int32) // 128
+    ref = reference_matmul(x.float(), t["qweight"], t["qzeros"], t["scales"], g_idx, 4, 1)
+    assert relative_error(triton_gptq.gptq_gemv(x, w), ref) < 1e-2, "the GEMV disagrees with the fp32 reference"
+    print("check: the stream kernel folds exactly the layer's bytes at every tile; the GEMV matches fp32")
+
+
+def random_layers(k: int, n: int, count: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """Random bits in the 4-bit g128 layout (the scales finite), ``count`` of them or enough to read past L2."""
     def layer() -> dict[str, torch.Tensor]:
         return {"qweight": torch.randint(-2**31, 2**31 - 1, (k // 8, n), dtype=torch.int32, device="cuda"),
                 "scales": torch.rand(k // 128, n, device="cuda").half(),
                 "qzeros": torch.randint(-2**31, 2**31 - 1, (k // 128, n // 8), dtype=torch.int32, device="cuda")}
-    return [layer() for _ in range(copies_past_l2(g128_bytes(k, n), l2_bytes))]
+    return [layer() for _ in range(count or copies_past_l2(g128_bytes(k, n), torch.device("cuda")))]
 
 
 def stream_us(layers: list[dict], k: int, n: int, tile: tuple[int, int, int, int], mode: int, hold: bool) -> float:
@@ -78,6 +118,7 @@ def stream_us(layers: list[dict], k: int, n: int, tile: tuple[int, int, int, int
 
 def main() -> None:
     props = torch.cuda.get_device_properties(0)
+    check()
     bw = copy_bandwidth()
     print(f"{props.name}, triton {triton.__version__}; copy bandwidth {bw / 1e9:.0f} GB/s (2 GiB, read + write)")
     print("µs per call (of copy bandwidth), the stream kernel's best tile in brackets\n")
@@ -89,7 +130,7 @@ def main() -> None:
         def cell(us: float, moved: int = nbytes) -> str:
             return f"{us:.1f} ({moved / (us * 1e-6) / bw:.0%})"
 
-        layers = random_layers(k, n, props.L2_cache_size)
+        layers = random_layers(k, n)
         cells = []
         for mode, holds in COLUMNS.values():
             us, tile, hold = min((stream_us(layers, k, n, tile, mode, hold), tile, hold)
@@ -100,7 +141,8 @@ def main() -> None:
                                                                                     device="cuda")) for t in layers]
         cells.append(cell(graph_us(in_turn(copies, lambda c: c[1].copy_(c[0]))), 2 * nbytes))
         x = torch.randn(1, k, device="cuda", dtype=torch.float16)
-        gemv = in_turn(layers, lambda t: triton_gptq.gptq_gemv(x, t["qweight"], t["scales"], t["qzeros"], 4, 1, 128))
+        gemv = in_turn(layers, lambda t: triton_gptq.gptq_gemv(x, triton_gptq.PackedWeight(
+            t["qweight"], t["scales"], t["qzeros"], 4, 1, 128)))
         gemv()  # autotune outside the timing
         cells.append(cell(graph_us(gemv)))
         print(f"| {name} ({k}x{n}) | " + " | ".join(cells) + " |", flush=True)
