@@ -146,6 +146,9 @@ def q4_gemv(x: torch.Tensor | None, qweight: torch.Tensor, scales: torch.Tensor,
         stream = torch.cuda.current_stream(device).cuda_stream
         return lib.q4_gemv(ctypes.byref(args), m, warps, depth, int(use_pdl), stream)
 
+    what = f"q4_gemv (M={m} N={n} K={k} group_size={group_size})"
+    if not supports(n, k, group_size):
+        cuda_lib.check(-1, what)
     if config is not None and not fits(config, m):
         raise ValueError(f"configuration {config} does not fit {m} rows")
     weights = (qweight, scales, qzeros)
@@ -156,7 +159,7 @@ def q4_gemv(x: torch.Tensor | None, qweight: torch.Tensor, scales: torch.Tensor,
         if sums and not tuned:
             workspace.sums.zero_()  # the timed calls added into it
     rc = run(config, weights, final=True)
-    cuda_lib.check(rc, f"q4_gemv (M={m} N={n} K={k} group_size={group_size})")
+    cuda_lib.check(rc, what)
     return out
 
 

@@ -96,7 +96,8 @@ def tiny_config(model_type: str = "llama", **overrides) -> dict:
 def torch_random_layer(in_features: int, out_features: int, bits: int, group_size: int, g_idx: torch.Tensor,
                        generator: torch.Generator, scale: float) -> dict[str, torch.Tensor]:
     """Random symmetric GPTQ tensors drawn with torch on the generator's device (Llama-2-sized layers in
-    seconds on a GPU): uniformly random words are uniformly random values."""
+    seconds on a GPU): uniformly random words are uniformly random values. The weights' standard deviation
+    is about ``scale``, so that a deep model's activations stay finite in fp16 (NaNs change kernel timings)."""
     device = generator.device
     maxq = 2**bits - 1
     groups = -(-in_features // (in_features if group_size == -1 else group_size))
@@ -108,7 +109,7 @@ def torch_random_layer(in_features: int, out_features: int, bits: int, group_siz
                                  device=device, generator=generator).cpu(),
         "qzeros": torch.full((groups, out_features * bits // 32), zero_word - (1 << 32 if zero_word >= 1 << 31 else 0),
                              dtype=torch.int32),
-        "scales": (scales * (scale * 16 / (maxq + 1))).half().cpu(),
+        "scales": (scales * (scale * 12**0.5 / (maxq + 1))).half().cpu(),  # q - z has std (maxq + 1) / 12**0.5
         "g_idx": g_idx.int().cpu(),
     }
 
