@@ -20,7 +20,7 @@
 // weights never depend on the previous kernel, so they stream while it finishes. A block lets the next
 // kernel launch as it starts (launch_dependents), so that kernel's blocks take the SM room this one
 // leaves and issue their own weight loads early (with act-order, also their row lookups): 7B act-order
-// step 2.152 -> 1.996 ms, without act-order 1.962 -> 1.950 (benchmarks/RESULTS.md).
+// step 2.152 -> 1.996 ms, without act-order 1.962 -> 1.950 (H100, 2026-11-23).
 //
 // Blocks along K add their partial sums into an fp32 workspace; the last block of a column tile (an
 // arrival counter says which) applies the epilogue -- store, add a residual, or SiLU(gate) * up -- and

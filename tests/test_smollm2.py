@@ -39,7 +39,7 @@ def test_greedy_chat_answers_paris(main_model):
 # this 135M model than the 10% (RTN at g128 loses as much as GPTQ), so these bounds guard
 # against regressions. 4-bit g32 asym act-order swings with rounding-level differences in the
 # quantizer's arithmetic: +5.9% (fp32 GPTQ on the machine of 2026-11-22), +13.6% (fp32 GPTQ on an
-# AMD EPYC), +18.6% (float64 GPTQ, as now, the same on every CPU); see benchmarks/RESULTS.md.
+# AMD EPYC), +18.6% (float64 GPTQ, as now, the same on every CPU).
 MAX_PERPLEXITY_RATIO = {
     "main": 1.60,
     "gptq-4bit-32g-actorder_True": 1.25,

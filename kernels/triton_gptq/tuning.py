@@ -108,10 +108,12 @@ def tuned_config(x: torch.Tensor, w: PackedWeight, gemv: bool) -> LaunchConfig |
     k = x.shape[1]
     if gemv:
         key = ("gemv", w.n, k, w.bits, w.group_size)
-        candidates = gemv_candidates(w.n, k, w.group_size, w.bits)
     else:
         key = ("matmul", m_bucket(x.shape[0]), w.n, k, w.bits, w.group_size, x.dtype)
-        candidates = matmul_candidates(x.shape[0], w.group_size)
+    if key in TUNER.best:  # the common case, on every call: no candidate lists built
+        return TUNER.best[key]
+    candidates = (gemv_candidates(w.n, k, w.group_size, w.bits) if gemv
+                  else matmul_candidates(x.shape[0], w.group_size))
     if not candidates:
         return None
 
