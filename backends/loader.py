@@ -15,9 +15,10 @@ from backends.model import TorchOps, Transformer
 from backends.model_config import ModelArgs, load_model_args
 from backends.quant_config import QuantConfig, load_quant_config
 from backends.registry import all_backends, resolve_backend
+from backends.tokenizer import load_tokenizer
 from backends.weights import WeightsError, WeightStore, find_weight_files
 
-DEFAULT_CONTEXT = 4096
+DEFAULT_CONTEXT = 8192  # the most a model is loaded with unless asked: its KV cache takes memory
 
 
 @dataclass(frozen=True)
@@ -168,15 +169,6 @@ def build_model(model_dir: Path, options: LoadOptions) -> tuple[Transformer, Mod
     model.rotary.to(device)
     model.eval()
     return model, args, qconfig, backend.name, device, dtype
-
-
-def load_tokenizer(model_dir: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
-    except Exception as exc:
-        raise WeightsError(f"{model_dir.name}: the tokenizer could not be loaded ({exc})") from exc
 
 
 def load_model(model_dir: str | Path, options: LoadOptions = LoadOptions()) -> LoadedModel:

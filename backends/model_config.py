@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -135,12 +135,25 @@ def parse_model_args(raw: Any, source: str = "config.json") -> ModelArgs:
     )
 
 
+def _json_file(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelConfigError(f"{path.name}: not valid JSON ({exc})") from exc
+
+
 def load_model_args(model_dir: str | Path) -> ModelArgs:
+    """config.json's model, with generation_config.json's end tokens (an id or a list) added to config.json's:
+    generation stops at any of them, as transformers' generate() does with that file."""
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise ModelConfigError(f"{Path(model_dir).name}: config.json is missing")
+    args = parse_model_args(_json_file(path))
+    generation = Path(model_dir) / "generation_config.json"
+    raw = _json_file(generation) if generation.is_file() else {}
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelConfigError(f"config.json: not valid JSON ({exc})") from exc
-    return parse_model_args(raw)
+        extra = _eos_ids(raw.get("eos_token_id") if isinstance(raw, dict) else None)
+    except (TypeError, ValueError) as exc:
+        raise ModelConfigError(f"generation_config.json: eos_token_id must be an id or a list of ids ({exc})") from exc
+    eos = args.eos_token_ids + tuple(i for i in extra if i not in args.eos_token_ids)
+    return replace(args, eos_token_ids=eos)

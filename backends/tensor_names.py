@@ -23,8 +23,3 @@ def projection(index: int, name: str) -> str:
 def layer_norm(index: int, norm: str) -> str:
     return f"{layer(index)}.{norm}.weight"
 
-
-def dense_tensors(n_layers: int, tied_embeddings: bool) -> list[str]:
-    """Every tensor a checkpoint stores unquantized: embedding, norms and (untied) lm_head."""
-    names = [EMBED, FINAL_NORM] + [layer_norm(i, norm) for i in range(n_layers) for norm in LAYER_NORMS]
-    return names if tied_embeddings else names + [f"{LM_HEAD}.weight"]

@@ -1,10 +1,10 @@
 """Where a decode step's GPU time goes: kernels of one eager 7B decode step, by total time.
 
-    python -m benchmarks.profile_decode [--size 7B] [--backend exllama] [--pdl]
+    python -m benchmarks.profile_decode [--size 7B] [--backend exllama] [--overlap]
 
-Programmatic dependent launch is off unless --pdl: a kernel launched early
-counts the time it waits on its predecessor as its own, so with it the
-per-kernel times overlap and add up to more than the step.
+Kernels run one at a time (CUDA_LAUNCH_BLOCKING=1) unless --overlap: with programmatic dependent launch a
+kernel launched early counts the time it waits on its predecessor as its own, so the per-kernel times
+overlap and add up to more than the step.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ def main() -> None:
     parser.add_argument("--size", default="7B", choices=list(SIZES))
     parser.add_argument("--backend", default="exllama")
     parser.add_argument("--act-order", action="store_true")
-    parser.add_argument("--pdl", action="store_true", help="keep programmatic dependent launch on")
+    parser.add_argument("--overlap", action="store_true", help="let kernels overlap, as in a decode step")
     opts = parser.parse_args()
-    if not opts.pdl:
-        os.environ["GPTQ_CUDA_PDL"] = "0"
+    if not opts.overlap:
+        os.environ["CUDA_LAUNCH_BLOCKING"] = "1"  # read when CUDA initializes, which has not happened yet
     with tempfile.TemporaryDirectory() as tmp:
         path = write_checkpoint(Path(tmp) / "m", opts.size, opts.act_order)
         model, *_ = build_model(path, LoadOptions(backend=opts.backend, context_length=CONTEXT))

@@ -125,5 +125,5 @@ def check(rc: int, what: str) -> None:
 
 
 def pdl_default(device: torch.device) -> bool:
-    """Programmatic dependent launch (Hopper and later), unless GPTQ_CUDA_PDL=0."""
-    return os.environ.get("GPTQ_CUDA_PDL", "1") != "0" and torch.cuda.get_device_capability(device)[0] >= 9
+    """Programmatic dependent launch: on Hopper and later."""
+    return torch.cuda.get_device_capability(device)[0] >= 9

@@ -75,6 +75,9 @@ NAMED: dict[str, ChatTemplate] = {
     for t in (
         ChatTemplate("OpenChat", "GPT4 User: {content}<|end_of_turn|>", "GPT4 Assistant: {content}<|end_of_turn|>",
                      "{content}<|end_of_turn|>", stop_strings=("<|end_of_turn|>",)),
+        ChatTemplate("OpenChat V3.1", "User: {content}<|end_of_turn|>", "Assistant: {content}<|end_of_turn|>",
+                     "{content}<|end_of_turn|>", default_system="Assistant is GPT4",
+                     stop_strings=("<|end_of_turn|>",)),
         ChatTemplate("OpenChat-Correct", "GPT4 Correct User: {content}<|end_of_turn|>",
                      "GPT4 Correct Assistant: {content}<|end_of_turn|>", "{content}<|end_of_turn|>",
                      stop_strings=("<|end_of_turn|>",)),
@@ -107,17 +110,21 @@ def has_own_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
+# Model-name needles, most specific first: OpenChat 3.5 1210 and later were trained on "GPT4 Correct" (their
+# tokenizers carry that template), v3.2 and 3.5 on "GPT4 User"; an OpenAssistant Llama-2 model speaks
+# OpenAssistant's format, not Llama-2's.
+NAME_GUESSES = (("1210", "OpenChat-Correct"), ("0106", "OpenChat-Correct"), ("openchat", "OpenChat"),
+                ("openassistant", "OpenAssistant"), ("oasst", "OpenAssistant"), ("vicuna", "Vicuna v1.1"),
+                ("llama-2", "Llama-2"), ("llama2", "Llama-2"), ("mistral", "Mistral"), ("mixtral", "Mistral"),
+                ("alpaca", "Alpaca"))
+
+
 def guess_template(model_name: str, tokenizer) -> str:
     """What "auto" means for a model: its tokenizer's template, else a guess from its name."""
     if has_own_template(tokenizer):
         return AUTO
     name = model_name.lower()
-    for needle, template in (("openchat", "OpenChat-Correct"), ("vicuna", "Vicuna v1.1"), ("llama-2", "Llama-2"),
-                             ("llama2", "Llama-2"), ("mistral", "Mistral"), ("mixtral", "Mistral"),
-                             ("oasst", "OpenAssistant"), ("alpaca", "Alpaca")):
-        if needle in name:
-            return template
-    return "ChatML"
+    return next((template for needle, template in NAME_GUESSES if needle in name), "ChatML")
 
 
 def stop_strings(name: str) -> tuple[str, ...]:
