@@ -18,6 +18,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from tests.fixture_models import ROOT, _atomic_build, _code_hash, cache_root
 from tests.gptq_testing import write_random_checkpoint
 from tests.seed_tokenizers import llama_tokenizer_model, mistral_tokenizer_model
@@ -141,6 +143,53 @@ def write_branch(seed: Seed, branch: Branch, folder: Path, seed_number: int) -> 
     tokenizer_files(seed, folder)
 
 
+GREETING = [{"role": "user", "content": "Hello"}]
+END_AFTER = 3  # tokens the main branches answer GREETING with before their end token
+
+
+def teach_end_token(seed: Seed, folder: Path) -> None:
+    """Make the branch answer GREETING (in the seed's default template, greedy, on the CPU) with END_AFTER
+    tokens and then its end token, so that browser tests can see generation stop there: lm_head's row for the
+    end token becomes the part of the final hidden state at that step that is orthogonal to the states of the
+    steps before, scaled to win only there. Checked by generating."""
+    from safetensors.torch import load_file, save_file
+
+    from backends.generation import Generation
+    from backends.loader import LoadOptions, load_model
+    from backends.sampling import SamplingParams
+    from webui import templates
+
+    weights = next(folder.glob("*.safetensors"))
+    tensors = load_file(str(weights))
+    options = LoadOptions(backend="reference", device="cpu", dtype="float32", context_length=128)
+
+    def generate(loaded) -> Generation:
+        ids = templates.prompt_ids(loaded.tokenizer, seed.template, GREETING)
+        generation = Generation(loaded, ids, SamplingParams(temperature=0, max_new_tokens=END_AFTER + 4))
+        for _ in generation:
+            pass
+        return generation
+
+    loaded = load_model(folder, options)
+    end = loaded.tokenizer.convert_tokens_to_ids(seed.end_token)
+    answer = generate(loaded).result.token_ids[:END_AFTER]
+    greeting = templates.prompt_ids(loaded.tokenizer, seed.template, GREETING)
+    tokens = greeting + answer
+    seen = {}
+    hook = loaded.model.lm_head.register_forward_pre_hook(lambda module, args: seen.update(x=args[0][0]))
+    with torch.no_grad():
+        loaded.model(torch.tensor([tokens]), torch.arange(len(tokens)))
+    hook.remove()
+    states = seen["x"][len(greeting) - 1:].double()  # the states that pick answer tokens 1.., then the end
+    earlier, last = torch.linalg.qr(states[:-1].T).Q, states[-1]
+    direction = last - earlier @ (earlier.T @ last)
+    tensors["lm_head.weight"][end] = (direction * (30.0 / float(direction @ last))).half()
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    result = generate(load_model(folder, options)).result
+    if result.finish_reason != "eos" or result.new_tokens != END_AFTER:
+        raise RuntimeError(f"{seed.name}: the taught branch answered {result.token_ids} ({result.finish_reason})")
+
+
 def seed_hub() -> Path:
     """A test Hub root holding the five seed repos (``root/TheBloke/<repo>/<branch>/``), built once and
     cached."""
@@ -148,6 +197,7 @@ def seed_hub() -> Path:
         for i, seed in enumerate(SEEDS.values()):
             for j, branch in enumerate(seed.branches()):
                 write_branch(seed, branch, tmp / seed.repo / branch.name, seed_number=100 * i + j)
+            teach_end_token(seed, tmp / seed.repo / "main")
 
     key = _code_hash(Path(__file__), ROOT / "tests" / "gptq_testing.py", *sorted(CARDS.glob("*.txt")))
     return _atomic_build(cache_root() / f"seed-hub-{key}", build)

@@ -64,6 +64,22 @@ def chat_turn(state: AppState, history: list[Message], system: str, template: st
     yield Turn(history, describe_result(generation.result))
 
 
+def prompt_tokens(state: AppState, history: list[Message], system: str, template: str) -> str:
+    """The token ids the model receives for this chat (for its last reply, the prompt that reply answered),
+    with each id's piece, as Markdown."""
+    loaded = state.require_model()
+    if history and history[-1]["role"] == "assistant":
+        history = history[:-1]
+    if not history:
+        return "The chat is empty: send a message first."
+    messages = ([{"role": "system", "content": system}] if system.strip() else []) + history
+    ids = templates.prompt_ids(loaded.tokenizer, template, messages)
+    pieces = loaded.tokenizer.convert_ids_to_tokens(ids)
+    rows = "\n".join(f"{i:>5}  {token_id:>7}  {piece!r}" for i, (token_id, piece) in enumerate(zip(ids, pieces)))
+    return (f"**{len(ids)} prompt tokens** (template: {template})\n\n```\n{ids}\n```\n\n"
+            f"```\n  pos       id  piece\n{rows}\n```")
+
+
 def notebook_turn(state: AppState, prompt: str, params: SamplingParams) -> Iterator[tuple[str, str]]:
     """Streams the raw prompt followed by its continuation."""
     loaded = state.require_model()

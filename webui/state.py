@@ -134,8 +134,9 @@ class AppState:
                 self._free_memory()
                 raise MemoryError(f"out of memory while loading {name}: try a shorter context or a smaller model "
                                   f"({str(exc).splitlines()[0]})") from exc
-            template = settings.template if settings.template in templates.template_names() else None
-            template = template or templates.guess_template(name, loaded.tokenizer)
+            # "Auto" is what the Model tab shows before a choice: the model's own template, or else the guess.
+            chosen = settings.template if settings.template in templates.NAMED else None
+            template = chosen or templates.guess_template(name, loaded.tokenizer)
             self.loaded, self.template = loaded, template
             used = replace(settings, context_length=loaded.context_length, template=template)
             self.load_report = LoadReport(name, used, time.perf_counter() - started, loaded)

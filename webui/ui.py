@@ -17,7 +17,7 @@ import gradio as gr
 from backends.generation import ContextOverflowError
 from backends.sampling import SamplingParams
 from webui import presets, templates
-from webui.chat import chat_turn, clean_history, notebook_turn
+from webui.chat import chat_turn, clean_history, notebook_turn, prompt_tokens
 from webui.download import DownloadCancelled, DownloadError, DownloadProgress, DownloadRequest, Hub, format_bytes, download
 from webui.repo_spec import RepoSpecError, parse_repo_spec
 from webui.settings import ModelSettings
@@ -157,6 +157,12 @@ class WorkbenchUI:
     def stop(self) -> str:
         self.state.stop_generation()
         return "stopping…"
+
+    def show_prompt_tokens(self, history, system: str, template: str) -> str:
+        try:
+            return prompt_tokens(self.state, clean_history(history), system or "", template)
+        except (ModelNotLoaded, TemplateError) as exc:
+            return error_text(exc)
 
     # ---- model ---------------------------------------------------------------------------------------------------
 
@@ -342,6 +348,9 @@ class WorkbenchUI:
                             c.notebook_go = gr.Button("Generate", variant="primary", elem_id="notebook-generate")
                             c.notebook_stop = gr.Button("Stop", elem_id="notebook-stop")
                 c.stats = gr.Markdown("", elem_id="gen-stats")
+                with gr.Accordion("Prompt tokens", open=False, elem_id="prompt-tokens-panel"):
+                    c.show_tokens = gr.Button("Show the prompt's tokens", elem_id="show-prompt-tokens")
+                    c.prompt_tokens = gr.Markdown("", elem_id="prompt-tokens")
             with gr.Column(scale=2):
                 c.system = gr.Textbox(label="System message", lines=3, elem_id="system-message")
                 c.template = gr.Dropdown(start.templates, value=self.state.template, label="Chat template",
@@ -419,6 +428,8 @@ class WorkbenchUI:
         gen.regenerate.click(self.regenerate, [gen.chatbot, *inputs], outputs, **QUIET)
         gen.continue_.click(self.continue_reply, [gen.chatbot, *inputs], outputs, **QUIET)
         gen.clear.click(lambda: ([], ""), None, [gen.chatbot, gen.stats], queue=False)
+        gen.show_tokens.click(self.show_prompt_tokens, [gen.chatbot, gen.system, gen.template], gen.prompt_tokens,
+                              queue=False)
         gen.stop.click(self.stop, None, gen.stats, queue=False)
         gen.notebook_go.click(self.notebook, [gen.notebook, gen.seed, *gen.sliders], [gen.notebook, gen.stats],
                               **QUIET)
