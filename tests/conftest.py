@@ -23,3 +23,18 @@ def smollm2_branch():
     from tests.fixture_models import branch_checkpoint
 
     return branch_checkpoint
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Debian chromium, driven by Playwright (tests/browser.py has the helpers)."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.browser import CHROMIUM, CHROMIUM_ARGS
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium package (the README's test command does)")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()

@@ -201,3 +201,35 @@ def seed_hub() -> Path:
 
     key = _code_hash(Path(__file__), ROOT / "tests" / "gptq_testing.py", *sorted(CARDS.glob("*.txt")))
     return _atomic_build(cache_root() / f"seed-hub-{key}", build)
+
+
+def backends_for(branch: Branch) -> list[str]:
+    """The backends that run this branch on a CUDA GPU (reference runs every branch, on the CPU too)."""
+    from backends.quant_config import QuantConfig
+    from backends.registry import all_backends
+
+    qconfig = QuantConfig(bits=branch.bits, group_size=branch.group_size, desc_act=branch.desc_act, sym=True)
+    return [name for name, backend in all_backends().items()
+            if backend.unavailable_reason(torch.device("cuda"), qconfig) is None]
+
+
+def readme_table() -> str:
+    """The README's table of the seed models, made from the test repos' facts."""
+    rows = ["| model (repo) | architecture | default template | context | branches each backend runs |",
+            "|---|---|---|---|---|"]
+    for seed in SEEDS.values():
+        branches = seed.branches()
+        runs: dict[str, list[str]] = {}
+        for branch in branches:
+            for backend in backends_for(branch):
+                runs.setdefault(backend, []).append(branch.name)
+        cells = [f"{backend}: " + ("all" if len(names) == len(branches) else ", ".join(names))
+                 for backend, names in sorted(runs.items())]
+        template = "its tokenizer's (GPT4 Correct)" if seed.chat_template else seed.template
+        rows.append(f"| `{seed.repo}` | {seed.config['model_type']} | {template} | {seed.context} | "
+                    f"{'; '.join(cells)} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(readme_table())

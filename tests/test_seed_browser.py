@@ -5,12 +5,11 @@ few tokens and then their end token)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
-from tests.browser import CHROMIUM, CHROMIUM_ARGS, AppProcess, artifacts_dir, chat, choose, open_tab, value_of
+from tests.browser import AppProcess, artifacts_dir, chat, choose, open_tab, value_of
 from tests.hub_server import HubServer
 from tests.seed_models import END_AFTER, GREETING, SEEDS, seed_hub
 from tests.test_seed_models import OPENCHAT_1210, OPENCHAT_V32
@@ -26,16 +25,6 @@ FAMILIES = {
 def hub():
     with HubServer(seed_hub()) as server:
         yield server
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium package (the README's test command does)")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -195,3 +195,11 @@ def test_a_tokenizer_json_is_followed_when_there_is_one(tmp_path, smollm2_base):
     oracle = Tokenizer.from_file(str(folder / "tokenizer.json"))
     for text in TEXTS:
         assert tokenizer.encode(text, add_special_tokens=False) == oracle.encode(text, add_special_tokens=False).ids
+
+
+def test_readme_table_is_the_scripts():
+    from tests.seed_models import readme_table
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme.split("<!-- seed table -->\n", 1)[1].split("\n<!-- /seed table -->", 1)[0]
+    assert table == readme_table()

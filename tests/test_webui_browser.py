@@ -9,13 +9,12 @@ test-artifacts/ (WB_ARTIFACTS to move them).
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import yaml
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
-from tests.browser import CHROMIUM, CHROMIUM_ARGS, AppProcess, artifacts_dir, chat, choose, open_tab, value_of
+from tests.browser import AppProcess, artifacts_dir, chat, choose, open_tab, value_of
 from tests.hub_server import HubServer
 from tests.test_webui_handlers import link_model
 
@@ -31,16 +30,6 @@ def hub(tmp_path_factory, smollm2_branch):
     link_model(smollm2_branch("gptq-4bit-32g-actorder_True"), root / REPO / "gptq-4bit-32g-actorder_True")
     with HubServer(root) as server:
         yield server
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium package (the README's test command does)")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 def new_page(browser, app: AppProcess):
