@@ -4,9 +4,9 @@ One timer and one cache-cold policy:
 - :func:`graph_us`: calls captured in a CUDA graph and replayed, so the time is the kernels' own, without
   Python's launch overhead (the decode loop replays graphs too);
 - :func:`cold_copies`: a kernel in a decode step reads weights that the other layers have long evicted from
-  L2, so timed calls rotate over copies that together exceed twice the L2 cache. A 4096x4096 4-bit layer
-  fits in an H100's or H200's L2, and a tuner that reuses one copy picks configurations that are slower
-  once it does not.
+  L2, so timed calls rotate over copies that together exceed four times the L2 cache. A 4096x4096 4-bit
+  layer fits in an H100's or H200's L2, and a tuner that reuses one copy picks configurations that are
+  slower once it does not.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def l2_bytes(device: torch.device) -> int:
 
 def copies_past_l2(item_bytes: int, device: torch.device) -> int:
     """How many copies of an item of ``item_bytes`` to call in turn so that each is read from memory."""
-    return max(2, -(-2 * l2_bytes(device) // item_bytes) + 1)
+    return max(2, -(-4 * l2_bytes(device) // item_bytes) + 1)
 
 
 def cold_copies(tensors: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:

@@ -154,6 +154,7 @@ def teach_end_token(seed: Seed, folder: Path) -> None:
     steps before, scaled to win only there. Checked by generating."""
     from safetensors.torch import load_file, save_file
 
+    from backends import tensor_names as names
     from backends.generation import Generation
     from backends.loader import LoadOptions, load_model
     from backends.sampling import SamplingParams
@@ -183,7 +184,7 @@ def teach_end_token(seed: Seed, folder: Path) -> None:
     states = seen["x"][len(greeting) - 1:].double()  # the states that pick answer tokens 1.., then the end
     earlier, last = torch.linalg.qr(states[:-1].T).Q, states[-1]
     direction = last - earlier @ (earlier.T @ last)
-    tensors["lm_head.weight"][end] = (direction * (30.0 / float(direction @ last))).half()
+    tensors[f"{names.LM_HEAD}.weight"][end] = (direction * (30.0 / float(direction @ last))).half()
     save_file(tensors, str(weights), metadata={"format": "pt"})
     result = generate(load_model(folder, options)).result
     if result.finish_reason != "eos" or result.new_tokens != END_AFTER:
