@@ -28,6 +28,10 @@ def clean_history(history: list | None) -> list[Message]:
     return [{"role": m["role"], "content": message_text(m["content"])} for m in history or []]
 
 
+def with_system(history: list[Message], system: str) -> list[Message]:
+    return ([{"role": "system", "content": system}] if system.strip() else []) + history
+
+
 def describe_result(r: GenerationResult) -> str:
     return (f"{r.new_tokens} tokens in {r.decode_seconds:.1f} s ({r.tokens_per_second:.1f} tokens/s); "
             f"prompt {r.prompt_tokens} tokens, first token after {r.prefill_seconds:.2f} s; "
@@ -45,7 +49,7 @@ def chat_turn(state: AppState, history: list[Message], system: str, template: st
     """Streams the assistant's reply to `history` (which ends with the user's message, or with
     the assistant's reply to extend when `continue_last`)."""
     loaded = state.require_model()
-    messages = ([{"role": "system", "content": system}] if system.strip() else []) + history
+    messages = with_system(history, system)
     ids = templates.prompt_ids(loaded.tokenizer, template, messages, continue_last=continue_last)
     generation = state.ui_generation(ids, params, template)
     if continue_last:
@@ -72,7 +76,7 @@ def prompt_tokens(state: AppState, history: list[Message], system: str, template
         history = history[:-1]
     if not history:
         return "The chat is empty: send a message first."
-    messages = ([{"role": "system", "content": system}] if system.strip() else []) + history
+    messages = with_system(history, system)
     ids = templates.prompt_ids(loaded.tokenizer, template, messages)
     pieces = loaded.tokenizer.convert_ids_to_tokens(ids)
     rows = "\n".join(f"{i:>5}  {token_id:>7}  {piece!r}" for i, (token_id, piece) in enumerate(zip(ids, pieces)))
