@@ -115,6 +115,10 @@ class Backend:
                     device: torch.device) -> Linear:
         raise NotImplementedError
 
+    def preferred_dtype(self, device: torch.device) -> torch.dtype | None:
+        """The activations' dtype the layers want on ``device`` when the user asks for none, or None."""
+        return None
+
     def decode_chain(self, model: nn.Module) -> DecodeChain | None:
         """The backend's own batch-1 decode step through all of ``model``'s layers (a backends.model
         Transformer), or None."""

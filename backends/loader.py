@@ -73,9 +73,10 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str, device: torch.device, backend: Backend | None = None) -> torch.dtype:
     if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        preferred = backend.preferred_dtype(device) if backend is not None else None
+        return preferred or (torch.float16 if device.type == "cuda" else torch.float32)
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if name not in dtypes:
         raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(dtypes)}")
@@ -159,8 +160,8 @@ def build_model(model_dir: Path, options: LoadOptions) -> tuple[Transformer, Mod
     args = load_model_args(model_dir)
     qconfig = load_quant_config(model_dir)
     device = resolve_device(options.device)
-    dtype = resolve_dtype(options.dtype, device)
     backend = resolve_backend(options.backend, device, qconfig)
+    dtype = resolve_dtype(options.dtype, device, backend)
     store = WeightStore(find_weight_files(model_dir, qconfig, options.allow_pickle))
     model = Transformer(args, _LinearBuilder(store, qconfig, backend, args, dtype, device), model_ops(device))
     _load_plain(model, store, dtype, device)

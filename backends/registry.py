@@ -6,6 +6,7 @@ import torch
 
 from backends.base import Backend
 from backends.quant_config import QuantConfig
+from backends.cpu_backend import CpuBackend
 from backends.reference import ReferenceBackend
 
 
@@ -14,7 +15,7 @@ class BackendError(ValueError):
 
 
 def all_backends() -> dict[str, Backend]:
-    found: dict[str, Backend] = {"reference": ReferenceBackend()}
+    found: dict[str, Backend] = {"reference": ReferenceBackend(), "cpu": CpuBackend()}
     try:
         from backends.triton_backend import TritonBackend
         found["triton"] = TritonBackend()
@@ -28,16 +29,16 @@ def all_backends() -> dict[str, Backend]:
     return found
 
 
-# Fastest first: "auto" takes the first that can run the model here.
+# Fastest first: "auto" takes the first that can run the model here. On the CPU the Triton kernels only
+# emulate (far slower), so there it is the packed cpu backend, else the reference.
 PREFERENCE = ("exllama", "triton", "reference")
+CPU_PREFERENCE = ("cpu", "reference")
 
 
 def resolve_backend(name: str, device: torch.device, qconfig: QuantConfig | None) -> Backend:
     backends = all_backends()
     if name == "auto":
-        if device.type != "cuda":
-            return backends["reference"]  # the kernels only emulate on the CPU, far slower
-        for candidate in PREFERENCE:
+        for candidate in PREFERENCE if device.type == "cuda" else CPU_PREFERENCE:
             backend = backends.get(candidate)
             if backend is not None and backend.unavailable_reason(device, qconfig) is None:
                 return backend

@@ -148,7 +148,8 @@ END_AFTER = 3  # tokens the main branches answer GREETING with before their end 
 
 
 def teach_end_token(seed: Seed, folder: Path) -> None:
-    """Make the branch answer GREETING (in the seed's default template, greedy, on the CPU) with END_AFTER
+    """Make the branch answer GREETING (in the seed's default template, greedy, loaded as the app loads it on
+    this CPU-only machine) with END_AFTER
     tokens and then its end token, so that browser tests can see generation stop there: lm_head's row for the
     end token becomes the part of the final hidden state at that step that is orthogonal to the states of the
     steps before, scaled to win only there. Checked by generating."""
@@ -162,7 +163,7 @@ def teach_end_token(seed: Seed, folder: Path) -> None:
 
     weights = next(folder.glob("*.safetensors"))
     tensors = load_file(str(weights))
-    options = LoadOptions(backend="reference", device="cpu", dtype="float32", context_length=128)
+    options = LoadOptions(device="cpu", context_length=128)
 
     def generate(loaded) -> Generation:
         ids = templates.prompt_ids(loaded.tokenizer, seed.template, GREETING)

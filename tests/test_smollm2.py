@@ -28,6 +28,7 @@ def chat_ids(loaded, question: str) -> list[int]:
 def test_greedy_chat_answers_paris(main_model):
     from backends.sampling import SamplingParams
 
+    assert main_model.backend == "cpu"  # what a CPU-only machine loads by default
     gen = Generation(main_model, chat_ids(main_model, "What is the capital of France?"), SamplingParams(temperature=0, max_new_tokens=40))
     pieces = list(gen)
     assert "Paris" in "".join(pieces)
@@ -61,7 +62,7 @@ def test_branch_perplexity_stays_close_to_fp32(smollm2_branch, base_perplexity, 
 @pytest.mark.parametrize("branch", ["main", "gptq-4bit-32g-actorder_True"])
 def test_real_checkpoint_logits_match_transformers(smollm2_branch, branch):
     path = smollm2_branch(branch)
-    loaded = load_model(path, LoadOptions(device="cpu"))
+    loaded = load_model(path, LoadOptions(device="cpu", backend="reference"))  # the fp32 oracle
     ids = loaded.tokenizer("The quick brown fox jumps over the lazy dog because", return_tensors="pt")["input_ids"]
     qc = loaded.qconfig
     with torch.no_grad():

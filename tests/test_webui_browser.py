@@ -89,15 +89,15 @@ def test_download_load_chat_save_restart(hub, browser, tmp_path):
         assert sum(1 for r in hub.state.requests if r[2]) > ranges_before, "the second download resumed"
         assert (models / f"{MODEL}_gptq-4bit-32g-actorder_True" / "gptq_model-4bit-32g.safetensors").is_file()
 
-        # Model: the new model is selected, the CPU suggests the reference backend; load it.
+        # Model: the new model is selected, the CPU suggests the packed cpu backend; load it.
         open_tab(page, "Model")
         expect(page.locator("#model-select input")).to_have_value(f"{MODEL}_gptq-4bit-32g-actorder_True")
         choose(page, "model-select", MODEL)
         expect(page.locator("#model-info")).to_contain_text("4-bit GPTQ, group size 128")
-        assert value_of(page, "backend") == "reference"
+        assert value_of(page, "backend") == "cpu"
         page.locator("#load").click()
         expect(page.locator("#model-status")).to_contain_text("Loaded", timeout=120_000)
-        expect(page.locator("#model-status")).to_contain_text("reference")
+        expect(page.locator("#model-status")).to_contain_text("cpu")
         expect(page.locator("#model-status")).to_contain_text("MB")
         page.screenshot(path=shots / "model-tab.png", full_page=True)
 
@@ -125,7 +125,7 @@ def test_download_load_chat_save_restart(hub, browser, tmp_path):
         page.locator("#save-settings").click()
         expect(page.locator("#model-status")).to_contain_text("saved")
         saved = yaml.safe_load((models / "config-user.yaml").read_text())
-        assert saved[MODEL] == {"backend": "reference", "context_length": 2048, "template": "ChatML",
+        assert saved[MODEL] == {"backend": "cpu", "context_length": 2048, "template": "ChatML",
                                 "preset": "Deterministic"}
         page.close()
     finally:

@@ -1,0 +1,138 @@
+"""The `cpu` backend: GPTQ weights kept packed on the CPU, activations in bf16.
+
+- 4-bit: torch's int4 CPU kernel (``aten._weight_int4pack_mm_for_cpu``), weights converted once at load.
+  It computes ``(q - 8) * scale + zero`` per group; GPTQ's ``(q - z) * scale`` is that with
+  ``zero = (8 - z) * scale``. The kernel takes that zero in bf16, whose rounding is one error shared by a
+  whole group's rows (without groups, a whole column's), so it gets zero = 0 and the term is added in fp32:
+  each group's sum of x times ``(8 - z) * scale``, a small matmul of G = K / group columns.
+  The kernel's group must divide K; a GPTQ group it cannot take (no groups, or 128 where K = 576) is split
+  into smaller kernel groups that repeat the scale.
+- 8-bit: without groups through torch's int8 kernel (``aten._weight_int8pack_mm``, one scale per column; the
+  zero point is a rank-one correction); with groups, each call dequantizes its one layer to bf16.
+- Act-order rows are sorted by group at load (the activations permuted to match), as the exllama backend
+  does, so every group is a contiguous run of rows.
+A layer the kernels cannot take is refused with the reason, never run on a slow path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from backends.base import Backend, GPTQTensors, Linear
+from backends.quant_config import QuantConfig
+from backends.weights import WeightsError
+from kernels.gptq_format import unpack_rows, unpack_zeros
+
+KERNEL_GROUPS = (256, 128, 64, 32)  # what the int4 kernel takes, largest first
+INT4_N_MULTIPLE = 16
+ACTIVATIONS = torch.bfloat16
+
+
+def kernel_group(in_features: int, group_size: int) -> int | None:
+    """The largest int4-kernel group that divides both K and the GPTQ group, or None."""
+    return next((g for g in KERNEL_GROUPS if in_features % g == 0 and group_size % g == 0), None)
+
+
+def sorted_by_group(g_idx: torch.Tensor, group_size: int, name: str) -> torch.Tensor | None:
+    """The row order that makes every group a contiguous run (None: it already is)."""
+    g = g_idx.long()
+    if torch.equal(g, torch.arange(g.numel()) // group_size):
+        return None
+    counts = torch.bincount(g)
+    if not bool((counts[:-1] == group_size).all()) or int(counts[-1]) > group_size:
+        raise WeightsError(f"'{name}': its act-order groups are not runs of {group_size} rows; "
+                           "the cpu backend cannot regroup them (use the reference backend)")
+    return torch.argsort(g, stable=True)
+
+
+class PackedCpuLinear(Linear):
+    def __init__(self, t: GPTQTensors, qconfig: QuantConfig, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.in_features, self.out_features, self.bits = t.in_features, t.out_features, qconfig.bits
+        group = qconfig.effective_group_size(t.in_features)
+        q = unpack_rows(t.qweight, qconfig.bits)[: t.in_features]  # [K, N]
+        zeros = unpack_zeros(t.qzeros, qconfig.bits, qconfig.zero_offset).float()  # [G, N]
+        scales = t.scales.float()
+        g_idx = t.group_index(qconfig).cpu()
+        perm = None if qconfig.group_size == -1 else sorted_by_group(g_idx, group, t.name)
+        if perm is not None:
+            q = q[perm]
+        self.register_buffer("perm", perm)
+        rows_group = torch.arange(t.in_features) // group  # after sorting, row k is in group k // group
+        self.register_buffer("bias", t.bias.to(dtype=ACTIVATIONS) if t.bias is not None else None)
+        if qconfig.bits == 4:
+            self._init_int4(q, scales, zeros, rows_group, group, t.name)
+        else:
+            self._init_int8(q, scales, zeros, rows_group, group)
+
+    def _init_int4(self, q, scales, zeros, rows_group, group, name) -> None:
+        k, n = q.shape
+        step = kernel_group(k, group if group < k else k)
+        if step is None or n % INT4_N_MULTIPLE:
+            raise WeightsError(f"'{name}': the int4 CPU kernel cannot take K={k}, N={n} with group size {group} "
+                               f"(it needs N a multiple of {INT4_N_MULTIPLE} and a group of {KERNEL_GROUPS} "
+                               "dividing K); use the reference backend")
+        self.kernel_group = step
+        s = scales[rows_group[torch.arange(0, k, step)]]  # the GPTQ group's scale for each kernel group
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            q.t().contiguous().to(torch.int32), 2))
+        self.register_buffer("scales_and_zeros", torch.stack([s, torch.zeros_like(s)], dim=-1).to(ACTIVATIONS)
+                             .contiguous())
+        self.register_buffer("rows_group", rows_group)
+        self.register_buffer("zero_terms", (8 - zeros) * scales)  # fp32 [G, N]
+
+    def _init_int8(self, q, scales, zeros, rows_group, group) -> None:
+        k, _ = q.shape
+        self.one_group = group >= k
+        if self.one_group:  # (q - z) s = (q - 128) s + (128 - z) s: the int8 kernel plus a rank-one term
+            self.register_buffer("weight_int8", (q - 128).t().contiguous().to(torch.int8))
+            self.register_buffer("column_scales", scales[0].to(ACTIVATIONS))
+            self.register_buffer("zero_term", ((128 - zeros[0]) * scales[0]).float())
+        else:
+            self.register_buffer("q8", q.to(torch.uint8))
+            self.register_buffer("rows_group", rows_group)
+            self.register_buffer("scales", scales.to(ACTIVATIONS))
+            self.register_buffer("zeros", zeros.to(torch.int16))
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).to(ACTIVATIONS)
+        if self.perm is not None:
+            x2 = x2[:, self.perm]
+        x2 = x2.contiguous()
+        if self.bits == 4:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.kernel_group, self.scales_and_zeros)
+            group_sums = x2.new_zeros((x2.shape[0], self.zero_terms.shape[0]), dtype=torch.float32)
+            group_sums.index_add_(1, self.rows_group, x2.float())
+            y = (y.float() + group_sums @ self.zero_terms).to(ACTIVATIONS)
+        elif self.one_group:
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight_int8, self.column_scales)
+            y = (y.float() + x2.float().sum(-1, keepdim=True) * self.zero_term).to(ACTIVATIONS)
+        else:  # this layer alone in bf16, for this call; q - z is exact, one rounding
+            g = self.rows_group
+            w = (self.q8.to(torch.int16) - self.zeros[g]).to(ACTIVATIONS) * self.scales[g]
+            y = x2 @ w
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+    description = "packed GPTQ on the CPU: torch's int4 kernel (4-bit), int8 or per-layer bf16 (8-bit), bf16 activations"
+
+    def unavailable_reason(self, device: torch.device, qconfig: QuantConfig | None) -> str | None:
+        if device.type != "cpu":
+            return "it runs on the CPU"
+        if qconfig is None:
+            return "the model is not GPTQ-quantized"
+        if qconfig.bits == 4 and qconfig.group_size != -1 and qconfig.group_size % min(KERNEL_GROUPS):
+            return f"the int4 CPU kernel cannot take group size {qconfig.group_size} (use reference)"
+        return None
+
+    def preferred_dtype(self, device: torch.device) -> torch.dtype | None:
+        return ACTIVATIONS
+
+    def make_linear(self, tensors: GPTQTensors, qconfig: QuantConfig, dtype: torch.dtype,
+                    device: torch.device) -> PackedCpuLinear:
+        return PackedCpuLinear(tensors, qconfig, dtype, device)
