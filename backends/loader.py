@@ -11,6 +11,7 @@ from backends import tensor_names as names
 from backends.base import Backend, DenseLinear, GPTQTensors, Linear
 from backends.cuda_graph import GraphedDecoder
 from backends.fair_lock import FairLock
+from backends.memory import release_freed_memory
 from backends.model import TorchOps, Transformer
 from backends.model_config import ModelArgs, load_model_args
 from backends.quant_config import QuantConfig, load_quant_config
@@ -130,7 +131,10 @@ class _LinearBuilder:
             raise WeightsError(f"{exc}{hint}") from exc
         if tensors.g_idx is not None and int(tensors.g_idx.max()) >= groups:
             raise WeightsError(f"tensor '{name}.g_idx' names group {int(tensors.g_idx.max())} of {groups}{hint}")
-        return self.backend.make_linear(tensors, q, self.dtype, self.device)
+        linear = self.backend.make_linear(tensors, q, self.dtype, self.device)
+        if self.device.type == "cpu":
+            release_freed_memory()  # the layer's transient buffers, before the next layer makes its own
+        return linear
 
 
 def _load_plain(model: Transformer, store: WeightStore, dtype, device) -> None:
@@ -167,6 +171,8 @@ def build_model(model_dir: Path, options: LoadOptions) -> tuple[Transformer, Mod
     _load_plain(model, store, dtype, device)
     model.fuse_projections()
     model.decode_chain = backend.decode_chain(model)
+    if device.type == "cpu":
+        release_freed_memory()
     model.rotary.to(device)
     model.eval()
     return model, args, qconfig, backend.name, device, dtype
