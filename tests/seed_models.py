@@ -206,13 +206,13 @@ def seed_hub() -> Path:
 
 
 def backends_for(branch: Branch) -> list[str]:
-    """The backends that run this branch on a CUDA GPU (reference runs every branch, on the CPU too)."""
+    """The backends that run this branch on a CUDA GPU or on the CPU."""
     from backends.quant_config import QuantConfig
     from backends.registry import all_backends
 
     qconfig = QuantConfig(bits=branch.bits, group_size=branch.group_size, desc_act=branch.desc_act, sym=True)
     return [name for name, backend in all_backends().items()
-            if backend.unavailable_reason(torch.device("cuda"), qconfig) is None]
+            if any(backend.unavailable_reason(torch.device(d), qconfig) is None for d in ("cuda", "cpu"))]
 
 
 def readme_table() -> str:
