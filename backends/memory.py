@@ -1,10 +1,18 @@
-"""Handing freed memory back to the operating system during a CPU load."""
+"""Memory: what a model will need before it is loaded, and freed memory handed back during a CPU load."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import functools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from backends.model_config import ModelArgs
+from backends.quant_config import QuantConfig
 
 
 @functools.cache
@@ -25,3 +33,76 @@ def release_freed_memory() -> None:
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    """What a model takes once loaded with a backend: its weights as that backend keeps them, and the KV cache."""
+
+    weights: int
+    kv_cache: int
+    device: torch.device
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache
+
+    @property
+    def kind(self) -> str:
+        return "GPU memory" if self.device.type == "cuda" else "RAM"
+
+    def describe(self) -> str:
+        return (f"about {gigabytes(self.total)} of {self.kind} ({gigabytes(self.weights)} weights + "
+                f"{gigabytes(self.kv_cache)} KV cache)")
+
+
+def gigabytes(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.0f} MB"
+
+
+def stored_tensors(files: tuple[Path, ...]) -> dict[str, tuple[tuple[int, ...], int]]:
+    """Each tensor's shape and element size, from the safetensors headers (no tensor is read)."""
+    from safetensors import safe_open
+
+    sizes = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+    found = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                piece = f.get_slice(name)
+                found[name] = (tuple(piece.get_shape()), sizes.get(piece.get_dtype(), 4))
+    return found
+
+
+def memory_need(files: tuple[Path, ...], args: ModelArgs, qconfig: QuantConfig | None, backend: str,
+                dtype: torch.dtype, device: torch.device, context: int) -> MemoryNeed:
+    """``backend`` "reference" dequantizes every GPTQ layer to ``dtype``; the others keep the packed words, and
+    scales and zero points at up to 8 bytes per group and column (the cpu backend's bf16 pair and fp32 zero
+    term). Dense tensors are held in ``dtype``."""
+    element = torch.empty((), dtype=dtype).element_size()
+    weights = 0
+    for name, (shape, size) in stored_tensors(files).items():
+        count = math.prod(shape)
+        if name.endswith(".qweight") and qconfig is not None:
+            weights += count * 32 // qconfig.bits * element if backend == "reference" else count * size
+        elif name.endswith(".scales"):  # the cpu backend: a bf16 scale and zero, an fp32 zero term
+            weights += 0 if backend == "reference" else count * (8 if backend == "cpu" else size)
+        elif name.endswith((".qzeros", ".g_idx")):
+            weights += 0 if backend == "reference" else count * size
+        else:
+            weights += count * element
+    kv = 2 * args.n_layers * context * args.n_kv_heads * args.head_dim * element
+    return MemoryNeed(weights, kv, device)
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Memory free for a model now: the GPU's free memory, or the system's MemAvailable (Linux)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

@@ -138,3 +138,37 @@ def test_memory_follows_the_checkpoint(tmp_path):
     dense_fp32 = 4 * 24 * (4 * 512 * 512 + 3 * 512 * 1408)
     assert measured["live"] <= measured["resident"] <= 1.25 * checkpoint + measured["kv"], (measured, checkpoint)
     assert measured["peak"] < dense_fp32 / 2, (measured, dense_fp32)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_memory_need_is_told_before_loading(tmp_path, backend):
+    """The Model tab's figure (backends.memory.memory_need) against what the load then holds."""
+    from backends.memory import memory_need
+    from backends.model_config import load_model_args
+    from backends.quant_config import load_quant_config
+    from backends.weights import find_weight_files
+
+    config = tiny_config(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=3, head_dim=32)
+    path = write_random_checkpoint(tmp_path / "m", config, bits=4, group_size=64, act_order=True, shared_g_idx=True)
+    model, args, qconfig, name, device, dtype = build_model(path, LoadOptions(device="cpu", backend=backend))
+    model.setup_cache(batch=1, max_seq_len=100)
+    held = sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in [*model.parameters(),
+                                                                                 *model.buffers()]}.values())
+    files = find_weight_files(path, load_quant_config(path), False).files
+    need = memory_need(files, load_model_args(path), qconfig, name, dtype, device, 100)
+    assert 0.85 * held <= need.total <= 1.15 * held, (need, held)
+
+
+def test_a_load_that_would_not_fit_is_refused(tmp_path, monkeypatch):
+    from webui import state as state_module
+    from webui.settings import ModelSettings
+    from webui.state import AppState
+
+    models = tmp_path / "models"
+    write_random_checkpoint(models / "tiny", tiny_config(), bits=4, group_size=32, act_order=False)
+    app = AppState(models_dir=models, presets_dir=tmp_path)
+    need = app.memory_need("tiny", ModelSettings(backend="cpu", context_length=64))
+    monkeypatch.setattr(state_module, "available_bytes", lambda device: need.total // 2)
+    with pytest.raises(MemoryError, match=r"would need about .* of RAM .* is free"):
+        app.load("tiny", ModelSettings(backend="cpu", context_length=64))
+    assert app.loaded is None

@@ -53,6 +53,7 @@ def test_local_models_and_broken_folder(ui):
     info, backend, context, template, preset = ui.select_model("SmolLM2-GPTQ")
     assert "4-bit GPTQ, group size 128" in info and "model.safetensors" in info
     assert backend["value"] == "cpu"  # on a CPU-only machine, GPTQ weights stay packed
+    assert "With the cpu backend at" in info and "it needs about" in info and "of RAM" in info
 
 
 def test_load_chat_continue_regenerate(ui):

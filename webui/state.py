@@ -12,10 +12,11 @@ from pathlib import Path
 import torch
 
 from backends.generation import Generation
-from backends.loader import DEFAULT_CONTEXT, LoadedModel, LoadOptions, load_model, resolve_device
+from backends.loader import DEFAULT_CONTEXT, LoadedModel, LoadOptions, load_model, resolve_device, resolve_dtype
+from backends.memory import MemoryNeed, available_bytes, gigabytes, memory_need
 from backends.model_config import load_model_args
 from backends.quant_config import QuantConfig, load_quant_config
-from backends.registry import all_backends, suggested_backend
+from backends.registry import all_backends, resolve_backend, suggested_backend
 from backends.sampling import SamplingParams
 from backends.weights import find_weight_files
 from webui import templates
@@ -118,6 +119,29 @@ class AppState:
             return ModelSettings()
         return ModelSettings(backend=backend, context_length=context)
 
+    def memory_need(self, name: str, settings: ModelSettings, allow_pickle: bool = False) -> MemoryNeed | None:
+        """What loading ``name`` with ``settings`` will take on this machine, or None where it cannot be told
+        before loading (pickled weights)."""
+        path = self.model_path(name)
+        qconfig = load_quant_config(path)
+        files = find_weight_files(path, qconfig, allow_pickle=True)
+        if files.pickled:
+            return None
+        args = load_model_args(path)
+        device = resolve_device("auto")
+        backend = resolve_backend(settings.backend or "auto", device, qconfig)
+        context = settings.context_length or min(args.max_position_embeddings, DEFAULT_CONTEXT)
+        return memory_need(files.files, args, qconfig, backend.name, resolve_dtype("auto", device, backend), device,
+                           context)
+
+    def check_fits(self, name: str, settings: ModelSettings) -> None:
+        """Refuses a load that would not fit in free memory, with the figures, before it swaps the machine."""
+        need = self.memory_need(name, settings)
+        free = available_bytes(need.device) if need is not None else None
+        if need is not None and free is not None and need.total > free:
+            raise MemoryError(f"{name} would need {need.describe()}, and {gigabytes(free)} is free: choose a "
+                              "shorter context, another backend or a smaller model")
+
     def backends(self) -> list[str]:
         return ["auto", *all_backends()]
 
@@ -126,6 +150,7 @@ class AppState:
         with self._load_lock:
             self.unload()
             started = time.perf_counter()
+            self.check_fits(name, settings)
             options = LoadOptions(backend=settings.backend or "auto", context_length=settings.context_length,
                                   allow_pickle=allow_pickle or self.allow_pickle)
             try:

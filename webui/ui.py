@@ -21,6 +21,7 @@ from webui.chat import chat_turn, clean_history, notebook_turn, prompt_tokens
 from webui.download import DownloadCancelled, DownloadError, DownloadProgress, DownloadRequest, Hub, format_bytes, download
 from webui.repo_spec import RepoSpecError, parse_repo_spec
 from webui.settings import ModelSettings
+from backends.memory import available_bytes, gigabytes
 from webui.state import AppState, ModelNotLoaded
 from webui.templates import TemplateError
 
@@ -183,13 +184,25 @@ class WorkbenchUI:
             return error_text(exc), *([gr.update()] * 4)
         note = " Saved settings found and filled in." if saved is not None else ""
         return (
-            info + note,
+            info + note + self.memory_note(name, settings),
             gr.update(value=settings.backend),
             gr.update(value=settings.context_length),
             gr.update(value=settings.template or templates.AUTO),
             # no saved preset: keep the one in use
             gr.update(value=settings.preset) if settings.preset in self.preset_choices() else gr.update(),
         )
+
+    def memory_note(self, name: str, settings: ModelSettings) -> str:
+        try:
+            need = self.state.memory_need(name, settings)
+        except (ValueError, OSError):
+            return ""
+        if need is None:
+            return ""
+        free = available_bytes(need.device)
+        fits = "" if free is None else f" ({gigabytes(free)} free{'' if need.total <= free else ': it will not fit'})"
+        context = f"{settings.context_length} tokens" if settings.context_length else "its default context"
+        return f"\n\nWith the {settings.backend or 'auto'} backend at {context} it needs {need.describe()}{fits}."
 
     def load(self, name, backend, context, template, preset, allow_pickle):
         outputs = 4 + 2 + len(SAMPLING)
