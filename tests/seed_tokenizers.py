@@ -40,17 +40,19 @@ def _cached(name: str, build) -> Path:
     return target
 
 
-def llama_tokenizer_model() -> Path:
+def llama_vocab_gguf() -> Path:
+    """llama.cpp's Llama vocabulary file (a GGUF with no weights)."""
     def build() -> bytes:
         with tempfile.TemporaryDirectory() as tmp:
             sdist = _download(LLAMA_CPP_SDIST[0], Path(tmp), sdist=True)
             with tarfile.open(sdist) as tar:
-                gguf_bytes = tar.extractfile(LLAMA_CPP_SDIST[1]).read()
-            gguf_file = Path(tmp) / "vocab.gguf"
-            gguf_file.write_bytes(gguf_bytes)
-            return gguf_vocab_to_sentencepiece(gguf_file)
+                return tar.extractfile(LLAMA_CPP_SDIST[1]).read()
 
-    return _cached("llama-2.tokenizer.model", build)
+    return _cached("ggml-vocab-llama-spm.gguf", build)
+
+
+def llama_tokenizer_model() -> Path:
+    return _cached("llama-2.tokenizer.model", lambda: gguf_vocab_to_sentencepiece(llama_vocab_gguf()))
 
 
 def mistral_tokenizer_model() -> Path:

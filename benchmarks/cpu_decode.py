@@ -1,0 +1,191 @@
+"""The cpu backend next to llama.cpp on this machine: a Llama-2-shaped model, 4-bit, random weights.
+
+    pip install -r requirements-bench.txt   # llama-cpp-python 0.3.36, built from its sdist for this CPU
+    python -m benchmarks.cpu_decode [--size 7B] [--new-tokens 32]
+
+Ours: random 4-bit g128 GPTQ checkpoints (without and with act-order), loaded as the app loads them on a
+CPU-only machine (backend "cpu") and run by backends.generation.Generation. llama.cpp: a random Q4_0 GGUF of
+the same shape with Llama-2's vocabulary, through llama-cpp-python. Each row is measured in its own process:
+load time, resident memory after load (over the process before it), time to the first token of a fresh
+512-token prompt, and greedy decode tokens/s after it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.llama2 import SIZES, VOCAB, config, write_plain_tokenizer
+from tests.gptq_testing import write_random_checkpoint
+
+PROMPT = 512
+CONTEXT = 1024
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def write_q4_0_gguf(path: Path, size: str, vocab_gguf: Path, seed: int = 0) -> Path:
+    """A Llama GGUF of ``size`` with random Q4_0 weights (fp16 block scales of 0.002) and Llama-2's vocabulary."""
+    import gguf
+
+    shape = config(size)
+    h, f, layers, heads = (shape[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                              "num_attention_heads"))
+    vocab = gguf.GGUFReader(str(vocab_gguf))
+
+    def field(name: str) -> list:
+        entry = vocab.fields[name]
+        return [entry.parts[i] for i in entry.data]
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(CONTEXT)
+    writer.add_embedding_length(h)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(f)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(heads)
+    writer.add_rope_dimension_count(h // heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([bytes(t).decode("utf-8") for t in field("tokenizer.ggml.tokens")])
+    writer.add_token_scores([float(s[0]) for s in field("tokenizer.ggml.scores")])
+    writer.add_token_types([int(t[0]) for t in field("tokenizer.ggml.token_type")])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    rng = np.random.default_rng(seed)
+    scale = np.frombuffer(np.float16(0.002).tobytes(), dtype=np.uint8)
+    tensors: list[tuple[str, tuple[int, int] | int]] = [("token_embd.weight", (VOCAB, h))]
+    for i in range(layers):
+        b = f"blk.{i}"
+        tensors += [(f"{b}.attn_norm.weight", h), (f"{b}.attn_q.weight", (h, h)), (f"{b}.attn_k.weight", (h, h)),
+                    (f"{b}.attn_v.weight", (h, h)), (f"{b}.attn_output.weight", (h, h)),
+                    (f"{b}.ffn_norm.weight", h), (f"{b}.ffn_gate.weight", (f, h)), (f"{b}.ffn_up.weight", (f, h)),
+                    (f"{b}.ffn_down.weight", (h, f))]
+    tensors += [("output_norm.weight", h), ("output.weight", (VOCAB, h))]
+
+    def data(shape) -> np.ndarray:
+        if isinstance(shape, int):
+            return np.ones(shape, dtype=np.float32)
+        rows, cols = shape
+        blocks = rng.integers(0, 256, (rows, cols // 32, 18), dtype=np.uint8)
+        blocks[:, :, :2] = scale
+        return blocks.reshape(rows, cols // 32 * 18)
+
+    for name, shape in tensors:
+        dims = (shape,) if isinstance(shape, int) else (shape[0], shape[1] // 32 * 18)
+        dtype = np.float32 if isinstance(shape, int) else np.uint8
+        nbytes = int(np.prod(dims)) * np.dtype(dtype).itemsize
+        writer.add_tensor_info(name, dims, np.dtype(dtype), nbytes,
+                               raw_dtype=None if isinstance(shape, int) else gguf.GGMLQuantizationType.Q4_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for _, shape in tensors:
+        writer.write_tensor_data(data(shape))
+    writer.close()
+    return path
+
+
+def run_ours(path: str, new_tokens: int) -> dict:
+    from backends.loader import LoadOptions, load_model
+    from benchmarks.decode import generate
+
+    before = rss()
+    started = time.perf_counter()
+    loaded = load_model(path, LoadOptions(device="cpu", backend="cpu", context_length=CONTEXT))
+    load_s = time.perf_counter() - started
+    resident = rss() - before
+    prompt = np.random.default_rng(1).integers(3, VOCAB, PROMPT).tolist()
+    ttft = generate(loaded, prompt, 1, fresh=True).prefill_seconds
+    decode = generate(loaded, prompt, new_tokens + 1).tokens_per_second
+    return {"load_s": load_s, "resident": resident, "ttft_s": ttft, "decode_tok_s": decode}
+
+
+def run_llama_cpp(path: str, new_tokens: int) -> dict:
+    from llama_cpp import Llama
+
+    before = rss()
+    started = time.perf_counter()
+    llm = Llama(model_path=path, n_ctx=CONTEXT, n_batch=PROMPT, n_threads=os.cpu_count(), verbose=False)
+    load_s = time.perf_counter() - started
+    resident = rss() - before
+    prompt = np.random.default_rng(1).integers(3, VOCAB, PROMPT).tolist()
+    started = time.perf_counter()
+    llm.eval(prompt)
+    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    ttft = time.perf_counter() - started
+    started = time.perf_counter()
+    for _ in range(new_tokens):
+        llm.eval([token])
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    return {"load_s": load_s, "resident": resident, "ttft_s": ttft,
+            "decode_tok_s": new_tokens / (time.perf_counter() - started)}
+
+
+def measure(kind: str, path: Path, new_tokens: int) -> dict:
+    """One row, in a process of its own (resident memory and page cache as a fresh start sees them)."""
+    out = subprocess.run([sys.executable, "-m", "benchmarks.cpu_decode", "--one", kind, str(path),
+                          "--new-tokens", str(new_tokens)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size", default="7B", choices=list(SIZES))
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--one", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
+    opts = parser.parse_args()
+    if opts.one:
+        kind, path = opts.one
+        row = run_ours(path, opts.new_tokens) if kind == "ours" else run_llama_cpp(path, opts.new_tokens)
+        print(json.dumps(row))
+        return
+    from tests.seed_tokenizers import llama_vocab_gguf
+
+    print(f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}; Llama-2-{opts.size} shapes, random weights", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
+        for act_order in (False, True):
+            folder = Path(tmp) / f"gptq-{act_order}"
+            started = time.time()
+            write_random_checkpoint(folder, config(opts.size), bits=4, group_size=128, act_order=act_order,
+                                    sym=True, shared_g_idx=True, device="cpu")
+            write_plain_tokenizer(folder, VOCAB)
+            size = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+            print(f"  wrote the GPTQ checkpoint (act-order {act_order}) in {time.time() - started:.0f} s", flush=True)
+            rows.append({"engine": f"cpu backend, 4-bit g128{' act-order' if act_order else ''}", "file": size,
+                         **measure("ours", folder, opts.new_tokens)})
+            print(f"  {rows[-1]}", flush=True)
+            os.sync()
+            for p in folder.iterdir():
+                p.unlink()
+        gguf_path = write_q4_0_gguf(Path(tmp) / "model-q4_0.gguf", opts.size, llama_vocab_gguf())
+        rows.append({"engine": "llama.cpp Q4_0", "file": gguf_path.stat().st_size,
+                     **measure("llama.cpp", gguf_path, opts.new_tokens)})
+        print(f"  {rows[-1]}", flush=True)
+    print(f"\n| engine | file GB | load s | resident GB | TTFT {PROMPT} tok (s) | decode tok/s |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['engine']} | {r['file'] / 1e9:.2f} | {r['load_s']:.1f} | {r['resident'] / 1e9:.2f} | "
+              f"{r['ttft_s']:.2f} | {r['decode_tok_s']:.2f} |")
+    llama = rows[-1]
+    for r in rows[:-1]:
+        print(f"{r['engine']}: decode {r['decode_tok_s'] / llama['decode_tok_s']:.2f}x llama.cpp, "
+              f"prefill {r['ttft_s'] / llama['ttft_s']:.2f}x its time")
+
+
+if __name__ == "__main__":
+    main()
