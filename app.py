@@ -1,6 +1,6 @@
 """GPTQ Workbench: the Gradio app.
 
-    python app.py [--model NAME] [--backend auto|reference|triton|exllama] [--listen] [--port 7860]
+    python app.py [--model NAME] [--backend auto|cpu|reference|triton|exllama] [--listen] [--port 7860]
 """
 
 from __future__ import annotations

@@ -125,12 +125,12 @@ def run_llama_cpp(path: str, new_tokens: int) -> dict:
     prompt = np.random.default_rng(1).integers(3, VOCAB, PROMPT).tolist()
     started = time.perf_counter()
     llm.eval(prompt)
-    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    token = int(np.argmax(llm.eval_logits[-1]))
     ttft = time.perf_counter() - started
     started = time.perf_counter()
     for _ in range(new_tokens):
         llm.eval([token])
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        token = int(np.argmax(llm.eval_logits[-1]))
     return {"load_s": load_s, "resident": resident, "ttft_s": ttft,
             "decode_tok_s": new_tokens / (time.perf_counter() - started)}
 
