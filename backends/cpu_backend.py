@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from backends.base import Backend, GPTQTensors, Linear
+from backends.base import Backend, GPTQTensors, Linear, concat_bias, same_tensor
 from backends.quant_config import QuantConfig
 from backends.weights import WeightsError
 from kernels.gptq_format import unpack_rows, unpack_zeros
@@ -79,7 +79,8 @@ class PackedCpuLinear(Linear):
         self.register_buffer("scales_and_zeros", torch.stack([s, torch.zeros_like(s)], dim=-1).to(ACTIVATIONS)
                              .contiguous())
         self.register_buffer("rows_group", rows_group)
-        self.register_buffer("zero_terms", (8 - zeros) * scales)  # fp32 [G, N]
+        zero_terms = (8 - zeros) * scales  # fp32 [G, N]; none in a symmetric checkpoint (z = 8)
+        self.register_buffer("zero_terms", zero_terms if bool(zero_terms.any()) else None)
 
     def _init_int8(self, q, scales, zeros, rows_group, group) -> None:
         k, _ = q.shape
@@ -102,9 +103,10 @@ class PackedCpuLinear(Linear):
         x2 = x2.contiguous()
         if self.bits == 4:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.kernel_group, self.scales_and_zeros)
-            group_sums = x2.new_zeros((x2.shape[0], self.zero_terms.shape[0]), dtype=torch.float32)
-            group_sums.index_add_(1, self.rows_group, x2.float())
-            y = (y.float() + group_sums @ self.zero_terms).to(ACTIVATIONS)
+            if self.zero_terms is not None:
+                group_sums = x2.new_zeros((x2.shape[0], self.zero_terms.shape[0]), dtype=torch.float32)
+                group_sums.index_add_(1, self.rows_group, x2.float())
+                y = (y.float() + group_sums @ self.zero_terms).to(ACTIVATIONS)
         elif self.one_group:
             y = torch.ops.aten._weight_int8pack_mm(x2, self.weight_int8, self.column_scales)
             y = (y.float() + x2.float().sum(-1, keepdim=True) * self.zero_term).to(ACTIVATIONS)
@@ -115,6 +117,32 @@ class PackedCpuLinear(Linear):
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+
+    @classmethod
+    def fuse(cls, parts: list["PackedCpuLinear"]) -> "PackedCpuLinear | None":
+        """4-bit projections of one input (q/k/v, gate/up) as one kernel call: the packed rows of W^T (N) and
+        the scales stack along N."""
+        first = parts[0]
+        if (any(p.bits != 4 or p.kernel_group != first.kernel_group for p in parts)
+                or not same_tensor([p.perm for p in parts]) or not same_tensor([p.rows_group for p in parts])
+                or len({p.zero_terms is None for p in parts}) > 1):
+            return None
+        bias = concat_bias(parts)
+        if bias is False:
+            return None
+        fused = cls.__new__(cls)
+        Linear.__init__(fused)
+        fused.in_features, fused.out_features = first.in_features, sum(p.out_features for p in parts)
+        fused.bits, fused.kernel_group = 4, first.kernel_group
+        fused.register_buffer("perm", first.perm)
+        fused.register_buffer("rows_group", first.rows_group)
+        fused.register_buffer("bias", bias)
+        fused.register_buffer("packed", torch.cat([p.packed for p in parts]))
+        fused.register_buffer("scales_and_zeros", torch.cat([p.scales_and_zeros for p in parts], dim=1))
+        zero_terms = None if first.zero_terms is None else torch.cat([p.zero_terms for p in parts], dim=1)
+        fused.register_buffer("zero_terms", zero_terms)
+        return fused
 
 
 class CpuBackend(Backend):

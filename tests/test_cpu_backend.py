@@ -172,3 +172,32 @@ def test_a_load_that_would_not_fit_is_refused(tmp_path, monkeypatch):
     with pytest.raises(MemoryError, match=r"would need about .* of RAM .* is free"):
         app.load("tiny", ModelSettings(backend="cpu", context_length=64))
     assert app.loaded is None
+
+
+@pytest.mark.parametrize("sym, act_order", [(True, False), (False, True)])
+def test_fused_projections_equal_the_parts(sym, act_order):
+    """q/k/v (or gate/up) stacked into one int4 kernel call give the parts' outputs exactly."""
+    import numpy as np
+
+    from backends.base import GPTQTensors
+    from backends.cpu_backend import CpuBackend, PackedCpuLinear
+    from tests.gptq_testing import random_gptq_layer
+
+    rng = np.random.default_rng(5)
+    qconfig = QuantConfig(bits=4, group_size=64, desc_act=act_order, sym=sym)
+    shared = random_gptq_layer(256, 64, 4, 64, act_order, sym, rng)["g_idx"]
+    parts = []
+    for i, n in enumerate((128, 64, 64)):
+        t = random_gptq_layer(256, n, 4, 64, act_order, sym, rng)
+        t["g_idx"] = shared
+        parts.append(CpuBackend().make_linear(GPTQTensors(f"p{i}", t["qweight"], t["qzeros"], t["scales"], t["g_idx"],
+                                                          None, 256, n), qconfig, torch.bfloat16, torch.device("cpu")))
+    fused = PackedCpuLinear.fuse(parts)
+    assert fused is not None and fused.out_features == 256
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    with torch.no_grad():
+        together, apart = fused(x).float(), torch.cat([p(x) for p in parts], dim=-1).float()
+    if sym:  # the int4 kernel alone: column by column, the same sums
+        assert torch.equal(together, apart)
+    else:  # plus the zero terms' small matmul, whose blocking may differ with N
+        torch.testing.assert_close(together, apart, rtol=1e-2, atol=1e-2 * float(apart.abs().mean()))
