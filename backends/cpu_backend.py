@@ -21,6 +21,7 @@ import torch
 from backends.base import Backend, GPTQTensors, Linear, concat_bias, same_tensor
 from backends.quant_config import QuantConfig
 from backends.weights import WeightsError
+from kernels.act_order import IrregularGroups, group_order
 from kernels.gptq_format import unpack_rows, unpack_zeros
 
 KERNEL_GROUPS = (256, 128, 64, 32)  # what the int4 kernel takes, largest first
@@ -34,15 +35,10 @@ def kernel_group(in_features: int, group_size: int) -> int | None:
 
 
 def sorted_by_group(g_idx: torch.Tensor, group_size: int, name: str) -> torch.Tensor | None:
-    """The row order that makes every group a contiguous run (None: it already is)."""
-    g = g_idx.long()
-    if torch.equal(g, torch.arange(g.numel()) // group_size):
-        return None
-    counts = torch.bincount(g)
-    if not bool((counts[:-1] == group_size).all()) or int(counts[-1]) > group_size:
-        raise WeightsError(f"'{name}': its act-order groups are not runs of {group_size} rows; "
-                           "the cpu backend cannot regroup them (use the reference backend)")
-    return torch.argsort(g, stable=True)
+    try:
+        return group_order(g_idx, group_size)
+    except IrregularGroups as exc:
+        raise WeightsError(f"'{name}': {exc}; the cpu backend cannot regroup them (use the reference backend)") from exc
 
 
 class PackedCpuLinear(Linear):

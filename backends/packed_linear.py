@@ -16,6 +16,7 @@ from torch import nn
 from backends.base import GPTQTensors, Linear, concat_bias, same_tensor
 from backends.quant_config import QuantConfig
 from kernels import triton_gptq
+from kernels.act_order import IrregularGroups, group_order
 from kernels.gptq_format import pack_rows, unpack_rows
 
 # The kernels' smallest K block: contiguous groups must be a multiple of it.
@@ -31,16 +32,14 @@ def contiguous_layout(
     Returns the new qweight, the input permutation (None when no reordering
     was needed) and the group size the kernel should use (0: use g_idx).
     """
-    in_features = g_idx.numel()
-    g = g_idx.long()
     if group_size % KERNEL_GROUP_MULTIPLE:
         return qweight, None, 0  # the kernel's K blocks cannot tile these groups: read g_idx
-    if torch.equal(g, torch.arange(in_features, device=g.device) // group_size):
+    try:
+        perm = group_order(g_idx, group_size)
+    except IrregularGroups:
+        return qweight, None, 0  # the kernel reads g_idx row by row
+    if perm is None:
         return qweight, None, group_size
-    counts = torch.bincount(g)
-    if not bool((counts[:-1] == group_size).all()):
-        return qweight, None, 0  # irregular groups: the kernel reads g_idx row by row
-    perm = torch.argsort(g, stable=True)
     q = unpack_rows(qweight, bits)[perm]
     return pack_rows(q, bits), perm, group_size
 

@@ -201,7 +201,10 @@ def seed_hub() -> Path:
                 write_branch(seed, branch, tmp / seed.repo / branch.name, seed_number=100 * i + j)
             teach_end_token(seed, tmp / seed.repo / "main")
 
-    key = _code_hash(Path(__file__), ROOT / "tests" / "gptq_testing.py", *sorted(CARDS.glob("*.txt")))
+    # The main branches are taught on the backend the app loads (teach_end_token), whose bf16 numerics decide
+    # the greedy answer: a change to the backends or kernels rebuilds them.
+    code = sorted([*(ROOT / "backends").glob("*.py"), *(ROOT / "kernels").rglob("*.py")])
+    key = _code_hash(Path(__file__), ROOT / "tests" / "gptq_testing.py", *sorted(CARDS.glob("*.txt")), *code)
     return _atomic_build(cache_root() / f"seed-hub-{key}", build)
 
 
