@@ -65,6 +65,11 @@ class LoadedModel:
         return total
 
 
+def default_context(args: ModelArgs) -> int:
+    """The context a model is loaded with unless asked: its own, up to DEFAULT_CONTEXT."""
+    return min(args.max_position_embeddings, DEFAULT_CONTEXT)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -183,7 +188,7 @@ def load_model(model_dir: str | Path, options: LoadOptions = LoadOptions()) -> L
     if not model_dir.is_dir():
         raise WeightsError(f"model folder {model_dir} does not exist")
     model, args, qconfig, backend, device, dtype = build_model(model_dir, options)
-    context = options.context_length or min(args.max_position_embeddings, DEFAULT_CONTEXT)
+    context = options.context_length or default_context(args)
     model.setup_cache(batch=1, max_seq_len=context)
     return LoadedModel(
         path=model_dir,

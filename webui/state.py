@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from backends.generation import Generation
-from backends.loader import DEFAULT_CONTEXT, LoadedModel, LoadOptions, load_model, resolve_device, resolve_dtype
+from backends.loader import (LoadedModel, LoadOptions, default_context, load_model, resolve_device,
+                             resolve_dtype)
 from backends.memory import MemoryNeed, available_bytes, gigabytes, memory_need
 from backends.model_config import load_model_args
 from backends.quant_config import QuantConfig, load_quant_config
@@ -114,12 +115,12 @@ class AppState:
         try:
             qconfig = load_quant_config(path)
             backend = suggested_backend(resolve_device("auto"), qconfig)
-            context = min(load_model_args(path).max_position_embeddings, DEFAULT_CONTEXT)
+            context = default_context(load_model_args(path))
         except (ValueError, OSError):
             return ModelSettings()
         return ModelSettings(backend=backend, context_length=context)
 
-    def memory_need(self, name: str, settings: ModelSettings, allow_pickle: bool = False) -> MemoryNeed | None:
+    def memory_need(self, name: str, settings: ModelSettings) -> MemoryNeed | None:
         """What loading ``name`` with ``settings`` will take on this machine, or None where it cannot be told
         before loading (pickled weights)."""
         path = self.model_path(name)
@@ -130,14 +131,18 @@ class AppState:
         args = load_model_args(path)
         device = resolve_device("auto")
         backend = resolve_backend(settings.backend or "auto", device, qconfig)
-        context = settings.context_length or min(args.max_position_embeddings, DEFAULT_CONTEXT)
+        context = settings.context_length or default_context(args)
         return memory_need(files.files, args, qconfig, backend.name, resolve_dtype("auto", device, backend), device,
                            context)
 
+    def memory_check(self, name: str, settings: ModelSettings) -> tuple[MemoryNeed | None, int | None]:
+        """What the load would need, and what is free now (each None where it cannot be told)."""
+        need = self.memory_need(name, settings)
+        return need, (available_bytes(need.device) if need is not None else None)
+
     def check_fits(self, name: str, settings: ModelSettings) -> None:
         """Refuses a load that would not fit in free memory, with the figures, before it swaps the machine."""
-        need = self.memory_need(name, settings)
-        free = available_bytes(need.device) if need is not None else None
+        need, free = self.memory_check(name, settings)
         if need is not None and free is not None and need.total > free:
             raise MemoryError(f"{name} would need {need.describe()}, and {gigabytes(free)} is free: choose a "
                               "shorter context, another backend or a smaller model")

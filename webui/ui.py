@@ -21,7 +21,7 @@ from webui.chat import chat_turn, clean_history, notebook_turn, prompt_tokens
 from webui.download import DownloadCancelled, DownloadError, DownloadProgress, DownloadRequest, Hub, format_bytes, download
 from webui.repo_spec import RepoSpecError, parse_repo_spec
 from webui.settings import ModelSettings
-from backends.memory import available_bytes, gigabytes
+from backends.memory import gigabytes
 from webui.state import AppState, ModelNotLoaded
 from webui.templates import TemplateError
 
@@ -194,12 +194,11 @@ class WorkbenchUI:
 
     def memory_note(self, name: str, settings: ModelSettings) -> str:
         try:
-            need = self.state.memory_need(name, settings)
+            need, free = self.state.memory_check(name, settings)
         except (ValueError, OSError):
             return ""
         if need is None:
             return ""
-        free = available_bytes(need.device)
         fits = "" if free is None else f" ({gigabytes(free)} free{'' if need.total <= free else ': it will not fit'})"
         context = f"{settings.context_length} tokens" if settings.context_length else "its default context"
         return f"\n\nWith the {settings.backend or 'auto'} backend at {context} it needs {need.describe()}{fits}."
