@@ -5,9 +5,10 @@
         print(piece, end="")
     gen.result.finish_reason  # "eos" | "stop" | "length" | "cancelled"
 
-Text is streamed without ever splitting a multi-byte character, stop strings
-are held back until they can no longer match, and the KV cache keeps the
-longest shared prefix between calls, so a chat turn only prefills what is new.
+Text is streamed without ever splitting a multi-byte character, and stop strings
+are held back until they can no longer match. The tokens come from the loaded
+model's engine (backends/engine.py), which runs every generation side by side
+and reuses cached prompt prefixes, so a chat turn only prefills what is new.
 """
 
 from __future__ import annotations
@@ -20,10 +21,8 @@ from typing import Iterator
 
 import torch
 
-from backends.sampling import SamplingParams, sample_token
-
-PREFILL_CHUNK = 512  # prompt tokens per forward on the CPU; on a GPU, PREFILL_CHUNK_GPU
-PREFILL_CHUNK_GPU = 2048
+from backends.engine import Request
+from backends.sampling import SamplingParams
 
 
 class ContextOverflowError(ValueError):
@@ -107,30 +106,6 @@ class StopStringFilter:
         return out
 
 
-class TokenPipe:
-    """Hands sampled tokens to the host without stalling the GPU.
-
-    ``send`` queues a copy of the token into pinned host memory; the caller then
-    queues the next decode step and only then ``receive``s the token, so the
-    GPU computes the next token while the host detokenizes and streams this one.
-    """
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.host = torch.zeros(1, dtype=torch.long, pin_memory=self.cuda)
-        self.ready = torch.cuda.Event() if self.cuda else None
-
-    def send(self, token: torch.Tensor) -> None:
-        self.host.copy_(token.view(1), non_blocking=self.cuda)
-        if self.ready is not None:
-            self.ready.record()
-
-    def receive(self) -> int:
-        if self.ready is not None:
-            self.ready.synchronize()
-        return int(self.host[0])
-
-
 def stop_token_ids(loaded, params: SamplingParams) -> set[int]:
     ids = set(loaded.args.eos_token_ids) | set(params.stop_token_ids)
     eos = getattr(loaded.tokenizer, "eos_token_id", None)
@@ -140,7 +115,8 @@ def stop_token_ids(loaded, params: SamplingParams) -> set[int]:
 
 
 class Generation:
-    """One generation on a loaded model; iterate it for text pieces."""
+    """One generation on a loaded model's engine; iterate it for text pieces. Nothing runs until the first
+    ``next``; leaving the loop early (or setting ``cancel``) ends it in the engine."""
 
     def __init__(self, loaded, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event | None = None):
         if not prompt_ids:
@@ -156,101 +132,56 @@ class Generation:
         self.params = params
         self.cancel = cancel or threading.Event()
         self.max_new = min(params.max_new_tokens, context - len(prompt_ids))
+        loaded.engine.check_fits(len(prompt_ids) + self.max_new)
         seed = params.seed if params.seed is not None else random.randrange(2**31)
         self.result = GenerationResult(prompt_tokens=len(prompt_ids), seed=seed)
 
     def __iter__(self) -> Iterator[str]:
-        lock = self.loaded.generation_lock
-        if not lock.acquire(self.cancel):
-            self.result.finish_reason = "cancelled"  # given up while waiting for its turn
-            return
-        try:
-            yield from self._run()
-        finally:
-            lock.release()
-
-    def _forward(self, tokens: list[int] | torch.Tensor, start: int) -> torch.Tensor:
-        device = self.loaded.device
-        with torch.inference_mode():
-            ids = torch.as_tensor(tokens, dtype=torch.long, device=device).view(1, -1)
-            positions = torch.arange(start, start + ids.shape[1], device=device)
-            return self.loaded.model(ids, positions)[0, -1]
-
-    def _decode(self, token: torch.Tensor, position: int) -> torch.Tensor:
-        decoder = self.loaded.decoder
-        if decoder is None:
-            return self._forward(token, position)
-        with torch.inference_mode():
-            return decoder.step(token, position)
-
-    def _prefill(self) -> torch.Tensor:
-        cached = self.loaded.cached_tokens
-        reuse = 0
-        limit = min(len(cached), len(self.prompt_ids) - 1)
-        while reuse < limit and cached[reuse] == self.prompt_ids[reuse]:
-            reuse += 1
-        self.loaded.cached_tokens = self.prompt_ids[:reuse]
-        logits = None
-        step = PREFILL_CHUNK_GPU if self.loaded.device.type == "cuda" else PREFILL_CHUNK
-        for start in range(reuse, len(self.prompt_ids), step):
-            chunk = self.prompt_ids[start : start + step]
-            logits = self._forward(chunk, start)
-            self.loaded.cached_tokens = self.prompt_ids[: start + len(chunk)]
-        assert logits is not None
-        return logits
-
-    def _run(self) -> Iterator[str]:
-        result, params = self.result, self.params
-        device = self.loaded.device
-        generator = torch.Generator(device=device).manual_seed(result.seed)
-        stops = stop_token_ids(self.loaded, params)
-        decoder = IncrementalDecoder(self.loaded.tokenizer, self.prompt_ids[-4:])
-        stop_filter = StopStringFilter(params.stop_strings)
-        history = torch.tensor(self.prompt_ids, dtype=torch.long, device=device)
-
+        result = self.result
+        request = Request(self.prompt_ids, self.params, result.seed, self.max_new,
+                          frozenset(stop_token_ids(self.loaded, self.params)), self.cancel)
         started = time.perf_counter()
+        self.loaded.engine.submit(request)
+        decoder = IncrementalDecoder(self.loaded.tokenizer, self.prompt_ids[-4:])
+        stop_filter = StopStringFilter(self.params.stop_strings)
         first_token_at: float | None = None
-        logits = self._prefill()
-        result.finish_reason = "length"
         pieces: list[str] = []
-        pipe = TokenPipe(device)
-        for step in range(self.max_new):
-            if self.cancel.is_set():
-                result.finish_reason = "cancelled"
-                break
-            sampled = sample_token(logits, history, params, generator)
-            pipe.send(sampled)
-            history = torch.cat([history, sampled])
-            decoded = step + 1 < self.max_new
-            if decoded:  # queued before the host looks at the token; wasted if it ends the generation
-                logits = self._decode(sampled, len(self.prompt_ids) + step)
-            token = pipe.receive()
+        try:
+            for kind, value in request:
+                if self.cancel.is_set():
+                    result.finish_reason = "cancelled"
+                    break
+                if kind == "end":
+                    result.finish_reason = str(value)
+                    break
+                token = int(value)  # type: ignore[arg-type]
+                if first_token_at is None:
+                    first_token_at = time.perf_counter()
+                    result.prefill_seconds = first_token_at - started
+                else:
+                    result.decode_steps += 1
+                if token in request.stop_ids:
+                    continue  # the end event follows
+                result.token_ids.append(token)
+                result.new_tokens += 1
+                piece = stop_filter.push(decoder.push(token))
+                if piece:
+                    pieces.append(piece)
+                    yield piece
+                if stop_filter.stopped:
+                    result.finish_reason = "stop"
+                    break
+            tail = "" if stop_filter.stopped or result.finish_reason == "cancelled" else stop_filter.flush()
+            if tail:
+                pieces.append(tail)
+                yield tail
+        finally:
+            self.cancel.set()  # a no-op for the engine once the request has ended
+            ended = time.perf_counter()
             if first_token_at is None:
-                first_token_at = time.perf_counter()
-                result.prefill_seconds = first_token_at - started
+                result.prefill_seconds = ended - started
             else:
-                result.decode_steps += 1
-            if token in stops:
-                result.finish_reason = "eos"
-                break
-            result.token_ids.append(token)
-            result.new_tokens += 1
-            if decoded:
-                self.loaded.cached_tokens = self.loaded.cached_tokens + [token]
-            piece = stop_filter.push(decoder.push(token))
-            if piece:
-                pieces.append(piece)
-                yield piece
-            if stop_filter.stopped:
-                result.finish_reason = "stop"
-                break
-        tail = "" if stop_filter.stopped else stop_filter.flush()
-        if tail:
-            pieces.append(tail)
-            yield tail
-        ended = time.perf_counter()
-        if first_token_at is None:
-            result.prefill_seconds = ended - started
-        else:
-            result.decode_seconds = ended - first_token_at
-        result.text = "".join(pieces)
+                result.decode_seconds = ended - first_token_at
+            result.text = "".join(pieces)
+            if not result.finish_reason:
+                result.finish_reason = "cancelled"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -10,7 +10,7 @@ import torch
 from backends import tensor_names as names
 from backends.base import Backend, DenseLinear, GPTQTensors, Linear
 from backends.cuda_graph import GraphedDecoder
-from backends.fair_lock import FairLock
+from backends.engine import Engine, engine_config
 from backends.memory import release_freed_memory
 from backends.model import TorchOps, Transformer
 from backends.model_config import ModelArgs, load_model_args
@@ -30,6 +30,7 @@ class LoadOptions:
     context_length: int | None = None
     allow_pickle: bool = False
     cuda_graphs: bool = True  # decode by CUDA graph replay on a GPU (backends.cuda_graph)
+    cache_tokens: int | None = None  # the engine's paged KV cache; None: engine.default_cache_tokens
 
 
 @dataclass
@@ -43,11 +44,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     context_length: int
-    # Tokens whose keys and values sit in the KV cache, in order from position 0.
-    cached_tokens: list[int] = field(default_factory=list)
-    # Held while generating: the UI and the API take turns in arrival order.
-    generation_lock: FairLock = field(default_factory=FairLock)
-    decoder: GraphedDecoder | None = None  # one-token steps by CUDA graph replay
+    engine: Engine  # runs every generation, side by side
     backend_note: str = ""  # what the backend wants the user to know, e.g. which kernel it fell back to
 
     @property
@@ -189,7 +186,11 @@ def load_model(model_dir: str | Path, options: LoadOptions = LoadOptions()) -> L
         raise WeightsError(f"model folder {model_dir} does not exist")
     model, args, qconfig, backend, device, dtype = build_model(model_dir, options)
     context = options.context_length or default_context(args)
-    model.setup_cache(batch=1, max_seq_len=context)
+    config = engine_config(context, device, options.cache_tokens)
+    decoder = None
+    if device.type == "cuda":  # a lone sequence decodes on the batch-1 path: CUDA graphs, the decode chain
+        model.setup_cache(batch=1, max_seq_len=context)
+        decoder = GraphedDecoder(model) if options.cuda_graphs else None
     return LoadedModel(
         path=model_dir,
         model=model,
@@ -200,6 +201,6 @@ def load_model(model_dir: str | Path, options: LoadOptions = LoadOptions()) -> L
         device=device,
         dtype=dtype,
         context_length=context,
-        decoder=GraphedDecoder(model) if device.type == "cuda" and options.cuda_graphs else None,
+        engine=Engine(model, context, config, decoder),
         backend_note=all_backends()[backend].note(device),
     )

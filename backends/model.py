@@ -26,6 +26,17 @@ class LinearFactory(Protocol):
     def __call__(self, name: str, in_features: int, out_features: int, bias: bool) -> Linear: ...
 
 
+class PagedAttention(Protocol):
+    """Attention for a step of several sequences' tokens side by side, over a paged KV cache
+    (backends/paged_attention.py)."""
+
+    segment_bounds: list[tuple[int, int]]  # each sequence's rows in the step
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor) -> torch.Tensor:
+        """q ``[T, Hq * D]``, k and v ``[T, Hkv * D]`` (rotary not applied yet) -> ``[T, Hq * D]``."""
+
+
 class TorchOps:
     """The model's non-linear-layer steps in plain torch. A subclass overrides what its kernels do faster;
     the one-token attention kernel is used only where :meth:`decode_workspace` gives a workspace."""
@@ -155,6 +166,7 @@ class KVCache(nn.Module):
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, index: int, make_linear: LinearFactory, ops: TorchOps):
         super().__init__()
+        self.index = index
         self.n_heads = args.n_heads
         self.n_kv_heads = args.n_kv_heads
         self.head_dim = args.head_dim
@@ -173,7 +185,7 @@ class Attention(nn.Module):
         self.decode_workspace: object | None = None  # the one-token attention's, shared by the layers (setup_cache)
 
     def forward(self, x, norm: RMSNorm, cos, sin, positions, mask, kv_len: int, residual: torch.Tensor,
-                decode_kernel: bool = False) -> torch.Tensor:
+                decode_kernel: bool = False, cached: bool = True) -> torch.Tensor:
         """``residual`` + attention of ``norm(x)``. ``decode_kernel``: one token of batch 1, attended to
         by the ops' one-token attention (rotary and the cache write included; ``mask`` is then unused)."""
         bsz, seqlen, _ = x.shape
@@ -185,7 +197,7 @@ class Attention(nn.Module):
         q = q.view(bsz, seqlen, self.n_heads, self.head_dim)
         k = k.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         v = v.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
-        if self.kv_cache is not None:
+        if cached:
             q = self.ops.rotary_into_cache(q, k, v, cos, sin, self.kv_cache, positions)
             k, v = self.kv_cache.k[:, :, :kv_len], self.kv_cache.v[:, :, :kv_len]
         else:
@@ -198,6 +210,13 @@ class Attention(nn.Module):
         )
         out = out.transpose(1, 2).reshape(bsz, seqlen, self.n_heads * self.head_dim)
         return self.o_proj.forward_add(out, residual)
+
+    def forward_paged(self, x: torch.Tensor, norm: RMSNorm, cos: torch.Tensor, sin: torch.Tensor,
+                      paged: PagedAttention, residual: torch.Tensor) -> torch.Tensor:
+        """``residual`` + attention of ``norm(x)`` for a step of several sequences (``x``: ``[1, T, hidden]``)."""
+        q, k, v = self._qkv(x, norm)
+        out = paged.attend(self.index, q[0], k[0], v[0], cos, sin)
+        return self.o_proj.forward_add(out.unsqueeze(0), residual)
 
     def _qkv(self, x: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.qkv_proj is not None:
@@ -233,9 +252,14 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, ops)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, ops)
 
-    def forward(self, x, cos, sin, positions, mask, kv_len: int, decode_kernel: bool = False) -> torch.Tensor:
+    def forward(self, x, cos, sin, positions, mask, kv_len: int, decode_kernel: bool = False,
+                cached: bool = True) -> torch.Tensor:
         h = self.self_attn(x, self.input_layernorm, cos, sin, positions, mask, kv_len, residual=x,
-                           decode_kernel=decode_kernel)
+                           decode_kernel=decode_kernel, cached=cached)
+        return self.mlp(h, self.post_attention_layernorm, residual=h)
+
+    def forward_paged(self, x, cos, sin, paged: PagedAttention) -> torch.Tensor:
+        h = self.self_attn.forward_paged(x, self.input_layernorm, cos, sin, paged, residual=x)
         return self.mlp(h, self.post_attention_layernorm, residual=h)
 
 
@@ -311,14 +335,17 @@ class Transformer(nn.Module):
             mask &= keys.view(1, -1) > positions.view(-1, 1) - window
         return mask
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int | None = None,
+                cached: bool = True) -> torch.Tensor:
         """tokens ``[B, T]`` at ``positions`` ``[T]`` -> logits ``[B, T, vocab]`` in fp32.
 
         Attention reads the first ``kv_len`` cache slots (masked by position); by default up to the last
         position, which costs one device-to-host sync. A CUDA graph passes a fixed ``kv_len`` instead.
         """
+        if not cached:
+            return self._forward_uncached(tokens, positions)
         if self.max_seq_len == 0:
-            raise RuntimeError("call setup_cache() before forward()")
+            raise RuntimeError("call setup_cache() before forward(), or pass cached=False")
         if kv_len is None:
             kv_len = int(positions[-1]) + 1
         if kv_len > self.max_seq_len:
@@ -342,6 +369,34 @@ class Transformer(nn.Module):
             for layer in self.layers:
                 x = layer(x, cos, sin, positions, mask, kv_len, decode_kernel)
         return self.head(x)
+
+    def _forward_uncached(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Whole sequences from position 0, with no cache read or written (scoring a text)."""
+        kv_len = tokens.shape[1]
+        x = self.embed_tokens(tokens)
+        cos, sin = self.rotary(positions)
+        mask = None
+        if self.args.sliding_window is not None:
+            allowed = self.attention_mask(positions, kv_len)
+            mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill_(~allowed, float("-inf"))
+        for layer in self.layers:
+            x = layer(x, cos, sin, positions, mask, kv_len, cached=False)
+        return self.head(x)
+
+    def forward_paged(self, tokens: torch.Tensor, positions: torch.Tensor, paged: PagedAttention,
+                      logit_rows: torch.Tensor) -> torch.Tensor:
+        """Several sequences' new tokens ``[T]`` at ``positions`` ``[T]``, their keys and values in ``paged``'s
+        cache -> fp32 logits ``[len(logit_rows), vocab]`` of the rows asked for."""
+        x = self.embed_tokens(tokens).unsqueeze(0)
+        if self.rotary.scaling is not None and self.rotary.scaling.kind == "dynamic":
+            # The base follows each sequence's own length, as when it runs alone.
+            parts = [self.rotary(positions[a:b]) for a, b in paged.segment_bounds]
+            cos, sin = torch.cat([c for c, _ in parts]), torch.cat([s for _, s in parts])
+        else:
+            cos, sin = self.rotary(positions)
+        for layer in self.layers:
+            x = layer.forward_paged(x, cos, sin, paged)
+        return self.head(x[:, logit_rows])[0]
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """fp32 logits of the last layer's output ``x``: the final norm and lm_head."""

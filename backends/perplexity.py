@@ -15,14 +15,14 @@ def perplexity(loaded, text: str, window: int | None = None) -> float:
     if len(ids) < 2:
         raise ValueError("the text needs at least two tokens")
     total_nll, count = 0.0, 0
-    with loaded.generation_lock, torch.inference_mode():
-        loaded.cached_tokens = []
+    # Between the engine's steps (kernels share workspaces), on no cache: generations resume after.
+    with loaded.engine.model_lock, torch.inference_mode():
         for start in range(0, len(ids) - 1, window):
             chunk = ids[start : start + window]
             if len(chunk) < 2:
                 break
             tokens = torch.tensor([chunk], device=loaded.device)
-            logits = loaded.model(tokens, torch.arange(len(chunk), device=loaded.device))[0]
+            logits = loaded.model(tokens, torch.arange(len(chunk), device=loaded.device), cached=False)[0]
             nll = F.cross_entropy(logits[:-1].float(), tokens[0, 1:], reduction="sum")
             total_nll += float(nll)
             count += len(chunk) - 1

@@ -40,7 +40,7 @@ def weight_bytes(model: torch.nn.Module) -> int:
 def generate(loaded: LoadedModel, prompt: list[int], new_tokens: int, fresh: bool = False) -> GenerationResult:
     """Greedy generation of ``new_tokens`` after ``prompt``; ``fresh``: no cached prefix is reused."""
     if fresh:
-        loaded.cached_tokens = []
+        loaded.engine.forget_prefixes()
     generation = Generation(loaded, prompt, SamplingParams(temperature=0, max_new_tokens=new_tokens))
     for _ in generation:
         pass

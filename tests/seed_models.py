@@ -180,7 +180,7 @@ def teach_end_token(seed: Seed, folder: Path) -> None:
     seen = {}
     hook = loaded.model.lm_head.register_forward_pre_hook(lambda module, args: seen.update(x=args[0][0]))
     with torch.no_grad():
-        loaded.model(torch.tensor([tokens]), torch.arange(len(tokens)))
+        loaded.model(torch.tensor([tokens]), torch.arange(len(tokens)), cached=False)
     hook.remove()
     states = seen["x"][len(greeting) - 1:].double()  # the states that pick answer tokens 1.., then the end
     earlier, last = torch.linalg.qr(states[:-1].T).Q, states[-1]

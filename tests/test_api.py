@@ -10,7 +10,6 @@ import httpx
 import openai
 import pytest
 
-from backends.fair_lock import FairLock
 from tests.browser import AppProcess, free_port
 from tests.test_webui_handlers import link_model
 
@@ -149,23 +148,3 @@ def test_a_disconnected_stream_frees_the_model(client, server, reference_answer)
     ended = re.search(rf"{story.group(1)}: finished \(cancelled, (\d+) tokens\)", log)
     assert ended and int(ended.group(1)) < 100, "the story stopped soon after the client left"
     assert log.index(ended.group(0)) < log.rindex("finished (eos"), "and before the next request was answered"
-
-
-def test_fair_lock_serves_in_arrival_order():
-    lock = FairLock()
-    order: list[int] = []
-    lock.acquire()
-    threads = []
-    for i in range(5):
-        t = threading.Thread(target=lambda i=i: (lock.acquire(), order.append(i), lock.release()))
-        t.start()
-        while lock.waiting() < i + 1:
-            pass
-        threads.append(t)
-    gave_up = threading.Event()
-    gave_up.set()
-    assert lock.acquire(gave_up) is False, "a cancelled waiter leaves the queue"
-    lock.release()
-    for t in threads:
-        t.join(10)
-    assert order == [0, 1, 2, 3, 4]

@@ -88,7 +88,7 @@ def test_kv_prefix_reuse_gives_the_same_tokens_as_a_fresh_cache(loaded):
     follow = first + loaded.tokenizer(" and three animals", add_special_tokens=False)["input_ids"]
     reused = Generation(loaded, follow, params)
     list(reused)
-    loaded.cached_tokens = []
+    loaded.engine.forget_prefixes()
     fresh = Generation(loaded, follow, params)
     list(fresh)
     assert reused.result.token_ids == fresh.result.token_ids

@@ -1,7 +1,7 @@
 """OpenAI-compatible API on the app's loaded model: /v1/models, /v1/completions, /v1/chat/completions.
 
-Each request runs as its own Generation; the model's FairLock serves them, and
-the UI's, in arrival order. A client that disconnects cancels its generation,
+Each request runs as its own Generation; the model's engine runs them side by
+side with the UI's (continuous batching). A client that disconnects cancels its generation,
 whether it is running or still waiting for its turn.
 """
 
@@ -182,8 +182,8 @@ def build_api(state: AppState, api_keys: list[str] | None = None) -> FastAPI:
         except (ContextOverflowError, TemplateError, ValueError) as exc:
             raise ApiError(400, str(exc)) from exc
         job = Job(f"{prefix}-{uuid.uuid4().hex[:24]}", loaded.name, generation, int(time.time()))
-        log.info("%s: %d prompt tokens, queued behind %d", job.id, len(generation.prompt_ids),
-                 loaded.generation_lock.waiting())
+        log.info("%s: %d prompt tokens; %d running, %d waiting", job.id, len(generation.prompt_ids),
+                 loaded.engine.running(), loaded.engine.waiting())
         return job
 
     @app.get("/v1/models")

@@ -178,8 +178,7 @@ class AppState:
             return None
         for generation in list(self._generations):
             generation.cancel.set()
-        with loaded.generation_lock:  # wait for the running generation to see the cancel
-            pass
+        loaded.engine.close()  # ends what still runs or waits, and its thread
         name = loaded.name
         del loaded
         self._free_memory()

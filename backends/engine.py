@@ -1,0 +1,401 @@
+"""The batched generation engine: continuous batching over a paged KV cache.
+
+One thread runs the model. Each step takes one new token of every decoding sequence and a chunk of the
+prompts being prefilled, side by side, through one forward (so a long prompt is prefilled over several
+steps while the others keep decoding), then samples each sequence's next token with its own parameters
+and generator. A request joins at the next step once its worst case fits in the cache (backends/
+paged_cache.py) and leaves when it ends; cancelling one leaves the others untouched.
+
+The engine hands out token ids; backends/generation.py turns them into text, stop strings included.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from backends.cuda_graph import GraphedDecoder
+from backends.model import Transformer
+from backends.paged_attention import PagedStep, Segment
+from backends.paged_cache import BLOCK_SIZE, BlockManager, CacheShape, CacheTooSmall, KVPool, block_hashes
+from backends.sampling import SamplingParams, sample_token
+
+log = logging.getLogger("gptq_workbench.engine")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    cache_tokens: int  # KV cache slots shared by all sequences
+    max_batch: int = 64  # sequences in one step
+    step_tokens: int = 512  # tokens in one step: every decoding sequence's one, the rest for prompt chunks
+    block_size: int = BLOCK_SIZE
+
+
+class EngineClosed(RuntimeError):
+    """The model was unloaded."""
+
+
+@dataclass
+class Request:
+    """One sequence's way in and out of the engine: iterate it for ``("token", id)`` events, then one
+    ``("end", reason)``; reason is "eos", "length" or "cancelled". Set ``cancel`` to end it early."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    max_new: int
+    stop_ids: frozenset[int]
+    cancel: threading.Event
+    events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+
+    def __iter__(self) -> Iterator[tuple[str, object]]:
+        while True:
+            kind, value = self.events.get()
+            if kind == "error":
+                raise value  # type: ignore[misc]
+            yield kind, value
+            if kind == "end":
+                return
+
+
+class Sequence:
+    """A request inside the engine: its tokens, its blocks and how many of its tokens are in the cache."""
+
+    def __init__(self, request: Request, blocks: list[int], reserved: int, names: list[bytes],
+                 block_size: int, device: torch.device):
+        self.request = request
+        self.tokens = list(request.prompt_ids)
+        self.blocks = blocks
+        self.names = names[: len(blocks)]  # the names of the blocks held, in order
+        self.computed = len(blocks) * block_size  # a matched prefix is in the cache already
+        self.reserved = reserved
+        self.solo = False  # its cache is the model's batch-1 cache (SoloLane), not blocks
+        self.generated = 0
+        self.generator = torch.Generator(device=device).manual_seed(request.seed)
+        penalised = request.params.repetition_penalty != 1.0
+        self.history = torch.tensor(self.tokens, dtype=torch.long, device=device) if penalised else None
+
+    @property
+    def prefilling(self) -> bool:
+        return self.computed < len(self.tokens) - 1
+
+
+class Engine:
+    """Runs every generation of one loaded model. ``submit`` returns at once; the work happens on the
+    engine's thread."""
+
+    def __init__(self, model: Transformer, context_length: int, config: EngineConfig,
+                 decoder: GraphedDecoder | None = None):
+        self.model, self.context_length, self.config = model, context_length, config
+        args = model.args
+        device = model.embed_tokens.weight.device
+        self.device, self.dtype = device, model.embed_tokens.weight.dtype
+        blocks = -(-config.cache_tokens // config.block_size)
+        shape = CacheShape(args.n_layers, args.n_kv_heads, args.head_dim, blocks, config.block_size)
+        self.pool = KVPool(shape, self.dtype, device)
+        self.blocks = BlockManager(blocks, config.block_size)
+        self._cond = threading.Condition()
+        self.model_lock = threading.Lock()  # held by each step; hold it to run the model outside the engine
+        self._waiting: deque[Request] = deque()
+        self._running: list[Sequence] = []
+        self._closed = False
+        self.solo = SoloLane(model, decoder) if model.max_seq_len else None
+        self.steps = 0  # forwards run, for tests and benchmarks
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    # ---- the outside: any thread ---------------------------------------------------------------------------
+
+    def check_fits(self, tokens: int) -> None:
+        """Refuses a request whose worst case (prompt plus new tokens) is more than the whole cache."""
+        need = self.blocks.blocks_for(tokens)
+        if need > self.blocks.num_blocks:
+            raise CacheTooSmall(
+                f"this request needs up to {tokens} tokens of KV cache, but the cache holds "
+                f"{self.blocks.num_blocks * self.config.block_size}: ask for fewer new tokens, shorten the "
+                "prompt, or load the model with a larger cache")
+
+    def submit(self, request: Request) -> Request:
+        self.check_fits(len(request.prompt_ids) + request.max_new)
+        with self._cond:
+            if self._closed:
+                raise EngineClosed("the model was unloaded")
+            self._waiting.append(request)
+            self._cond.notify_all()
+        return request
+
+    def waiting(self) -> int:
+        with self._cond:
+            return len(self._waiting)
+
+    def running(self) -> int:
+        return len(self._running)
+
+    def close(self) -> None:
+        """Ends every request (as cancelled) and stops the thread."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    def forget_prefixes(self) -> None:
+        """Drops every cached prefix (benchmarks time prefills from nothing)."""
+        with self.model_lock:
+            if self.solo is not None:
+                self.solo.cached, self.solo.pending = [], None
+            self.blocks.forget_names()
+
+    def kv_tokens_held(self) -> int:
+        """Cache slots in blocks that sequences hold now (memory follows the tokens)."""
+        return self.blocks.held * self.config.block_size
+
+    # ---- the engine's thread -------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and not self._waiting and not self._running:
+                    self._cond.wait()
+                if self._closed:
+                    break
+            try:
+                with self.model_lock:
+                    self._step()
+            except Exception as exc:  # noqa: BLE001 - every request hears of it; the engine keeps serving
+                log.exception("engine step failed")
+                for seq in list(self._running):
+                    seq.request.events.put(("error", exc))
+                    self._drop(seq)
+        for seq in list(self._running):
+            self._finish(seq, "cancelled")
+        with self._cond:
+            while self._waiting:
+                self._waiting.popleft().events.put(("end", "cancelled"))
+
+    def _step(self) -> None:
+        for seq in [s for s in self._running if s.request.cancel.is_set()]:
+            self._finish(seq, "cancelled")
+        self._admit()
+        if not self._running:
+            return
+        lone = self._running[0]
+        if lone.solo and len(self._running) == 1:
+            self._solo_step(lone)
+            return
+        for seq in self._running:
+            if seq.solo:
+                self._migrate(seq)
+        placed: list[Sequence] = []
+        segments, tokens, sampled = [], [], []
+        budget = self.config.step_tokens - sum(1 for s in self._running if not s.prefilling)
+        for seq in self._running:
+            if seq.prefilling:
+                if budget <= 0:
+                    continue
+                count = min(len(seq.tokens) - seq.computed, budget)
+                budget -= count
+            else:
+                count = 1
+            self._cover(seq, seq.computed + count)
+            placed.append(seq)
+            segments.append(Segment(len(tokens), count, seq.computed, tuple(seq.blocks)))
+            tokens.extend(seq.tokens[seq.computed : seq.computed + count])
+            if seq.computed + count == len(seq.tokens):
+                sampled.append((seq, len(tokens) - 1))
+        step = PagedStep(self.pool, segments, self.model.args.sliding_window, self.dtype, self.model.args.n_heads)
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
+        rows = torch.tensor([row for _, row in sampled], dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            logits = self.model.forward_paged(ids, step.positions, step, rows)
+            chosen = self._sample([seq for seq, _ in sampled], logits).tolist()
+        self.steps += 1
+        for segment, seq in zip(segments, placed):
+            seq.computed += segment.length
+            self._name_blocks(seq)
+        for seq, token in zip([seq for seq, _ in sampled], chosen):
+            self._accept(seq, token)
+
+    def _admit(self) -> None:
+        with self._cond:
+            while self._waiting and len(self._running) < self.config.max_batch:
+                request = self._waiting[0]
+                if request.cancel.is_set():
+                    self._waiting.popleft().events.put(("end", "cancelled"))
+                    continue
+                alone = self.solo is not None and not self._running and len(self._waiting) == 1
+                seq = self._place_solo(request) if alone else self._place(request)
+                if seq is None:
+                    return  # first come, first served: the next ones wait behind it
+                self._waiting.popleft()
+                self._running.append(seq)
+
+    def _place(self, request: Request) -> Sequence | None:
+        prompt = request.prompt_ids
+        bs = self.config.block_size
+        names = block_hashes(prompt[: len(prompt) - 1], bs)  # the last prompt token is always computed
+        matched = self.blocks.lookup(names)
+        total = min(len(prompt) + request.max_new, self.context_length)
+        need = self.blocks.blocks_for(total) - len(matched)
+        if not self.blocks.reserve(need):
+            self.blocks.release(matched)
+            return None
+        if matched:
+            log.debug("prefix of %d tokens reused", len(matched) * bs)
+        return Sequence(request, matched, need, names, bs, self.device)
+
+    def _place_solo(self, request: Request) -> Sequence | None:
+        total = min(len(request.prompt_ids) + request.max_new, self.context_length)
+        need = self.blocks.blocks_for(total)  # the blocks it takes if others join
+        if not self.blocks.reserve(need):
+            return None
+        seq = Sequence(request, [], need, [], self.config.block_size, self.device)
+        seq.solo = True
+        seq.computed = self.solo.reuse(request.prompt_ids)
+        return seq
+
+    def _solo_step(self, seq: Sequence) -> None:
+        """One forward of the lone sequence on the batch-1 path; the next decode is queued before the host
+        reads the token, so the GPU computes while the host accepts it."""
+        lane = self.solo
+        with torch.inference_mode():
+            logits = lane.pending
+            if logits is None:
+                count = min(len(seq.tokens) - seq.computed, self.config.step_tokens)
+                logits = lane.forward(seq.tokens[seq.computed : seq.computed + count], seq.computed)
+                seq.computed += count
+                lane.cached = seq.tokens[: seq.computed]
+                self.steps += 1
+                if seq.computed < len(seq.tokens):
+                    return
+            lane.pending = None
+            chosen = self._sample([seq], logits.view(1, -1))
+            if seq.generated + 1 < seq.request.max_new:  # wasted if the token ends the sequence
+                lane.pending = lane.decode(chosen, len(seq.tokens))
+                self.steps += 1
+            token = int(chosen[0])
+        self._accept(seq, token)
+        if seq in self._running and lane.pending is not None:
+            seq.computed = len(seq.tokens)
+            lane.cached = list(seq.tokens)
+        else:
+            lane.pending = None
+
+    def _migrate(self, seq: Sequence) -> None:
+        """Moves the lone sequence's keys and values into blocks, as others join it."""
+        lane = self.solo
+        lane.pending = None  # recomputed in the next step, from the blocks
+        seq.computed = min(seq.computed, len(seq.tokens) - 1)
+        self._cover(seq, seq.computed)
+        lane.copy_to_pool(self.pool, seq.blocks, seq.computed)
+        seq.solo = False
+        self._name_blocks(seq)
+
+    def _cover(self, seq: Sequence, tokens: int) -> None:
+        while len(seq.blocks) * self.config.block_size < tokens:
+            seq.blocks.append(self.blocks.take())
+            seq.reserved -= 1
+
+    def _name_blocks(self, seq: Sequence) -> None:
+        bs = self.config.block_size
+        full = seq.computed // bs
+        if full > len(seq.names):
+            names = block_hashes(seq.tokens[: full * bs], bs)
+            for i in range(len(seq.names), full):
+                self.blocks.name(seq.blocks[i], names[i])
+            seq.names = names
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        plain = [i for i, s in enumerate(seqs) if s.request.params.greedy and s.history is None]
+        chosen = torch.empty(len(seqs), dtype=torch.long, device=self.device)
+        if plain:
+            index = torch.tensor(plain, device=self.device)
+            chosen[index] = logits[index].argmax(dim=-1)
+        skip = set(plain)
+        for i, seq in enumerate(seqs):
+            if i not in skip:
+                previous = seq.history if seq.history is not None else torch.empty(0, dtype=torch.long,
+                                                                                   device=self.device)
+                chosen[i] = sample_token(logits[i], previous, seq.request.params, seq.generator)[0]
+        return chosen
+
+    def _accept(self, seq: Sequence, token: int) -> None:
+        request = seq.request
+        request.events.put(("token", token))
+        seq.generated += 1
+        if token in request.stop_ids:
+            self._finish(seq, "eos")
+        elif seq.generated >= request.max_new:
+            self._finish(seq, "length")
+        else:
+            seq.tokens.append(token)
+            if seq.history is not None:
+                seq.history = torch.cat([seq.history, torch.tensor([token], device=self.device)])
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self._drop(seq)
+        seq.request.events.put(("end", reason))
+
+    def _drop(self, seq: Sequence) -> None:
+        self._running.remove(seq)
+        self.blocks.release(seq.blocks)
+        self.blocks.unreserve(seq.reserved)
+        seq.blocks, seq.reserved = [], 0
+
+
+class SoloLane:
+    """The batch-1 path for a sequence that runs alone: the model's static cache from position 0, decoded
+    by CUDA graph replay (and the backend's decode chain) where the loader made a decoder. It keeps the
+    tokens its cache holds, so the next lone request (a chat's next turn) prefills only what is new."""
+
+    def __init__(self, model: Transformer, decoder: GraphedDecoder | None):
+        self.model, self.decoder = model, decoder
+        self.device = model.embed_tokens.weight.device
+        self.cached: list[int] = []
+        self.pending: torch.Tensor | None = None  # logits of a decode queued ahead
+
+    def reuse(self, prompt: list[int]) -> int:
+        """How many of ``prompt``'s first tokens are in the cache already (never the last one)."""
+        reuse, limit = 0, min(len(self.cached), len(prompt) - 1)
+        while reuse < limit and self.cached[reuse] == prompt[reuse]:
+            reuse += 1
+        self.cached = self.cached[:reuse]
+        self.pending = None
+        return reuse
+
+    def forward(self, tokens: list[int], start: int) -> torch.Tensor:
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.device).view(1, -1)
+        return self.model(ids, torch.arange(start, start + len(tokens), device=self.device))[0, -1]
+
+    def decode(self, token: torch.Tensor, position: int) -> torch.Tensor:
+        if self.decoder is not None:
+            return self.decoder.step(token, position)
+        positions = torch.tensor([position], device=self.device)
+        return self.model(token.view(1, 1), positions)[0, -1]
+
+    def copy_to_pool(self, pool: KVPool, blocks: list[int], count: int) -> None:
+        bs = pool.shape.block_size
+        slots = torch.tensor([blocks[p // bs] * bs + p % bs for p in range(count)], dtype=torch.long,
+                             device=self.device)
+        for i, layer in enumerate(self.model.layers):
+            cache = layer.self_attn.kv_cache
+            pool.k[i].index_copy_(1, slots, cache.k[0, :, :count])
+            pool.v[i].index_copy_(1, slots, cache.v[0, :, :count])
+
+
+def default_cache_tokens(context_length: int, device: torch.device) -> int:
+    """The cache a model gets unless asked: on the CPU one full context, as a single-sequence cache took;
+    on a GPU two, so several conversations run side by side."""
+    return context_length * (2 if device.type == "cuda" else 1)
+
+
+def engine_config(context_length: int, device: torch.device, cache_tokens: int | None = None) -> EngineConfig:
+    return EngineConfig(cache_tokens=cache_tokens or default_cache_tokens(context_length, device),
+                        step_tokens=2048 if device.type == "cuda" else 512)
+
