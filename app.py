@@ -25,6 +25,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", help="model folder name in --models-dir to load at start")
     parser.add_argument("--backend", default=None, help="backend for --model (default: its saved settings, else auto)")
     parser.add_argument("--context", type=int, default=None, help="context length for --model")
+    parser.add_argument("--cache-tokens", type=int, default=None,
+                        help="KV cache for --model, in tokens, shared by all running generations "
+                             "(default: one context on the CPU, two on a GPU)")
     parser.add_argument("--gradio-auth", metavar="USER:PASS", help="require this login for the web UI")
     parser.add_argument("--allow-pickle", action="store_true", help="allow pickled .pt/.bin weights (they can run code)")
     parser.add_argument("--api", action="store_true", help="also serve an OpenAI-compatible API")
@@ -57,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
                 settings = replace(settings, backend=opts.backend)
             if opts.context:
                 settings = replace(settings, context_length=opts.context)
+            if opts.cache_tokens:
+                settings = replace(settings, cache_tokens=opts.cache_tokens)
             print(state.load(opts.model, settings).describe().replace("**", ""), flush=True)
         except Exception as exc:  # noqa: BLE001 - the UI still starts, so the user can pick another model
             print(f"could not load {opts.model}: {exc}", file=sys.stderr, flush=True)

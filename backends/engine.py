@@ -107,6 +107,8 @@ class Engine:
         self._closed = False
         self.solo = SoloLane(model, decoder) if model.max_seq_len else None
         self.steps = 0  # forwards run, for tests and benchmarks
+        self.reused_tokens = 0  # prompt tokens found in the cache instead of computed
+        self.most_running = 0  # the largest batch so far
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
 
@@ -235,6 +237,7 @@ class Engine:
                     return  # first come, first served: the next ones wait behind it
                 self._waiting.popleft()
                 self._running.append(seq)
+                self.most_running = max(self.most_running, len(self._running))
 
     def _place(self, request: Request) -> Sequence | None:
         prompt = request.prompt_ids
@@ -246,8 +249,7 @@ class Engine:
         if not self.blocks.reserve(need):
             self.blocks.release(matched)
             return None
-        if matched:
-            log.debug("prefix of %d tokens reused", len(matched) * bs)
+        self.reused_tokens += len(matched) * bs
         return Sequence(request, matched, need, names, bs, self.device)
 
     def _place_solo(self, request: Request) -> Sequence | None:
@@ -258,6 +260,7 @@ class Engine:
         seq = Sequence(request, [], need, [], self.config.block_size, self.device)
         seq.solo = True
         seq.computed = self.solo.reuse(request.prompt_ids)
+        self.reused_tokens += seq.computed
         return seq
 
     def _solo_step(self, seq: Sequence) -> None:
@@ -393,6 +396,13 @@ def default_cache_tokens(context_length: int, device: torch.device) -> int:
     """The cache a model gets unless asked: on the CPU one full context, as a single-sequence cache took;
     on a GPU two, so several conversations run side by side."""
     return context_length * (2 if device.type == "cuda" else 1)
+
+
+def cached_tokens(context_length: int, device: torch.device, cache_tokens: int | None = None) -> int:
+    """Every token slot of KV cache a loaded model holds: the engine's blocks, and on a GPU the batch-1
+    cache of the lone sequence's path."""
+    solo = context_length if device.type == "cuda" else 0
+    return (cache_tokens or default_cache_tokens(context_length, device)) + solo
 
 
 def engine_config(context_length: int, device: torch.device, cache_tokens: int | None = None) -> EngineConfig:

@@ -75,7 +75,7 @@ def stored_tensors(files: tuple[Path, ...]) -> dict[str, tuple[tuple[int, ...], 
 
 
 def memory_need(files: tuple[Path, ...], args: ModelArgs, qconfig: QuantConfig | None, backend: str,
-                dtype: torch.dtype, device: torch.device, context: int) -> MemoryNeed:
+                dtype: torch.dtype, device: torch.device, cached_tokens: int) -> MemoryNeed:
     """``backend`` "reference" dequantizes every GPTQ layer to ``dtype``; the others keep the packed words, and
     scales and zero points at up to 8 bytes per group and column (the cpu backend's bf16 pair and fp32 zero
     term). Dense tensors are held in ``dtype``."""
@@ -91,7 +91,7 @@ def memory_need(files: tuple[Path, ...], args: ModelArgs, qconfig: QuantConfig |
             weights += 0 if backend == "reference" else count * size
         else:
             weights += count * element
-    kv = 2 * args.n_layers * context * args.n_kv_heads * args.head_dim * element
+    kv = 2 * args.n_layers * cached_tokens * args.n_kv_heads * args.head_dim * element
     return MemoryNeed(weights, kv, device)
 
 

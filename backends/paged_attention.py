@@ -3,9 +3,9 @@
 A step holds several sequences' new tokens side by side (``[T]``): one token of each decoding sequence and
 a chunk of each prefilling prompt. The projections run on all of them at once; attention runs per
 sequence, on its own keys:
-- decoding sequences (one token each) attend together in one batched call, their keys gathered from their
-  blocks and padded to the longest, with a mask;
-- a prompt chunk attends alone, causally from its first position.
+- on a GPU, decoding sequences (one token each) attend together in one batched call, their keys gathered
+  from their blocks and padded to the longest, with a mask;
+- a prompt chunk, and on the CPU every sequence, attends alone, masked causally from its first position.
 A sequence whose blocks are consecutive (a lone sequence's usually are) reads its keys as one slice of the
 pool instead of a gather.
 """
@@ -58,22 +58,23 @@ class PagedStep:
         self.write_slots = torch.tensor(slots, dtype=torch.long, device=device)
         self.positions = torch.tensor([p for s in segments for p in range(s.first_position, s.kv_len)],
                                       dtype=torch.long, device=device)
-        decoding = [s for s in segments if s.length == 1]
-        self.batched = decoding if len(decoding) > 1 else []
+        # On the CPU every sequence attends on its own, over exactly its own keys: a row's attention is then
+        # computed as when the sequence runs alone (a padded batch changes the kernels' reduction order),
+        # so in bf16 too a request's tokens do not depend on its neighbours. On a GPU, decoding sequences
+        # attend in one padded batch.
+        batch = device.type == "cuda"
+        self.batched = [s for s in segments if batch and s.length == 1 and s.first_position > 0]
         self.alone = [s for s in segments if s not in self.batched]
-        self.keys: list[slice | torch.Tensor] = []  # per alone segment: its key slots
-        for s in self.alone:
-            nblocks = -(-s.kv_len // bs)
-            if _consecutive(s.blocks, nblocks):
-                start = s.blocks[0] * bs
-                self.keys.append(slice(start, start + s.kv_len))
-            else:
-                self.keys.append(torch.tensor(_slots(s.blocks, 0, s.kv_len, bs), dtype=torch.long, device=device))
+        self.keys = [self._key_slots(s) for s in self.alone]  # per alone segment
         self.masks = [self._mask(s, dtype) for s in self.alone]
         if self.batched:
             longest = max(s.kv_len for s in self.batched)
-            table = [_slots(s.blocks, 0, s.kv_len, bs) + [0] * (longest - s.kv_len) for s in self.batched]
-            self.batch_slots = torch.tensor(table, dtype=torch.long, device=device)  # [B, L]
+            single = self._key_slots(self.batched[0]) if len(self.batched) == 1 else None
+            if isinstance(single, slice):
+                self.batch_slots: slice | torch.Tensor = single
+            else:
+                table = [_slots(s.blocks, 0, s.kv_len, bs) + [0] * (longest - s.kv_len) for s in self.batched]
+                self.batch_slots = torch.tensor(table, dtype=torch.long, device=device)  # [B, L]
             self.batch_rows = torch.tensor([s.start for s in self.batched], dtype=torch.long, device=device)
             keys = torch.arange(longest, device=device).view(1, -1)
             lens = torch.tensor([s.kv_len for s in self.batched], device=device).view(-1, 1)
@@ -83,9 +84,14 @@ class PagedStep:
             mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
             self.batch_mask = mask.view(len(self.batched), 1, 1, longest)
 
-    def _mask(self, s: Segment, dtype: torch.dtype) -> torch.Tensor | None:
-        if self.window is None and s.first_position == 0:
-            return None  # plain causal
+    def _key_slots(self, s: Segment) -> slice | torch.Tensor:
+        bs = self.pool.shape.block_size
+        if _consecutive(s.blocks, -(-s.kv_len // bs)):
+            start = s.blocks[0] * bs
+            return slice(start, start + s.kv_len)
+        return torch.tensor(_slots(s.blocks, 0, s.kv_len, bs), dtype=torch.long, device=self.pool.k.device)
+
+    def _mask(self, s: Segment, dtype: torch.dtype) -> torch.Tensor:
         device = self.pool.k.device
         keys = torch.arange(s.kv_len, device=device).view(1, -1)
         positions = torch.arange(s.first_position, s.kv_len, device=device).view(-1, 1)
@@ -112,12 +118,14 @@ class PagedStep:
             rows = slice(s.start, s.start + s.length)
             keys, values = cache_k[:, key_slots], cache_v[:, key_slots]
             out[:, rows] = F.scaled_dot_product_attention(
-                q[:, rows].unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask,
-                is_causal=mask is None and s.length > 1, enable_gqa=gqa)[0]
-        if self.batched:
+                q[:, rows].unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask, enable_gqa=gqa)[0]
+        if self.batched and isinstance(self.batch_slots, slice):
+            keys, values = cache_k[:, self.batch_slots].unsqueeze(0), cache_v[:, self.batch_slots].unsqueeze(0)
+        elif self.batched:
             b, longest = self.batch_slots.shape
             keys = cache_k[:, self.batch_slots.view(-1)].view(kv_heads, b, longest, d).transpose(0, 1)
             values = cache_v[:, self.batch_slots.view(-1)].view(kv_heads, b, longest, d).transpose(0, 1)
+        if self.batched:
             queries = q[:, self.batch_rows].transpose(0, 1).unsqueeze(2)  # [B, Hq, 1, D]
             attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=self.batch_mask,
                                                       enable_gqa=gqa)

@@ -24,7 +24,7 @@ def server(tmp_path_factory, smollm2_branch):
     link_model(smollm2_branch("main"), models / "SmolLM2-GPTQ")
     port = free_port()
     log = tmp_path_factory.mktemp("logs") / "app.log"
-    app = AppProcess(["--models-dir", str(models), "--model", "SmolLM2-GPTQ", "--context", "512",
+    app = AppProcess(["--models-dir", str(models), "--model", "SmolLM2-GPTQ", "--context", "512", "--cache-tokens", "4096",
                       "--api", "--api-port", str(port), "--api-key", KEY, "--api-key", OTHER_KEY], {}, log)
     app.api_url = f"http://127.0.0.1:{port}/v1"
     app.models_dir = models
@@ -148,3 +148,22 @@ def test_a_disconnected_stream_frees_the_model(client, server, reference_answer)
     ended = re.search(rf"{story.group(1)}: finished \(cancelled, (\d+) tokens\)", log)
     assert ended and int(ended.group(1)) < 100, "the story stopped soon after the client left"
     assert log.index(ended.group(0)) < log.rindex("finished (eos"), "and before the next request was answered"
+
+
+def test_64_concurrent_requests_each_get_their_own_answer(client, server):
+    """All at once through the official client: each equals its request run alone, and the server answers
+    other calls meanwhile."""
+    def ask(i: int):
+        messages = [{"role": "user", "content": f"Write one sentence about the number {i}."}]
+        return client.chat.completions.create(model="SmolLM2-GPTQ", messages=messages, temperature=0, max_tokens=12)
+
+    alone = [ask(i).choices[0].message.content for i in range(64)]
+    with ThreadPoolExecutor(64) as pool:
+        futures = [pool.submit(ask, i) for i in range(64)]
+        listed = client.models.list()  # while the 64 run
+        replies = [f.result(timeout=600) for f in futures]
+    assert [m.id for m in listed.data] == ["SmolLM2-GPTQ"]
+    for i, reply in enumerate(replies):
+        assert reply.choices[0].message.content == alone[i], f"request {i}"
+        assert reply.choices[0].finish_reason in ("stop", "length")
+    assert len(set(alone)) > 32, "the questions get different answers"

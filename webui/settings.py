@@ -23,6 +23,7 @@ class ModelSettings:
     context_length: int | None = None  # None: the model's own, capped (backends.loader.DEFAULT_CONTEXT)
     template: str | None = None  # None: guessed at load (webui.templates.guess_template)
     preset: str | None = None
+    cache_tokens: int | None = None  # the engine's KV cache; None: backends.engine.default_cache_tokens
 
     @classmethod
     def from_dict(cls, raw: dict, source: str) -> "ModelSettings":
@@ -31,6 +32,9 @@ class ModelSettings:
         context = values.get("context_length")
         if context is not None and (not isinstance(context, int) or context < 16):
             raise SettingsError(f"{source}: context_length must be a whole number of at least 16, not {context!r}")
+        cache = values.get("cache_tokens")
+        if cache is not None and (not isinstance(cache, int) or cache < 16):
+            raise SettingsError(f"{source}: cache_tokens must be a whole number of at least 16, not {cache!r}")
         for key in ("backend", "template", "preset"):
             if values.get(key) is not None and not isinstance(values[key], str):
                 raise SettingsError(f"{source}: {key} must be text, not {values[key]!r}")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from backends.engine import cached_tokens
 from backends.generation import Generation
 from backends.loader import (LoadedModel, LoadOptions, default_context, load_model, resolve_device,
                              resolve_dtype)
@@ -133,7 +134,7 @@ class AppState:
         backend = resolve_backend(settings.backend or "auto", device, qconfig)
         context = settings.context_length or default_context(args)
         return memory_need(files.files, args, qconfig, backend.name, resolve_dtype("auto", device, backend), device,
-                           context)
+                           cached_tokens(context, device, settings.cache_tokens))
 
     def memory_check(self, name: str, settings: ModelSettings) -> tuple[MemoryNeed | None, int | None]:
         """What the load would need, and what is free now (each None where it cannot be told)."""
@@ -157,7 +158,7 @@ class AppState:
             started = time.perf_counter()
             self.check_fits(name, settings)
             options = LoadOptions(backend=settings.backend or "auto", context_length=settings.context_length,
-                                  allow_pickle=allow_pickle or self.allow_pickle)
+                                  cache_tokens=settings.cache_tokens, allow_pickle=allow_pickle or self.allow_pickle)
             try:
                 loaded = load_model(path, options)
             except torch.OutOfMemoryError as exc:

@@ -1,0 +1,200 @@
+"""The batched engine on the real SmolLM2 GPTQ checkpoint: requests run side by side exactly as they run
+alone, cancel alone, reuse cached prefixes exactly, and wait or are refused when the cache is short."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from backends.generation import Generation
+from backends.loader import LoadOptions, load_model
+from backends.paged_attention import PagedStep, Segment
+from backends.paged_cache import BlockManager, CacheShape, CacheTooSmall, KVPool, block_hashes
+from backends.sampling import SamplingParams
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Name three colors.",
+    "Write a haiku about the sea.",
+    "Why is the sky blue? Explain it to a child in two sentences.",
+    "List the planets of the solar system in order from the sun.",
+]
+
+
+def chat(loaded, question: str) -> list[int]:
+    messages = [{"role": "user", "content": question}]
+    return loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                return_dict=True)["input_ids"]
+
+
+def long_prompt(loaded) -> list[int]:
+    """Past one step's token budget (512 on the CPU): prefilled in chunks between the others' decode steps."""
+    text = " ".join(f"Item {i} is a {['red', 'green', 'blue'][i % 3]} box." for i in range(90))
+    return chat(loaded, f"{text}\nWhich colour is item 7?")
+
+
+@pytest.fixture(scope="module", params=["cpu", "reference"])
+def loaded(request, smollm2_branch):
+    model = load_model(smollm2_branch("main"), LoadOptions(backend=request.param, device="cpu",
+                                                            context_length=1024, cache_tokens=4096))
+    yield model
+    model.engine.close()
+
+
+def run(generation: Generation) -> Generation:
+    for _ in generation:
+        pass
+    return generation
+
+
+def run_together(generations: list[Generation]) -> None:
+    threads = [threading.Thread(target=run, args=(g,)) for g in generations]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not any(t.is_alive() for t in threads)
+
+
+def mixed_requests(loaded) -> list[tuple[list[int], SamplingParams]]:
+    greedy = [(chat(loaded, q), SamplingParams(temperature=0, max_new_tokens=8 + 5 * i)) for i, q in enumerate(QUESTIONS)]
+    sampled = (chat(loaded, "Tell me something about cats."),
+               SamplingParams(temperature=0.9, top_p=0.95, max_new_tokens=20, seed=7))
+    penalised = (chat(loaded, "Count from one to ten in words."),
+                 SamplingParams(temperature=0, repetition_penalty=1.3, max_new_tokens=16))
+    return greedy + [sampled, penalised, (long_prompt(loaded), SamplingParams(temperature=0, max_new_tokens=10))]
+
+
+def test_concurrent_requests_equal_each_run_alone(loaded):
+    requests = mixed_requests(loaded)
+    assert len(requests[-1][0]) > 512
+    loaded.engine.forget_prefixes()
+    alone = [run(Generation(loaded, ids, params)).result for ids, params in requests]
+    loaded.engine.forget_prefixes()
+    steps_before = loaded.engine.steps
+    together = [Generation(loaded, ids, params) for ids, params in requests]
+    run_together(together)
+    assert loaded.engine.most_running >= 4
+    for a, t in zip(alone, together):
+        assert t.result.token_ids == a.token_ids
+        assert t.result.finish_reason == a.finish_reason
+    solo_steps = sum(r.new_tokens + 2 for r in alone)
+    assert loaded.engine.steps - steps_before < solo_steps / 2, "the requests were batched, not taken in turns"
+    assert loaded.engine.kv_tokens_held() == 0, "every block was given back"
+
+
+def test_cancelling_one_leaves_the_others_running_and_correct(loaded):
+    requests = [(chat(loaded, q), SamplingParams(temperature=0, max_new_tokens=30)) for q in QUESTIONS[:3]]
+    alone = [run(Generation(loaded, ids, params)).result.token_ids for ids, params in requests]
+    generations = [Generation(loaded, ids, params) for ids, params in requests]
+    victim = generations[1]
+    got_one = threading.Event()
+
+    def cancel_after_first():
+        for _ in victim:
+            got_one.set()
+            victim.cancel.set()
+
+    threads = [threading.Thread(target=run, args=(g,)) for g in (generations[0], generations[2])]
+    threads.append(threading.Thread(target=cancel_after_first))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert got_one.is_set() and victim.result.finish_reason == "cancelled"
+    assert victim.result.new_tokens < 30
+    assert generations[0].result.token_ids == alone[0]
+    assert generations[2].result.token_ids == alone[2]
+
+
+def test_a_reused_prefix_gives_the_logits_of_a_fresh_prefill(loaded):
+    """Blocks computed for one prompt, taken by the next through their names, give the same logits as the
+    whole prompt computed from nothing, with no cache and with fresh blocks."""
+    model, args = loaded.model, loaded.args
+    shape = CacheShape(args.n_layers, args.n_kv_heads, args.head_dim, num_blocks=32)
+    pool, blocks = KVPool(shape, loaded.dtype, torch.device("cpu")), BlockManager(32)
+    first = chat(loaded, "Tell me about the history of Rome in one paragraph.")
+    second = first[:40] + chat(loaded, "And of Athens?")[1:]
+
+    def prefill(tokens: list[int], held: list[int], start: int) -> torch.Tensor:
+        assert blocks.reserve(blocks.blocks_for(len(tokens)) - len(held))
+        while len(held) * shape.block_size < len(tokens):
+            held.append(blocks.take())
+        step = PagedStep(pool, [Segment(0, len(tokens) - start, start, tuple(held))], args.sliding_window,
+                         loaded.dtype, args.n_heads)
+        with torch.inference_mode():
+            ids = torch.tensor(tokens[start:])
+            return model.forward_paged(ids, step.positions, step, torch.tensor([len(tokens) - start - 1]))[0]
+
+    held_first: list[int] = []
+    prefill(first, held_first, 0)
+    for block, name in zip(held_first, block_hashes(first, shape.block_size)):
+        blocks.name(block, name)
+    blocks.release(held_first)
+
+    reused = blocks.lookup(block_hashes(second[:-1], shape.block_size))
+    assert len(reused) == 2  # the 40 shared tokens hold two full blocks of 16
+    from_cache = prefill(second, reused, 32)
+    fresh = prefill(second, [], 0)
+    with torch.inference_mode():
+        uncached = model(torch.tensor([second]), torch.arange(len(second)), cached=False)[0, -1]
+    tolerance = 1e-4 if loaded.dtype == torch.float32 else 0.05
+    torch.testing.assert_close(from_cache, fresh, atol=tolerance, rtol=0)
+    torch.testing.assert_close(from_cache, uncached, atol=tolerance * 20, rtol=0)
+    assert int(from_cache.argmax()) == int(uncached.argmax())
+
+
+def test_the_engine_reuses_a_shared_prefix(loaded):
+    system = "You are a careful assistant who answers in one short sentence. " * 3
+    params = SamplingParams(temperature=0, max_new_tokens=6)
+
+    def ask(question: str) -> list[int]:
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+        return loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                    return_dict=True)["input_ids"]
+
+    loaded.engine.forget_prefixes()
+    run(Generation(loaded, ask(QUESTIONS[0]), params))
+    before = loaded.engine.reused_tokens
+    reused = run(Generation(loaded, ask(QUESTIONS[1]), params))
+    assert loaded.engine.reused_tokens - before >= 32
+    loaded.engine.forget_prefixes()
+    fresh = run(Generation(loaded, ask(QUESTIONS[1]), params))
+    assert reused.result.token_ids == fresh.result.token_ids
+
+
+@pytest.fixture(scope="module")
+def small_cache(smollm2_branch):
+    model = load_model(smollm2_branch("main"), LoadOptions(device="cpu", context_length=256, cache_tokens=96))
+    yield model
+    model.engine.close()
+
+
+def test_a_request_larger_than_the_cache_is_refused(small_cache):
+    with pytest.raises(CacheTooSmall, match="cache holds 96"):
+        Generation(small_cache, chat(small_cache, QUESTIONS[0]), SamplingParams(max_new_tokens=200))
+
+
+def test_a_request_that_does_not_fit_yet_waits_for_room(small_cache):
+    """Each needs 4 of the 6 blocks: the second waits until the first gives its blocks back."""
+    engine = small_cache.engine
+    ids = chat(small_cache, QUESTIONS[0])
+    params = SamplingParams(temperature=0, max_new_tokens=60 - len(ids))
+    alone = run(Generation(small_cache, ids, params)).result.token_ids
+    first, second = Generation(small_cache, ids, params), Generation(small_cache, ids, params)
+    stream = iter(first)
+    next(stream)  # running now
+    waiter = threading.Thread(target=run, args=(second,))
+    waiter.start()
+    deadline = time.monotonic() + 30
+    while engine.waiting() == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.waiting() == 1 and engine.running() == 1
+    for _ in stream:
+        pass
+    waiter.join(120)
+    assert first.result.token_ids == alone and second.result.token_ids == alone
+    assert engine.waiting() == 0 and engine.kv_tokens_held() == 0
