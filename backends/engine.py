@@ -20,9 +20,10 @@ from typing import Iterator
 
 import torch
 
+from backends.batch_graphs import BatchedDecoder
 from backends.cuda_graph import GraphedDecoder
 from backends.model import Transformer
-from backends.paged_attention import PagedStep, Segment
+from backends.paged_attention import PagedStep, Segment, kernel_takes
 from backends.paged_cache import BLOCK_SIZE, BlockManager, CacheShape, CacheTooSmall, KVPool, block_hashes
 from backends.sampling import SamplingParams, sample_token
 
@@ -91,15 +92,20 @@ class Engine:
     engine's thread."""
 
     def __init__(self, model: Transformer, context_length: int, config: EngineConfig,
-                 decoder: GraphedDecoder | None = None):
+                 decoder: GraphedDecoder | None = None, graphs: bool = True):
         self.model, self.context_length, self.config = model, context_length, config
         args = model.args
         device = model.embed_tokens.weight.device
         self.device, self.dtype = device, model.embed_tokens.weight.dtype
         blocks = -(-config.cache_tokens // config.block_size)
-        shape = CacheShape(args.n_layers, args.n_kv_heads, args.head_dim, blocks, config.block_size)
+        # One block more than the manager hands out: the scratch block of padded graph rows.
+        shape = CacheShape(args.n_layers, args.n_kv_heads, args.head_dim, blocks + 1, config.block_size)
         self.pool = KVPool(shape, self.dtype, device)
         self.blocks = BlockManager(blocks, config.block_size)
+        self.batched: BatchedDecoder | None = None
+        if kernel_takes(self.pool, args.n_heads):
+            max_blocks = -(-context_length // config.block_size)
+            self.batched = BatchedDecoder(model, self.pool, config.max_batch, max_blocks, blocks, graphs)
         self._cond = threading.Condition()
         self.model_lock = threading.Lock()  # held by each step; hold it to run the model outside the engine
         self._waiting: deque[Request] = deque()
@@ -194,6 +200,9 @@ class Engine:
         for seq in self._running:
             if seq.solo:
                 self._migrate(seq)
+        if self.batched is not None and not any(s.prefilling for s in self._running):
+            self._decode_step()
+            return
         placed: list[Sequence] = []
         segments, tokens, sampled = [], [], []
         budget = self.config.step_tokens - sum(1 for s in self._running if not s.prefilling)
@@ -222,6 +231,21 @@ class Engine:
             seq.computed += segment.length
             self._name_blocks(seq)
         for seq, token in zip([seq for seq, _ in sampled], chosen):
+            self._accept(seq, token)
+
+    def _decode_step(self) -> None:
+        """Every running sequence decodes one token: the batched decoder's graph for this many."""
+        seqs = list(self._running)
+        for seq in seqs:
+            self._cover(seq, len(seq.tokens))
+        rows = [(seq.tokens[-1], len(seq.tokens) - 1, tuple(seq.blocks)) for seq in seqs]
+        with torch.inference_mode():
+            logits = self.batched.step(rows)
+            chosen = self._sample(seqs, logits).tolist()
+        self.steps += 1
+        for seq, token in zip(seqs, chosen):
+            seq.computed = len(seq.tokens)
+            self._name_blocks(seq)
             self._accept(seq, token)
 
     def _admit(self) -> None:

@@ -201,6 +201,6 @@ def load_model(model_dir: str | Path, options: LoadOptions = LoadOptions()) -> L
         device=device,
         dtype=dtype,
         context_length=context,
-        engine=Engine(model, context, config, decoder),
+        engine=Engine(model, context, config, decoder, graphs=options.cuda_graphs),
         backend_note=all_backends()[backend].note(device),
     )

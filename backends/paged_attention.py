@@ -1,13 +1,16 @@
-"""Attention of one engine step over the paged KV cache, in plain torch.
+"""Attention of one engine step over the paged KV cache.
 
 A step holds several sequences' new tokens side by side (``[T]``): one token of each decoding sequence and
 a chunk of each prefilling prompt. The projections run on all of them at once; attention runs per
 sequence, on its own keys:
-- on a GPU, decoding sequences (one token each) attend together in one batched call, their keys gathered
-  from their blocks and padded to the longest, with a mask;
-- a prompt chunk, and on the CPU every sequence, attends alone, masked causally from its first position.
-A sequence whose blocks are consecutive (a lone sequence's usually are) reads its keys as one slice of the
-pool instead of a gather.
+- on a GPU, decoding sequences (one token each) attend in one launch of kernels/paged_attention.py;
+- a prompt chunk, and on the CPU every sequence, attends alone in torch's SDPA, masked causally from its
+  first position, over its keys (a slice of the pool where its blocks are consecutive, else a gather).
+Either way a sequence's result does not depend on its neighbours in the step (a padded batch would change
+the kernels' reduction order, and in bf16 flip tokens).
+
+:class:`DecodeStep` is the all-decoding step with its tensors allocated once per batch size, so it can be
+captured in a CUDA graph (backends/batch_graphs.py).
 """
 
 from __future__ import annotations
@@ -19,6 +22,11 @@ import torch.nn.functional as F
 
 from backends.model import apply_rotary
 from backends.paged_cache import KVPool
+
+try:
+    from kernels import paged_attention as kernel
+except ImportError:  # no triton: every sequence attends alone
+    kernel = None
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,24 @@ def _consecutive(blocks: tuple[int, ...], count: int) -> bool:
     return all(blocks[i + 1] == blocks[i] + 1 for i in range(count - 1))
 
 
+def kernel_takes(pool: KVPool, n_heads: int) -> bool:
+    shape = pool.shape
+    return (kernel is not None and pool.k.is_cuda
+            and kernel.supported(shape.head_dim, n_heads, shape.n_kv_heads))
+
+
+def rotate_and_store(pool: KVPool, layer: int, n_heads: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     cos: torch.Tensor, sin: torch.Tensor, write_slots: torch.Tensor) -> torch.Tensor:
+    """q rotated ``[Hq, T, D]``; k rotated and v written to their slots of ``layer``'s cache."""
+    t = q.shape[0]
+    kv_heads, d = pool.shape.n_kv_heads, pool.shape.head_dim
+    q = apply_rotary(q.view(t, n_heads, d).transpose(0, 1), cos, sin)
+    k = apply_rotary(k.view(t, kv_heads, d).transpose(0, 1), cos, sin)
+    pool.k[layer].index_copy_(1, write_slots, k)
+    pool.v[layer].index_copy_(1, write_slots, v.view(t, kv_heads, d).transpose(0, 1))
+    return q
+
+
 class PagedStep:
     """What the layers need to attend one step's tokens (backends/model.py ``PagedAttention``)."""
 
@@ -52,37 +78,22 @@ class PagedStep:
         device = pool.k.device
         bs = pool.shape.block_size
         self.pool, self.window, self.n_heads = pool, sliding_window, n_heads
-        self.segments = segments
         self.segment_bounds = [(s.start, s.start + s.length) for s in segments]
         slots = [slot for s in segments for slot in _slots(s.blocks, s.first_position, s.kv_len, bs)]
         self.write_slots = torch.tensor(slots, dtype=torch.long, device=device)
         self.positions = torch.tensor([p for s in segments for p in range(s.first_position, s.kv_len)],
                                       dtype=torch.long, device=device)
-        # On the CPU every sequence attends on its own, over exactly its own keys: a row's attention is then
-        # computed as when the sequence runs alone (a padded batch changes the kernels' reduction order),
-        # so in bf16 too a request's tokens do not depend on its neighbours. On a GPU, decoding sequences
-        # attend in one padded batch.
-        batch = device.type == "cuda"
-        self.batched = [s for s in segments if batch and s.length == 1 and s.first_position > 0]
-        self.alone = [s for s in segments if s not in self.batched]
-        self.keys = [self._key_slots(s) for s in self.alone]  # per alone segment
+        batch = kernel_takes(pool, n_heads)
+        self.batched = [s for s in segments if batch and s.length == 1]
+        self.alone = [s for s in segments if not (batch and s.length == 1)]
+        self.keys = [self._key_slots(s) for s in self.alone]
         self.masks = [self._mask(s, dtype) for s in self.alone]
         if self.batched:
-            longest = max(s.kv_len for s in self.batched)
-            single = self._key_slots(self.batched[0]) if len(self.batched) == 1 else None
-            if isinstance(single, slice):
-                self.batch_slots: slice | torch.Tensor = single
-            else:
-                table = [_slots(s.blocks, 0, s.kv_len, bs) + [0] * (longest - s.kv_len) for s in self.batched]
-                self.batch_slots = torch.tensor(table, dtype=torch.long, device=device)  # [B, L]
+            width = max(len(s.blocks) for s in self.batched)
+            table = [list(s.blocks) + [0] * (width - len(s.blocks)) for s in self.batched]
+            self.table = torch.tensor(table, dtype=torch.int32, device=device)
+            self.lens = torch.tensor([s.kv_len for s in self.batched], dtype=torch.int32, device=device)
             self.batch_rows = torch.tensor([s.start for s in self.batched], dtype=torch.long, device=device)
-            keys = torch.arange(longest, device=device).view(1, -1)
-            lens = torch.tensor([s.kv_len for s in self.batched], device=device).view(-1, 1)
-            allowed = keys < lens
-            if sliding_window is not None:
-                allowed &= keys >= lens - sliding_window
-            mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
-            self.batch_mask = mask.view(len(self.batched), 1, 1, longest)
 
     def _key_slots(self, s: Segment) -> slice | torch.Tensor:
         bs = self.pool.shape.block_size
@@ -105,29 +116,66 @@ class PagedStep:
         """q ``[T, Hq * D]``, k and v ``[T, Hkv * D]`` -> attention output ``[T, Hq * D]``; k (rotated) and v are
         written to the cache first."""
         t = q.shape[0]
-        kv_heads = self.pool.shape.n_kv_heads
-        d = self.pool.shape.head_dim
-        q = apply_rotary(q.view(t, self.n_heads, d).transpose(0, 1), cos, sin)  # [Hq, T, D]
-        k = apply_rotary(k.view(t, kv_heads, d).transpose(0, 1), cos, sin)
+        q = rotate_and_store(self.pool, layer, self.n_heads, q, k, v, cos, sin, self.write_slots)
         cache_k, cache_v = self.pool.k[layer], self.pool.v[layer]  # [Hkv, slots, D]
-        cache_k.index_copy_(1, self.write_slots, k)
-        cache_v.index_copy_(1, self.write_slots, v.view(t, kv_heads, d).transpose(0, 1))
         out = torch.empty_like(q)
-        gqa = self.n_heads != kv_heads
+        gqa = self.n_heads != self.pool.shape.n_kv_heads
         for s, key_slots, mask in zip(self.alone, self.keys, self.masks):
             rows = slice(s.start, s.start + s.length)
-            keys, values = cache_k[:, key_slots], cache_v[:, key_slots]
             out[:, rows] = F.scaled_dot_product_attention(
-                q[:, rows].unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask, enable_gqa=gqa)[0]
-        if self.batched and isinstance(self.batch_slots, slice):
-            keys, values = cache_k[:, self.batch_slots].unsqueeze(0), cache_v[:, self.batch_slots].unsqueeze(0)
-        elif self.batched:
-            b, longest = self.batch_slots.shape
-            keys = cache_k[:, self.batch_slots.view(-1)].view(kv_heads, b, longest, d).transpose(0, 1)
-            values = cache_v[:, self.batch_slots.view(-1)].view(kv_heads, b, longest, d).transpose(0, 1)
+                q[:, rows].unsqueeze(0), cache_k[:, key_slots].unsqueeze(0), cache_v[:, key_slots].unsqueeze(0),
+                attn_mask=mask, enable_gqa=gqa)[0]
         if self.batched:
-            queries = q[:, self.batch_rows].transpose(0, 1).unsqueeze(2)  # [B, Hq, 1, D]
-            attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=self.batch_mask,
-                                                      enable_gqa=gqa)
-            out[:, self.batch_rows] = attended.squeeze(2).transpose(0, 1)
-        return out.transpose(0, 1).reshape(t, self.n_heads * d)
+            queries = q[:, self.batch_rows].transpose(0, 1)  # [B, Hq, D]
+            attended = kernel.paged_decode_attention(queries, cache_k, cache_v, self.table, self.lens,
+                                                     self.pool.shape.block_size, self.window)
+            out[:, self.batch_rows] = attended.transpose(0, 1)
+        return out.transpose(0, 1).reshape(t, -1)
+
+
+class DecodeStep:
+    """A step in which every row is one decoding sequence's token, attended by the kernel, with every tensor
+    allocated once for ``batch`` rows: :meth:`fill` copies a step's values in, so the forward can be
+    captured in a CUDA graph and replayed. Rows past the real sequences read and write a scratch block."""
+
+    def __init__(self, pool: KVPool, batch: int, max_blocks: int, scratch_block: int, sliding_window: int | None,
+                 n_heads: int):
+        device = pool.k.device
+        self.pool, self.batch, self.window, self.n_heads = pool, batch, sliding_window, n_heads
+        self.scratch = scratch_block
+        self.segment_bounds = [(i, i + 1) for i in range(batch)]
+        self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch, dtype=torch.long, device=device)
+        self.write_slots = torch.zeros(batch, dtype=torch.long, device=device)
+        self.table = torch.zeros(batch, max_blocks, dtype=torch.int32, device=device)
+        self.lens = torch.ones(batch, dtype=torch.int32, device=device)
+        self.rows = torch.arange(batch, device=device)
+        pinned = device.type == "cuda"
+        self._host = torch.zeros(batch, 4 + max_blocks, dtype=torch.long, pin_memory=pinned)
+
+    def fill(self, rows: list[tuple[int, int, tuple[int, ...]]]) -> None:
+        """``rows``: each real sequence's (token, position, blocks)."""
+        bs = self.pool.shape.block_size
+        host = self._host
+        host.zero_()
+        host[:, 3] = self.scratch * bs  # the padding rows' write slot
+        host[:, 2] = 1
+        host[:, 4] = self.scratch
+        for i, (token, position, blocks) in enumerate(rows):
+            host[i, 0], host[i, 1] = token, position
+            host[i, 2] = position + 1
+            host[i, 3] = blocks[position // bs] * bs + position % bs
+            host[i, 4 : 4 + len(blocks)] = torch.tensor(blocks)
+        device_copy = host.to(self.tokens.device, non_blocking=True)
+        self.tokens.copy_(device_copy[:, 0])
+        self.positions.copy_(device_copy[:, 1])
+        self.lens.copy_(device_copy[:, 2])
+        self.write_slots.copy_(device_copy[:, 3])
+        self.table.copy_(device_copy[:, 4:])
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor) -> torch.Tensor:
+        q = rotate_and_store(self.pool, layer, self.n_heads, q, k, v, cos, sin, self.write_slots)
+        out = kernel.paged_decode_attention(q.transpose(0, 1), self.pool.k[layer], self.pool.v[layer], self.table,
+                                            self.lens, self.pool.shape.block_size, self.window)
+        return out.reshape(self.batch, -1)

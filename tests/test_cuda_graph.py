@@ -101,6 +101,7 @@ def test_generation_queues_the_next_step_before_reading_the_token(tmp_path, back
     tokens equal step-by-step greedy decoding, and the step queued after a stop token leaves a cache
     that the next generation reuses correctly."""
     from backends.cuda_graph import GraphedDecoder
+    from backends.engine import Engine, EngineConfig
     from backends.generation import Generation
     from backends.loader import LoadedModel
     from backends.sampling import SamplingParams
@@ -117,8 +118,9 @@ def test_generation_queues_the_next_step_before_reading_the_token(tmp_path, back
             expected.append(int(logits.argmax()))
             logits = model(torch.tensor([[expected[-1]]], device="cuda"), torch.tensor([position], device="cuda"))[0, -1]
     model.setup_cache(batch=1, max_seq_len=64)
+    engine = Engine(model, 64, EngineConfig(cache_tokens=256), GraphedDecoder(model))
     loaded = LoadedModel(path=path, model=model, tokenizer=_IdTokenizer(), args=args, qconfig=qconfig, backend=name,
-                         device=device, dtype=dtype, context_length=64, decoder=GraphedDecoder(model))
+                         device=device, dtype=dtype, context_length=64, engine=engine)
 
     whole = Generation(loaded, prompt, SamplingParams(temperature=0, max_new_tokens=12))
     assert "".join(whole) == "".join(f"<{t}>" for t in expected)
@@ -129,9 +131,12 @@ def test_generation_queues_the_next_step_before_reading_the_token(tmp_path, back
     stopped = Generation(loaded, prompt, SamplingParams(temperature=0, max_new_tokens=12, stop_token_ids=(stop,)))
     list(stopped)
     assert stopped.result.token_ids == expected[:first] and stopped.result.finish_reason == "eos"
-    assert loaded.cached_tokens == prompt + expected[:first]  # the stop token's queued step is not counted
+    assert engine.solo.cached == prompt + expected[:first]  # the stop token's queued step is not counted
 
     # The next turn reuses the cached prefix and decodes past the slot the wasted step wrote.
+    reused = engine.reused_tokens
     follow = Generation(loaded, prompt + expected[:first], SamplingParams(temperature=0, max_new_tokens=12 - first))
     list(follow)
     assert follow.result.token_ids == expected[first:]
+    assert engine.reused_tokens - reused == len(prompt) + first - 1
+    engine.close()

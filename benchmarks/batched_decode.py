@@ -1,0 +1,123 @@
+"""Many concurrent streams on the GPU through the engine: aggregate decode throughput and per-token latency.
+
+    python -m benchmarks.batched_decode [--sizes 7B 13B] [--streams 1 4 16 64] [--backend exllama]
+
+For each size it writes a random-weight 4-bit g128 Llama-2-shaped checkpoint, loads it as the app does and
+starts N greedy generations at once (each a distinct 512-token prompt, 256 new tokens), the way N API
+clients would. It reports:
+- aggregate decode tokens/s: the tokens generated after each stream's first, over the time from the first
+  stream's first token to the last stream's end;
+- per-token latency: each stream's decode seconds per token (median over streams);
+- time to first token (median) and the whole run's wall time;
+- KV cache held at its peak against the sum of the sequences' lengths at that moment (memory follows
+  the tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from backends.generation import Generation
+from backends.loader import LoadOptions, load_model
+from backends.sampling import SamplingParams
+from benchmarks.llama2 import SIZES, VOCAB, write_checkpoint
+
+PROMPT = 512
+NEW = 256
+
+
+def run_streams(loaded, n: int, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    # Tokens from 3 up: the random model's end token (2) never stops a stream early.
+    prompts = [torch.randint(3, VOCAB, (PROMPT,), generator=g).tolist() for _ in range(n)]
+    params = SamplingParams(temperature=0, max_new_tokens=NEW, stop_token_ids=())
+    gens = [Generation(loaded, p, params) for p in prompts]
+    engine = loaded.engine
+    peak = {"held": 0, "tokens": 0}
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            held = engine.kv_tokens_held()
+            if held > peak["held"]:
+                peak["held"] = held
+                peak["tokens"] = sum(len(x.prompt_ids) + x.result.new_tokens for x in gens)
+            time.sleep(0.002)
+
+    def consume(gen) -> None:
+        for _ in gen:
+            pass
+
+    threads = [threading.Thread(target=consume, args=(x,)) for x in gens]
+    watcher = threading.Thread(target=watch)
+    started = time.perf_counter()
+    watcher.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    done.set()
+    watcher.join()
+    results = [x.result for x in gens]
+    first_tokens = [started + r.prefill_seconds for r in results]
+    ends = [started + r.prefill_seconds + r.decode_seconds for r in results]
+    decoded = sum(r.decode_steps for r in results)
+    window = max(ends) - min(first_tokens)
+    return {
+        "streams": n, "aggregate_tok_s": decoded / window,
+        "latency_ms": statistics.median(r.decode_seconds / r.decode_steps * 1e3 for r in results),
+        "ttft_s": statistics.median(r.prefill_seconds for r in results), "wall_s": wall,
+        "new_tokens": sum(r.new_tokens for r in results), "kv_held": peak["held"], "kv_tokens": peak["tokens"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--streams", nargs="+", type=int, default=[1, 4, 16, 64])
+    parser.add_argument("--backend", default="exllama", choices=["exllama", "triton"])
+    opts = parser.parse_args()
+    print(f"{torch.cuda.get_device_properties(0).name}; {time.strftime('%Y-%m-%d')}; backend {opts.backend}; "
+          f"{PROMPT}-token prompts, {NEW} new tokens each", flush=True)
+    rows = []
+    for size in opts.sizes:
+        with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
+            path = write_checkpoint(Path(tmp) / "m", size, act_order=False)
+            cache = max(opts.streams) * (PROMPT + NEW) + 1024
+            loaded = load_model(path, LoadOptions(backend=opts.backend, context_length=PROMPT + NEW + 64,
+                                                  cache_tokens=cache))
+            for n in opts.streams:  # warm-up: kernels tuned, graphs of every bucket captured
+                run_streams(loaded, n, seed=0)
+            base = None
+            for n in opts.streams:
+                r = run_streams(loaded, n, seed=n)
+                base = base or r
+                r["size"], r["vs_1"] = size, r["aggregate_tok_s"] / base["aggregate_tok_s"]
+                r["latency_vs_1"] = r["latency_ms"] / base["latency_ms"]
+                rows.append(r)
+                print(f"  {size} x{n}: {r['aggregate_tok_s']:.0f} tok/s, {r['latency_ms']:.2f} ms/token", flush=True)
+            loaded.engine.close()
+            del loaded
+            gc.collect()
+            torch.cuda.empty_cache()
+    print("\n| model | streams | aggregate decode tok/s | × 1 stream | per-token latency (ms) | × 1 stream | "
+          "TTFT median (s) | wall (s) | KV held at peak / sum of lengths |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['size']} | {r['streams']} | {r['aggregate_tok_s']:.0f} | {r['vs_1']:.2f} | {r['latency_ms']:.2f} | "
+              f"{r['latency_vs_1']:.2f} | {r['ttft_s']:.2f} | {r['wall_s']:.1f} | "
+              f"{r['kv_held']} / {r['kv_tokens']} |")
+
+
+if __name__ == "__main__":
+    main()

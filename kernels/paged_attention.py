@@ -1,0 +1,105 @@
+"""One decoded token per sequence attending over its paged KV cache, in one Triton kernel.
+
+One program per (sequence, kv head) walks the sequence's keys in tiles of TILE tokens, each token's
+slot looked up in the block table, with an online softmax in fp32; the q heads that share the kv head
+(GQA) are done together, so each key is read once. The sequence's length comes from device memory, so
+one launch (and one CUDA graph) serves any lengths. A program's work depends only on its own sequence:
+a sequence's result does not change with what else is in the batch.
+
+:func:`paged_decode_attention_reference` is the torch form it is tested against.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+TILE = 64
+
+
+@triton.jit
+def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr, scale, window,
+                         stride_table, stride_kh, stride_ks,
+                         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
+                         BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, HQ: tl.constexpr):
+    b = tl.program_id(0)
+    kh = tl.program_id(1)
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, D)
+    heads = kh * GROUP + g
+    q_mask = g < GROUP
+    q = tl.load(q_ptr + (b * HQ + heads)[:, None] * D + d[None, :], mask=q_mask[:, None], other=0.0).to(tl.float32)
+    q = q * scale
+    kv_len = tl.load(lens_ptr + b)
+    start = 0
+    if window > 0:
+        start = tl.maximum(kv_len - window, 0)
+    m = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
+    l = tl.zeros((GROUP_PAD,), tl.float32)
+    acc = tl.zeros((GROUP_PAD, D), tl.float32)
+    t = tl.arange(0, TILE)
+    for t0 in range((start // TILE) * TILE, kv_len, TILE):
+        pos = t0 + t
+        valid = (pos < kv_len) & (pos >= start)
+        block = tl.load(table_ptr + b * stride_table + pos // BLOCK_SIZE, mask=valid, other=0)
+        slot = block * BLOCK_SIZE + pos % BLOCK_SIZE
+        offs = kh * stride_kh + slot[:, None] * stride_ks + d[None, :]
+        k = tl.load(k_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)  # [TILE, D]
+        v = tl.load(v_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
+        s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [GROUP_PAD, TILE]
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        m = m_new
+    out = acc / l[:, None]
+    tl.store(out_ptr + (b * HQ + heads)[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=q_mask[:, None])
+
+
+def supported(head_dim: int, n_heads: int, n_kv_heads: int) -> bool:
+    return head_dim in (64, 128, 256) and n_heads % n_kv_heads == 0
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                           kv_lens: torch.Tensor, block_size: int, window: int | None = None) -> torch.Tensor:
+    """``q`` ``[B, Hq, D]`` (rotated), caches ``[Hkv, slots, D]``, ``block_table`` ``[B, max_blocks]`` int32,
+    ``kv_lens`` ``[B]`` int32 (keys at positions ``0 .. kv_len - 1``, the last ``window`` of them if
+    given) -> ``[B, Hq, D]``."""
+    b, hq, d = q.shape
+    hkv = k_cache.shape[0]
+    if k_cache.stride() != v_cache.stride() or k_cache.stride(2) != 1:
+        raise ValueError("the k and v caches must share one layout, head dim contiguous")
+    group = hq // hkv
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    _paged_decode_kernel[(b, hkv)](
+        q, k_cache, v_cache, block_table, kv_lens, out, 1.0 / math.sqrt(d), window or 0,
+        block_table.stride(0), k_cache.stride(0), k_cache.stride(1),
+        GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 1), D=d, BLOCK_SIZE=block_size, TILE=TILE, HQ=hq,
+        num_warps=4,
+    )
+    return out
+
+
+def paged_decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                     block_table: torch.Tensor, kv_lens: torch.Tensor, block_size: int,
+                                     window: int | None = None) -> torch.Tensor:
+    outs = []
+    hq, hkv = q.shape[1], k_cache.shape[0]
+    for i in range(q.shape[0]):
+        n = int(kv_lens[i])
+        pos = torch.arange(n, device=q.device)
+        slots = block_table[i, pos // block_size].long() * block_size + pos % block_size
+        if window:
+            slots = slots[max(0, n - window):]
+        k = k_cache[:, slots].float().repeat_interleave(hq // hkv, 0)  # [Hq, L, D]
+        v = v_cache[:, slots].float().repeat_interleave(hq // hkv, 0)
+        weights = torch.softmax((q[i].float().unsqueeze(1) @ k.transpose(1, 2)) / math.sqrt(q.shape[-1]), -1)
+        outs.append((weights @ v).squeeze(1))
+    return torch.stack(outs).to(q.dtype)

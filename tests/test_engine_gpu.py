@@ -1,0 +1,87 @@
+"""The engine on a GPU (run on the device): sequences decoding together through the paged attention kernel
+and the batch-size graphs, a lone sequence on the batch-1 path moving into blocks when others join. Each
+generated token is checked against the plain-torch model run over the whole text without a cache."""
+
+import threading
+
+import pytest
+import torch
+
+from backends.generation import Generation
+from backends.loader import LoadOptions, load_model
+from backends.sampling import SamplingParams
+from tests.gptq_testing import tiny_config, write_random_checkpoint
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU engine path needs a GPU (device)")
+
+
+class IdTokenizer:
+    eos_token_id = None
+
+    def decode(self, ids, **_) -> str:
+        return "".join(f"<{i}>" for i in ids)
+
+
+@pytest.fixture(scope="module", params=["triton", "exllama"])
+def loaded(request, tmp_path_factory):
+    config = tiny_config(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=64, vocab_size=512, max_position_embeddings=512)
+    path = write_random_checkpoint(tmp_path_factory.mktemp("m") / "m", config, 4, 32, False)
+    model = load_model(path, LoadOptions(backend=request.param, context_length=512, cache_tokens=4096))
+    model.tokenizer = IdTokenizer()
+    yield model
+    model.engine.close()
+
+
+def assert_greedy(loaded, prompt: list[int], generated: list[int], tolerance: float = 0.05) -> None:
+    """Each generated token is the argmax of the uncached model's logits, up to fp16 noise."""
+    with torch.inference_mode():
+        ids = torch.tensor([prompt + generated], device="cuda")
+        logits = loaded.model(ids, torch.arange(ids.shape[1], device="cuda"), cached=False)[0].float()
+    for i, token in enumerate(generated):
+        row = logits[len(prompt) - 1 + i]
+        assert row[token] >= row.max() - tolerance, f"token {i}: {token} is not the argmax {int(row.argmax())}"
+
+
+def prompts(n: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(n)
+    return [torch.randint(3, 512, (int(torch.randint(5, 200, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def run(generation):
+    for _ in generation:
+        pass
+
+
+def test_many_sequences_decode_together_correctly(loaded):
+    engine = loaded.engine
+    gens = [Generation(loaded, p, SamplingParams(temperature=0, max_new_tokens=40)) for p in prompts(12)]
+    threads = [threading.Thread(target=run, args=(g,)) for g in gens]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert engine.most_running >= 8
+    assert engine.batched is not None and engine.batched.graphs, "decode steps ran through the batch graphs"
+    for g in gens:
+        assert g.result.new_tokens == 40 or g.result.finish_reason == "eos"
+        assert_greedy(loaded, g.prompt_ids, g.result.token_ids)
+    assert engine.kv_tokens_held() == 0
+
+
+def test_a_lone_sequence_moves_into_blocks_when_others_join(loaded):
+    first = Generation(loaded, prompts(1)[0], SamplingParams(temperature=0, max_new_tokens=120))
+    stream = iter(first)
+    for _ in range(10):
+        next(stream)  # decoding alone, on the batch-1 path
+    others = [Generation(loaded, p, SamplingParams(temperature=0, max_new_tokens=30)) for p in prompts(3)]
+    threads = [threading.Thread(target=run, args=(g,)) for g in others]
+    for t in threads:
+        t.start()
+    for _ in stream:
+        pass
+    for t in threads:
+        t.join(300)
+    for g in [first, *others]:
+        assert_greedy(loaded, g.prompt_ids, g.result.token_ids)
