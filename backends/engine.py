@@ -310,7 +310,7 @@ class Engine:
         self._accept(seq, token)
         if seq in self._running and lane.pending is not None:
             seq.computed = len(seq.tokens)
-            lane.cached = list(seq.tokens)
+            lane.cached = seq.tokens  # the same list from here on: every token of it is in the cache
         else:
             lane.pending = None
 
@@ -319,6 +319,7 @@ class Engine:
         lane = self.solo
         lane.pending = None  # recomputed in the next step, from the blocks
         seq.computed = min(seq.computed, len(seq.tokens) - 1)
+        lane.cached = seq.tokens[: seq.computed]  # no longer the sequence's own list, which grows on
         self._cover(seq, seq.computed)
         lane.copy_to_pool(self.pool, seq.blocks, seq.computed)
         seq.solo = False
@@ -339,16 +340,11 @@ class Engine:
             seq.names = names
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
-        plain = [i for i, s in enumerate(seqs) if s.request.params.greedy and s.history is None]
-        chosen = torch.empty(len(seqs), dtype=torch.long, device=self.device)
-        if plain:
-            index = torch.tensor(plain, device=self.device)
-            chosen[index] = logits[index].argmax(dim=-1)
-        skip = set(plain)
+        """The next token of each sequence ``[len(seqs)]``, on the device (nothing waits for it)."""
+        chosen = logits.argmax(dim=-1)
         for i, seq in enumerate(seqs):
-            if i not in skip:
-                previous = seq.history if seq.history is not None else torch.empty(0, dtype=torch.long,
-                                                                                   device=self.device)
+            if not seq.request.params.greedy or seq.history is not None:
+                previous = seq.history if seq.history is not None else logits.new_empty(0, dtype=torch.long)
                 chosen[i] = sample_token(logits[i], previous, seq.request.params, seq.generator)[0]
         return chosen
 

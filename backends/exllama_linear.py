@@ -29,7 +29,7 @@ from backends.quant_config import QuantConfig
 from backends.weights import WeightsError
 from kernels import cuda_lib, q4_gemv, triton_gptq
 
-GEMV_MAX_ROWS = q4_gemv.MAX_ROWS  # up to here the GEMV; above, dequantize + cuBLAS
+GEMV_MAX_ROWS = q4_gemv.MAX_ROWS  # up to here the CUDA GEMV; above, the Triton matmul (kernels.triton_gptq)
 
 
 @functools.cache
@@ -121,10 +121,9 @@ class ExllamaLinear(PackedGPTQLinear):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """Rows already permuted (see :meth:`_rows`; the CUDA GEMV path does not come here)."""
         packed = self.packed
-        if x.shape[0] <= GEMV_MAX_ROWS:
-            rows = [triton_gptq.gptq_gemv(x[i : i + 1], packed) for i in range(x.shape[0])]
-            return rows[0] if len(rows) == 1 else torch.cat(rows)
-        return x @ triton_gptq.gptq_dequantize(packed)
+        if x.shape[0] == 1:
+            return triton_gptq.gptq_gemv(x, packed)
+        return triton_gptq.gptq_matmul(x, packed)  # the fused kernel for a batch, dequantize + cuBLAS for more
 
     def _project(self, x: torch.Tensor, x2: torch.Tensor, cuda: bool, norm: nn.Module | None) -> torch.Tensor:
         """The layer's output for input ``x`` from its prepared rows ``x2`` (see :meth:`_rows`)."""

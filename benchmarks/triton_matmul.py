@@ -77,6 +77,33 @@ def bench_shape(k: int, n: int, bw: float) -> list[dict]:
     return rows
 
 
+SMALL_MS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def small_batches(shapes: dict[str, tuple[int, int]]) -> None:
+    """The batch sizes of many decoding sequences: the fused kernel next to fp16 cuBLAS at M = 1..64, 4-bit
+    g128 (and 8-bit g128 at M = 16), weights past L2. Targets: M=16 at most 0.45x cuBLAS's time, M=64 0.6x,
+    8-bit M=16 0.7x."""
+    print("| shape | bits | " + " | ".join(f"M={m}" for m in SMALL_MS) + " |")
+    print("|---|---|" + "---|" * len(SMALL_MS))
+    for name, (k, n) in shapes.items():
+        dense = cold_copies([torch.randn(k, n, device="cuda", dtype=torch.float16) * 0.02])
+        for bits in (4, 8):
+            t = layer(k, n, bits)
+            w = PackedWeight(t["qweight"], t["scales"], t["qzeros"], bits, 1, 128)
+            copies = cold_copies(w.tensors)
+            cells = []
+            for m in SMALL_MS if bits == 4 else (16,):
+                x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+                run_gptq = in_turn(copies, lambda t: triton_gptq.gptq_matmul(x, w.on(t)))
+                run_gptq()
+                us_q, us_d = graph_us(run_gptq), graph_us(in_turn(dense, lambda d: x @ d[0]))
+                cells.append(f"{us_q:.1f} µs / {us_d:.1f} = {us_q / us_d:.2f}x")
+            if bits == 8:
+                cells = ["-"] * SMALL_MS.index(16) + cells + ["-"] * (len(SMALL_MS) - SMALL_MS.index(16) - 1)
+            print(f"| {name} ({k}x{n}) | {bits} | " + " | ".join(cells) + " |", flush=True)
+
+
 def gemv_configs(k: int, n: int) -> tuple[list[tuple[float, triton_gptq.LaunchConfig]], float]:
     """M = 1: every GEMV candidate of the shape (4-bit g128), timed alike, fastest first; and the largest
     relative error of any of them against the fp32 dequantized reference."""
@@ -98,6 +125,7 @@ def gemv_configs(k: int, n: int) -> tuple[list[tuple[float, triton_gptq.LaunchCo
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="7B shapes only")
+    parser.add_argument("--small-m", action="store_true", help="only M = 1..64 next to fp16 cuBLAS")
     parser.add_argument("--gemv-configs", action="store_true",
                         help="only M = 1: the three fastest GEMV configurations at every shape, and the largest "
                              "error of any configuration")
@@ -109,6 +137,9 @@ def main() -> None:
     bw = copy_bandwidth()
     print(f"device copy bandwidth (read+write): {bw / 1e9:.0f} GB/s", flush=True)
     shapes = {name: kn for name, kn in SHAPES.items() if not (opts.quick and name.startswith("13B"))}
+    if opts.small_m:
+        small_batches(shapes)
+        return
     if opts.gemv_configs:
         print("| shape | µs | of copy BW | configuration |\n|---|---|---|---|")
         for name, (k, n) in shapes.items():

@@ -7,8 +7,10 @@ import threading
 import pytest
 import torch
 
+from backends.cuda_graph import GraphedDecoder
+from backends.engine import Engine, EngineConfig
 from backends.generation import Generation
-from backends.loader import LoadOptions, load_model
+from backends.loader import LoadedModel, LoadOptions, build_model
 from backends.sampling import SamplingParams
 from tests.gptq_testing import tiny_config, write_random_checkpoint
 
@@ -27,10 +29,12 @@ def loaded(request, tmp_path_factory):
     config = tiny_config(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
                          head_dim=64, vocab_size=512, max_position_embeddings=512)
     path = write_random_checkpoint(tmp_path_factory.mktemp("m") / "m", config, 4, 32, False)
-    model = load_model(path, LoadOptions(backend=request.param, context_length=512, cache_tokens=4096))
-    model.tokenizer = IdTokenizer()
-    yield model
-    model.engine.close()
+    model, args, qconfig, name, device, dtype = build_model(path, LoadOptions(backend=request.param))
+    model.setup_cache(batch=1, max_seq_len=512)
+    engine = Engine(model, 512, EngineConfig(cache_tokens=4096, step_tokens=2048), GraphedDecoder(model))
+    yield LoadedModel(path=path, model=model, tokenizer=IdTokenizer(), args=args, qconfig=qconfig, backend=name,
+                      device=device, dtype=dtype, context_length=512, engine=engine)
+    engine.close()
 
 
 def assert_greedy(loaded, prompt: list[int], generated: list[int], tolerance: float = 0.05) -> None:

@@ -28,7 +28,7 @@ def test_kernel_matches_reference(bits, group_size, act_order):
     rng = np.random.default_rng(bits * 1000 + group_size + act_order)
     sym = bool(rng.integers(0, 2))
     t = {key: v.to(DEVICE) for key, v in random_gptq_layer(k, n, bits, group_size, act_order, sym, rng).items()}
-    for m in (1, 7, 33, triton_gptq.DEQUANT_MIN_M):  # GEMV, fused small-M, fused, dequantize + matmul
+    for m in (1, 7, 20, 33, triton_gptq.DEQUANT_MIN_M):  # GEMV, fused small-M (16, 32, 64 rows), dequantize
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).half().to(DEVICE)
         expected = reference_matmul(x.float(), t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits, 1)
         contiguous = 0 if act_order else (k if group_size == -1 else group_size)
@@ -50,6 +50,23 @@ def test_every_gemv_configuration(bits, group_size):
         out = triton_gptq.launch(cfg, x, PackedWeight(t["qweight"], t["scales"], t["qzeros"], bits, 1, group_size))
         assert out.dtype == torch.float16 and relative_error(out, expected) < 1e-2, cfg
     assert not triton_gptq.gemv_workspace(n, x.device).any(), "the split-K programs leave their workspace zero"
+
+
+@pytest.mark.parametrize("bits, group_size", [(4, 128), (8, 32)])
+def test_every_small_batch_matmul_configuration(bits, group_size):
+    """Each tuner candidate for a batch of decoding sequences (2..64 rows) against the fp32 reference."""
+    k, n = 256, 192
+    rng = np.random.default_rng(group_size + bits)
+    t = {key: v.to(DEVICE) for key, v in random_gptq_layer(k, n, bits, group_size, False, True, rng).items()}
+    w = PackedWeight(t["qweight"], t["scales"], t["qzeros"], bits, 1, group_size)
+    for m in (5, 40):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).half().to(DEVICE)
+        expected = reference_matmul(x.float(), t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits, 1)
+        configs = triton_gptq.matmul_candidates(m, group_size)
+        assert len(configs) >= 2 and {c.block_m for c in configs} == {16 if m <= 16 else 64}
+        for cfg in configs:
+            out = triton_gptq.launch(cfg, x, w)
+            assert relative_error(out, expected) < 1e-2, cfg
 
 
 @pytest.mark.parametrize("x_scale, w_scale", [(1e-2, 1.0), (100.0, 10.0)])

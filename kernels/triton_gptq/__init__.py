@@ -14,11 +14,12 @@ import torch
 
 from kernels.triton_gptq.gemv import MAX_SPLIT_K, gemv_workspace
 from kernels.triton_gptq.matmul import gptq_dequantize
-from kernels.triton_gptq.tuning import TUNER, LaunchConfig, gemv_candidates, launch, tuned_config
+from kernels.triton_gptq.tuning import TUNER, LaunchConfig, gemv_candidates, launch, matmul_candidates, tuned_config
 from kernels.triton_gptq.weight import PackedWeight
 
 __all__ = ["DEQUANT_MIN_M", "MAX_SPLIT_K", "TUNER", "LaunchConfig", "PackedWeight", "gemv_candidates",
-           "gemv_workspace", "gptq_dequantize", "gptq_gemv", "gptq_matmul", "launch", "tuned_config"]
+           "gemv_workspace", "gptq_dequantize", "gptq_gemv", "gptq_matmul", "launch", "matmul_candidates",
+           "tuned_config"]
 
 DEQUANT_MIN_M = 128  # from here on, dequantize + cuBLAS beats the fused kernel at every Llama shape
 

@@ -14,6 +14,16 @@ import triton.language as tl
 from kernels.triton_gptq.weight import PackedWeight
 
 @triton.jit
+def _expand(words, BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[BLOCK_K // PACK, BLOCK_N] packed words -> [BLOCK_K, BLOCK_N] integers, row k = word k // PACK."""
+    PACK: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    shifts = tl.arange(0, PACK) * BITS
+    q = (words[:, None, :] >> shifts[None, :, None]) & MASK
+    return tl.reshape(q, (BLOCK_K, BLOCK_N))
+
+
+@triton.jit
 def _gptq_matmul_kernel(
     a_ptr, qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, c_ptr,
     M, N, K, group_size,  # group_size > 0: contiguous groups of that many rows, a multiple of BLOCK_K
@@ -49,17 +59,22 @@ def _gptq_matmul_kernel(
         mask_k = k < K
         a = tl.load(a_ptr + offs_m[:, None] * stride_am + k[None, :] * stride_ak,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        words = tl.load(qweight_ptr + (k // PACK)[:, None] * N + offs_n[None, :],
-                        mask=mask_k[:, None] & mask_n[None, :], other=0)
-        q = (words >> ((k % PACK) * BITS)[:, None]) & MASK
         if CONTIGUOUS:
-            # BLOCK_K divides group_size: one group for the whole block.
+            # Each packed word is read once and unpacked in registers; BLOCK_K divides group_size, so one
+            # group (one scale and zero per column) covers the block.
+            kw = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
+            words = tl.load(qweight_ptr + kw[:, None] * N + offs_n[None, :],
+                            mask=(kw < K // PACK)[:, None] & mask_n[None, :], other=0)
+            q = _expand(words, BITS, BLOCK_K, BLOCK_N)
             g = k0 // group_size
             scale = tl.load(scales_ptr + g * N + offs_n, mask=mask_n, other=0.0)
             zword = tl.load(qzeros_ptr + g * (N // PACK) + offs_n // PACK, mask=mask_n, other=0)
             zero = ((zword >> zero_shift) & MASK) + ZERO_OFFSET
             w = (q - zero[None, :]).to(tl.float16) * scale[None, :]
         else:
+            words = tl.load(qweight_ptr + (k // PACK)[:, None] * N + offs_n[None, :],
+                            mask=mask_k[:, None] & mask_n[None, :], other=0)
+            q = (words >> ((k % PACK) * BITS)[:, None]) & MASK
             g = tl.load(g_idx_ptr + k, mask=mask_k, other=0)
             scale = tl.load(scales_ptr + g[:, None] * N + offs_n[None, :],
                             mask=mask_k[:, None] & mask_n[None, :], other=0.0)
@@ -75,17 +90,6 @@ def _gptq_matmul_kernel(
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
     else:
         tl.atomic_add(c_ptrs, acc, mask=c_mask)
-
-
-@triton.jit
-def _expand(words, BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """[BLOCK_K // PACK, BLOCK_N] packed words -> [BLOCK_K, BLOCK_N] integers, row k = word k // PACK."""
-    PACK: tl.constexpr = 32 // BITS
-    MASK: tl.constexpr = (1 << BITS) - 1
-    shifts = tl.arange(0, PACK) * BITS
-    q = (words[:, None, :] >> shifts[None, :, None]) & MASK
-    return tl.reshape(q, (BLOCK_K, BLOCK_N))
-
 
 
 @triton.jit

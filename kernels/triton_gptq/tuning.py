@@ -38,9 +38,11 @@ class LaunchConfig:
     magic: bool = False  # the loop GEMV's fp16 dequantization through the exponent trick
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, stages) for M <= 16, 4 warps, K split across programs.
-SMALL_M_SHAPES = [(16, 128, 64, 8, 2), (16, 128, 128, 8, 4), (16, 64, 128, 8, 2), (16, 256, 64, 4, 4),
-                  (16, 128, 64, 16, 4), (16, 64, 64, 16, 2), (16, 128, 32, 16, 4), (16, 256, 32, 8, 4)]
+# (BLOCK_N, BLOCK_K, SPLIT_K, stages) for M <= 64 (BLOCK_M: M rounded up to 16, 32 or 64), 4 warps, K split
+# across programs: a batch of decoding sequences streams the weight once, as a GEMV does.
+SMALL_M_SHAPES = [(128, 128, 4, 3), (128, 64, 8, 2), (128, 128, 8, 4), (64, 128, 8, 2), (256, 64, 4, 4),
+                  (128, 64, 16, 4), (64, 64, 16, 2), (256, 128, 2, 3), (64, 128, 4, 3), (128, 32, 16, 4),
+                  (64, 32, 16, 2), (256, 32, 8, 4)]
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) for larger M.
 LARGE_M_SHAPES = [(128, 128, 32, 4, 4), (128, 256, 32, 8, 3), (64, 128, 32, 4, 4), (128, 128, 64, 8, 3),
                   (256, 128, 32, 8, 3), (64, 64, 32, 2, 4)]
@@ -62,9 +64,10 @@ def matmul_candidates(m: int, group_size: int) -> list[LaunchConfig]:
     def ok(block_k: int) -> bool:
         return group_size <= 0 or group_size % block_k == 0
 
-    if m <= 16:
+    if m <= 64:
+        bm = max(16, triton.next_power_of_2(m))
         return [LaunchConfig("matmul", bn, bk, 4, block_m=bm, split_k=sk, num_stages=s)
-                for bm, bn, bk, sk, s in SMALL_M_SHAPES if ok(bk)]
+                for bn, bk, sk, s in SMALL_M_SHAPES if ok(bk) and not (bm == 64 and bn == 256)]
     return [LaunchConfig("matmul", bn, bk, w, block_m=bm, group_m=8, num_stages=s)
             for bm, bn, bk, w, s in LARGE_M_SHAPES if ok(bk)]
 
@@ -99,7 +102,9 @@ def launch(cfg: LaunchConfig, x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
 
 
 def m_bucket(m: int) -> int:
-    return 1 if m == 1 else 16 if m <= 16 else 128 if m <= 128 else 1024 if m <= 1024 else 4096
+    if m <= 64:
+        return 1 if m == 1 else max(16, triton.next_power_of_2(m))
+    return 128 if m <= 128 else 1024 if m <= 1024 else 4096
 
 
 def tuned_config(x: torch.Tensor, w: PackedWeight, gemv: bool) -> LaunchConfig | None:
