@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import sys
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from backends.paged_cache import BLOCK_SIZE, BlockManager, CacheShape, CacheTooS
 from backends.sampling import SamplingParams, sample_token
 
 log = logging.getLogger("gptq_workbench.engine")
+SWITCH_INTERVAL = 0.0002  # seconds
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,10 @@ class Engine:
         self.steps = 0  # forwards run, for tests and benchmarks
         self.reused_tokens = 0  # prompt tokens found in the cache instead of computed
         self.most_running = 0  # the largest batch so far
+        if device.type == "cuda":
+            # After each GPU wait the engine thread needs the GIL back at once; with a consumer thread per
+            # stream, Python's default 5 ms switch interval stalled whole steps (a 7B step is 2-10 ms).
+            sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
 
@@ -303,10 +309,11 @@ class Engine:
                     return
             lane.pending = None
             chosen = self._sample([seq], logits.view(1, -1))
+            lane.pipe.send(chosen)
             if seq.generated + 1 < seq.request.max_new:  # wasted if the token ends the sequence
                 lane.pending = lane.decode(chosen, len(seq.tokens))
                 self.steps += 1
-            token = int(chosen[0])
+            token = lane.pipe.receive()
         self._accept(seq, token)
         if seq in self._running and lane.pending is not None:
             seq.computed = len(seq.tokens)
@@ -334,7 +341,7 @@ class Engine:
         bs = self.config.block_size
         full = seq.computed // bs
         if full > len(seq.names):
-            names = block_hashes(seq.tokens[: full * bs], bs)
+            names = block_hashes(seq.tokens[: full * bs], bs, seq.names)
             for i in range(len(seq.names), full):
                 self.blocks.name(seq.blocks[i], names[i])
             seq.names = names
@@ -372,6 +379,27 @@ class Engine:
         seq.blocks, seq.reserved = [], 0
 
 
+class TokenPipe:
+    """Hands a sampled token to the host without waiting for work queued after it: ``send`` queues its copy
+    into pinned memory and records an event, the caller queues the next step, then ``receive`` waits for the
+    event alone (``int(tensor)`` would wait for the whole stream, the next step included)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.host = torch.zeros(1, dtype=torch.long, pin_memory=self.cuda)
+        self.ready = torch.cuda.Event() if self.cuda else None
+
+    def send(self, token: torch.Tensor) -> None:
+        self.host.copy_(token.view(1), non_blocking=self.cuda)
+        if self.ready is not None:
+            self.ready.record()
+
+    def receive(self) -> int:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return int(self.host[0])
+
+
 class SoloLane:
     """The batch-1 path for a sequence that runs alone: the model's static cache from position 0, decoded
     by CUDA graph replay (and the backend's decode chain) where the loader made a decoder. It keeps the
@@ -382,6 +410,7 @@ class SoloLane:
         self.device = model.embed_tokens.weight.device
         self.cached: list[int] = []
         self.pending: torch.Tensor | None = None  # logits of a decode queued ahead
+        self.pipe = TokenPipe(self.device)
 
     def reuse(self, prompt: list[int]) -> int:
         """How many of ``prompt``'s first tokens are in the cache already (never the last one)."""

@@ -15,6 +15,7 @@ captured in a CUDA graph (backends/batch_graphs.py).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -23,10 +24,17 @@ import torch.nn.functional as F
 from backends.model import apply_rotary
 from backends.paged_cache import KVPool
 
-try:
-    from kernels import paged_attention as kernel
-except ImportError:  # no triton: every sequence attends alone
-    kernel = None
+
+
+@functools.cache
+def _kernel():
+    """kernels/paged_attention.py, imported on first use on a GPU (Triton decides at import whether it
+    interprets), or None without Triton: every sequence then attends alone."""
+    try:
+        from kernels import paged_attention
+    except ImportError:
+        return None
+    return paged_attention
 
 
 @dataclass(frozen=True)
@@ -54,8 +62,8 @@ def _consecutive(blocks: tuple[int, ...], count: int) -> bool:
 
 def kernel_takes(pool: KVPool, n_heads: int) -> bool:
     shape = pool.shape
-    return (kernel is not None and pool.k.is_cuda
-            and kernel.supported(shape.head_dim, n_heads, shape.n_kv_heads))
+    return (pool.k.is_cuda and _kernel() is not None
+            and _kernel().supported(shape.head_dim, n_heads, shape.n_kv_heads))
 
 
 def rotate_and_store(pool: KVPool, layer: int, n_heads: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -127,7 +135,7 @@ class PagedStep:
                 attn_mask=mask, enable_gqa=gqa)[0]
         if self.batched:
             queries = q[:, self.batch_rows].transpose(0, 1)  # [B, Hq, D]
-            attended = kernel.paged_decode_attention(queries, cache_k, cache_v, self.table, self.lens,
+            attended = _kernel().paged_decode_attention(queries, cache_k, cache_v, self.table, self.lens,
                                                      self.pool.shape.block_size, self.window)
             out[:, self.batch_rows] = attended.transpose(0, 1)
         return out.transpose(0, 1).reshape(t, -1)
@@ -156,17 +164,13 @@ class DecodeStep:
     def fill(self, rows: list[tuple[int, int, tuple[int, ...]]]) -> None:
         """``rows``: each real sequence's (token, position, blocks)."""
         bs = self.pool.shape.block_size
-        host = self._host
-        host.zero_()
-        host[:, 3] = self.scratch * bs  # the padding rows' write slot
-        host[:, 2] = 1
-        host[:, 4] = self.scratch
-        for i, (token, position, blocks) in enumerate(rows):
-            host[i, 0], host[i, 1] = token, position
-            host[i, 2] = position + 1
-            host[i, 3] = blocks[position // bs] * bs + position % bs
-            host[i, 4 : 4 + len(blocks)] = torch.tensor(blocks)
-        device_copy = host.to(self.tokens.device, non_blocking=True)
+        width = self._host.shape[1] - 4
+        padding = [0, 0, 1, self.scratch * bs, self.scratch] + [0] * (width - 1)
+        table = [[token, position, position + 1, blocks[position // bs] * bs + position % bs, *blocks,
+                  *([0] * (width - len(blocks)))] for token, position, blocks in rows]
+        table += [padding] * (self.batch - len(rows))
+        self._host.copy_(torch.tensor(table, dtype=torch.long))
+        device_copy = self._host.to(self.tokens.device, non_blocking=True)
         self.tokens.copy_(device_copy[:, 0])
         self.positions.copy_(device_copy[:, 1])
         self.lens.copy_(device_copy[:, 2])
@@ -176,6 +180,6 @@ class DecodeStep:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor) -> torch.Tensor:
         q = rotate_and_store(self.pool, layer, self.n_heads, q, k, v, cos, sin, self.write_slots)
-        out = kernel.paged_decode_attention(q.transpose(0, 1), self.pool.k[layer], self.pool.v[layer], self.table,
+        out = _kernel().paged_decode_attention(q.transpose(0, 1), self.pool.k[layer], self.pool.v[layer], self.table,
                                             self.lens, self.pool.shape.block_size, self.window)
         return out.reshape(self.batch, -1)

@@ -26,10 +26,12 @@ class CacheTooSmall(ValueError):
     """A request needs more KV cache than the whole cache holds."""
 
 
-def block_hashes(tokens: list[int], block_size: int) -> list[bytes]:
-    """The name of each full block of ``tokens``: a hash of the tokens from the start to the block's end."""
-    names, parent = [], b""
-    for start in range(0, len(tokens) - block_size + 1, block_size):
+def block_hashes(tokens: list[int], block_size: int, known: list[bytes] = ()) -> list[bytes]:
+    """The name of each full block of ``tokens``: a hash of the tokens from the start to the block's end.
+    ``known``: the names of the first blocks, already computed."""
+    names = list(known)
+    parent = names[-1] if names else b""
+    for start in range(len(names) * block_size, len(tokens) - block_size + 1, block_size):
         chunk = tokens[start : start + block_size]
         parent = hashlib.blake2b(parent + b"".join(t.to_bytes(4, "little") for t in chunk), digest_size=16).digest()
         names.append(parent)

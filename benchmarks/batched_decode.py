@@ -59,6 +59,7 @@ def run_streams(loaded, n: int, seed: int) -> dict:
 
     threads = [threading.Thread(target=consume, args=(x,)) for x in gens]
     watcher = threading.Thread(target=watch)
+    steps_before = engine.steps
     started = time.perf_counter()
     watcher.start()
     for t in threads:
@@ -78,6 +79,7 @@ def run_streams(loaded, n: int, seed: int) -> dict:
         "latency_ms": statistics.median(r.decode_seconds / r.decode_steps * 1e3 for r in results),
         "ttft_s": statistics.median(r.prefill_seconds for r in results), "wall_s": wall,
         "new_tokens": sum(r.new_tokens for r in results), "kv_held": peak["held"], "kv_tokens": peak["tokens"],
+        "step_ms": wall / (engine.steps - steps_before) * 1e3,
     }
 
 
@@ -111,11 +113,11 @@ def main() -> None:
             gc.collect()
             torch.cuda.empty_cache()
     print("\n| model | streams | aggregate decode tok/s | × 1 stream | per-token latency (ms) | × 1 stream | "
-          "TTFT median (s) | wall (s) | KV held at peak / sum of lengths |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "TTFT median (s) | wall (s) | ms per engine step | tokens | KV held at peak / sum of lengths |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['size']} | {r['streams']} | {r['aggregate_tok_s']:.0f} | {r['vs_1']:.2f} | {r['latency_ms']:.2f} | "
-              f"{r['latency_vs_1']:.2f} | {r['ttft_s']:.2f} | {r['wall_s']:.1f} | "
+              f"{r['latency_vs_1']:.2f} | {r['ttft_s']:.2f} | {r['wall_s']:.1f} | {r['step_ms']:.2f} | {r['new_tokens']} | "
               f"{r['kv_held']} / {r['kv_tokens']} |")
 
 
