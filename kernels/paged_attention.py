@@ -1,10 +1,11 @@
 """One decoded token per sequence attending over its paged KV cache, in one Triton kernel.
 
-One program per (sequence, kv head) walks the sequence's keys in tiles of TILE tokens, each token's
-slot looked up in the block table, with an online softmax in fp32; the q heads that share the kv head
-(GQA) are done together, so each key is read once. The sequence's length comes from device memory, so
-one launch (and one CUDA graph) serves any lengths. A program's work depends only on its own sequence:
-a sequence's result does not change with what else is in the batch.
+A sequence's keys are cut in chunks of CHUNK tokens ("flash decoding"): one program per (sequence, kv
+head, chunk) walks its chunk in tiles of TILE tokens, each token's slot looked up in the block table, with
+an online softmax in fp32; the q heads that share the kv head (GQA) are done together, so each key is read
+once. A second kernel combines the chunks. Lengths come from device memory, so one launch (and one CUDA
+graph) serves any lengths. A sequence's chunks depend only on its own length: its result does not change
+with what else is in the batch.
 
 :func:`paged_decode_attention_reference` is the torch form it is tested against.
 """
@@ -17,49 +18,73 @@ import torch
 import triton
 import triton.language as tl
 
-TILE = 64
+TILE = 64  # tokens per loop step
+CHUNK = 256  # tokens per program: a sequence's keys are split in chunks that programs take in parallel
 
 
 @triton.jit
-def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr, scale, window,
-                         stride_table, stride_kh, stride_ks,
+def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, m_ptr, l_ptr, acc_ptr, scale, window,
+                         stride_table, stride_kh, stride_ks, SPLITS,
                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
-                         BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, HQ: tl.constexpr):
+                         BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, CHUNK: tl.constexpr, HQ: tl.constexpr):
+    """Program (sequence b, kv head, chunk c): the online softmax over the chunk's keys, left unnormalised in
+    the workspace (running max m, sum l, weighted values acc) for the combine kernel."""
     b = tl.program_id(0)
     kh = tl.program_id(1)
+    c = tl.program_id(2)
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, D)
     heads = kh * GROUP + g
     q_mask = g < GROUP
-    q = tl.load(q_ptr + (b * HQ + heads)[:, None] * D + d[None, :], mask=q_mask[:, None], other=0.0).to(tl.float32)
-    q = q * scale
     kv_len = tl.load(lens_ptr + b)
     start = 0
     if window > 0:
         start = tl.maximum(kv_len - window, 0)
+    lo = tl.maximum(c * CHUNK, (start // TILE) * TILE)
+    hi = tl.minimum((c + 1) * CHUNK, kv_len)
     m = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
     l = tl.zeros((GROUP_PAD,), tl.float32)
     acc = tl.zeros((GROUP_PAD, D), tl.float32)
-    t = tl.arange(0, TILE)
-    for t0 in range((start // TILE) * TILE, kv_len, TILE):
-        pos = t0 + t
-        valid = (pos < kv_len) & (pos >= start)
-        block = tl.load(table_ptr + b * stride_table + pos // BLOCK_SIZE, mask=valid, other=0)
-        slot = block * BLOCK_SIZE + pos % BLOCK_SIZE
-        offs = kh * stride_kh + slot[:, None] * stride_ks + d[None, :]
-        k = tl.load(k_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)  # [TILE, D]
-        v = tl.load(v_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
-        s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [GROUP_PAD, TILE]
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
-        m = m_new
-    out = acc / l[:, None]
-    tl.store(out_ptr + (b * HQ + heads)[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=q_mask[:, None])
+    if lo < hi:
+        q = tl.load(q_ptr + (b * HQ + heads)[:, None] * D + d[None, :], mask=q_mask[:, None], other=0.0)
+        q = q.to(tl.float32) * scale
+        t = tl.arange(0, TILE)
+        for t0 in range(lo, hi, TILE):
+            pos = t0 + t
+            valid = (pos < hi) & (pos >= start)
+            block = tl.load(table_ptr + b * stride_table + pos // BLOCK_SIZE, mask=valid, other=0)
+            slot = block * BLOCK_SIZE + pos % BLOCK_SIZE
+            offs = kh * stride_kh + slot[:, None] * stride_ks + d[None, :]
+            k = tl.load(k_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)  # [TILE, D]
+            v = tl.load(v_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
+            s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [GROUP_PAD, TILE]
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l = l * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+            m = m_new
+    row = (b * HQ + heads) * SPLITS + c
+    tl.store(m_ptr + row, m, mask=q_mask)
+    tl.store(l_ptr + row, l, mask=q_mask)
+    tl.store(acc_ptr + row[:, None] * D + d[None, :], acc, mask=q_mask[:, None])
+
+
+@triton.jit
+def _combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, SPLITS, SPLITS_PAD: tl.constexpr, D: tl.constexpr):
+    """Program (sequence, q head): the chunks' partial softmaxes rescaled to their common max and summed."""
+    row = tl.program_id(0)
+    c = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, D)
+    inside = c < SPLITS
+    m = tl.load(m_ptr + row * SPLITS + c, mask=inside, other=float("-inf"))
+    l = tl.load(l_ptr + row * SPLITS + c, mask=inside, other=0.0)
+    top = tl.max(m, axis=0)
+    weight = tl.where(m > float("-inf"), tl.exp(m - top), 0.0)
+    acc = tl.load(acc_ptr + (row * SPLITS + c)[:, None] * D + d[None, :], mask=inside[:, None], other=0.0)
+    out = tl.sum(acc * weight[:, None], axis=0) / tl.sum(l * weight, axis=0)
+    tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty))
 
 
 def supported(head_dim: int, n_heads: int, n_kv_heads: int) -> bool:
@@ -70,20 +95,26 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            kv_lens: torch.Tensor, block_size: int, window: int | None = None) -> torch.Tensor:
     """``q`` ``[B, Hq, D]`` (rotated), caches ``[Hkv, slots, D]``, ``block_table`` ``[B, max_blocks]`` int32,
     ``kv_lens`` ``[B]`` int32 (keys at positions ``0 .. kv_len - 1``, the last ``window`` of them if
-    given) -> ``[B, Hq, D]``."""
+    given) -> ``[B, Hq, D]``. The number of chunks follows from the table's width (the longest sequence it
+    can hold), so a launch does not depend on the lengths in it and a CUDA graph can replay it."""
     b, hq, d = q.shape
     hkv = k_cache.shape[0]
     if k_cache.stride() != v_cache.stride() or k_cache.stride(2) != 1:
         raise ValueError("the k and v caches must share one layout, head dim contiguous")
     group = hq // hkv
+    splits = triton.cdiv(block_table.shape[1] * block_size, CHUNK)
     q = q.contiguous()
-    out = torch.empty_like(q)
-    _paged_decode_kernel[(b, hkv)](
-        q, k_cache, v_cache, block_table, kv_lens, out, 1.0 / math.sqrt(d), window or 0,
-        block_table.stride(0), k_cache.stride(0), k_cache.stride(1),
-        GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 1), D=d, BLOCK_SIZE=block_size, TILE=TILE, HQ=hq,
-        num_warps=4,
+    m = torch.empty(b * hq * splits, device=q.device, dtype=torch.float32)
+    l = torch.empty_like(m)
+    acc = torch.empty(b * hq * splits, d, device=q.device, dtype=torch.float32)
+    _paged_decode_kernel[(b, hkv, splits)](
+        q, k_cache, v_cache, block_table, kv_lens, m, l, acc, 1.0 / math.sqrt(d), window or 0,
+        block_table.stride(0), k_cache.stride(0), k_cache.stride(1), splits,
+        GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 1), D=d, BLOCK_SIZE=block_size, TILE=TILE,
+        CHUNK=CHUNK, HQ=hq, num_warps=4,
     )
+    out = torch.empty_like(q)
+    _combine_kernel[(b * hq,)](m, l, acc, out, splits, SPLITS_PAD=triton.next_power_of_2(splits), D=d, num_warps=4)
     return out
 
 

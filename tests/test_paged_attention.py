@@ -51,7 +51,8 @@ SHAPES = [(4, 4, 64), (6, 2, 64), (8, 1, 128)] if DEVICE == "cpu" else [(32, 32,
 
 
 @pytest.mark.parametrize("n_heads, n_kv_heads, head_dim", SHAPES)
-@pytest.mark.parametrize("lens, window", [([1], None), ([5, 70, 17], None), ([130, 3, 64, 65], None), ([100, 20], 32)])
+@pytest.mark.parametrize("lens, window", [([1], None), ([5, 70, 17], None), ([130, 3, 64, 65], None), ([100, 20], 32),
+                                          ([600, 257, 9], None), ([700, 40], 300)])  # past one chunk of 256
 def test_matches_attention_over_the_sequence_keys(n_heads, n_kv_heads, head_dim, lens, window):
     q, k, v, table, kv_lens = _case(n_heads, n_kv_heads, head_dim, lens, seed=sum(lens))
     out = paged_decode_attention(q, k, v, table, kv_lens, BLOCK, window)
