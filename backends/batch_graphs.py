@@ -56,16 +56,16 @@ class BatchedDecoder:
         self.mempool = graph.pool()
         return graph, logits
 
-    def step(self, rows: list[tuple[int, int, tuple[int, ...]]]) -> torch.Tensor:
+    def step(self, rows: list[tuple[int, int, tuple[int, ...]]], tokens: torch.Tensor | None = None) -> torch.Tensor:
         """fp32 logits ``[len(rows), vocab]`` after each row's (token, position, blocks); valid until the next
-        step."""
+        step of this many. ``tokens``: the rows' tokens on the device, in place of the rows' own."""
         size = self.bucket(len(rows))
         step = self.steps.get(size)
         if step is None:
             args = self.model.args
             step = self.steps[size] = DecodeStep(self.pool, size, self.max_blocks, self.scratch,
                                                  args.sliding_window, args.n_heads)
-        step.fill(rows)
+        step.fill(rows, tokens)
         if not self.use_graphs:
             return self._forward(step)[: len(rows)]
         if size not in self.graphs:

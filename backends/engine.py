@@ -67,6 +67,30 @@ class Request:
                 return
 
 
+def rows_index(seqs: list["Sequence"], picked: list["Sequence"], device: torch.device) -> torch.Tensor:
+    """The rows of ``picked`` among ``seqs``, on the device, copied without waiting for the stream."""
+    where = {id(seq): i for i, seq in enumerate(seqs)}
+    index = torch.tensor([where[id(seq)] for seq in picked], dtype=torch.long, pin_memory=device.type == "cuda")
+    return index.to(device, non_blocking=True)
+
+
+@dataclass
+class Ahead:
+    """A batched decode step queued ahead: its sequences, in row order, and their logits."""
+
+    seqs: list["Sequence"]
+    logits: torch.Tensor
+
+    @property
+    def rows(self) -> set["Sequence"]:
+        return set(self.seqs)
+
+    def logits_of(self, seqs: list["Sequence"], device: torch.device) -> torch.Tensor:
+        if seqs == self.seqs:
+            return self.logits
+        return self.logits[rows_index(self.seqs, seqs, device)]
+
+
 class Sequence:
     """A request inside the engine: its tokens, its blocks and how many of its tokens are in the cache."""
 
@@ -114,6 +138,8 @@ class Engine:
         self._running: list[Sequence] = []
         self._closed = False
         self.solo = SoloLane(model, decoder) if model.max_seq_len else None
+        self.batch_pipe = TokenPipe(device, config.max_batch)
+        self._ahead: Ahead | None = None  # the batched decode step queued before the last tokens were read
         self.steps = 0  # forwards run, for tests and benchmarks
         self.reused_tokens = 0  # prompt tokens found in the cache instead of computed
         self.most_running = 0  # the largest batch so far
@@ -201,6 +227,7 @@ class Engine:
             return
         lone = self._running[0]
         if lone.solo and len(self._running) == 1:
+            self._ahead = None
             self._solo_step(lone)
             return
         for seq in self._running:
@@ -209,6 +236,7 @@ class Engine:
         if self.batched is not None and not any(s.prefilling for s in self._running):
             self._decode_step()
             return
+        self._ahead = None  # this step moves every sequence on; a queued step's logits no longer apply
         placed: list[Sequence] = []
         segments, tokens, sampled = [], [], []
         budget = self.config.step_tokens - sum(1 for s in self._running if not s.prefilling)
@@ -240,17 +268,34 @@ class Engine:
             self._accept(seq, token)
 
     def _decode_step(self) -> None:
-        """Every running sequence decodes one token: the batched decoder's graph for this many."""
+        """Every running sequence decodes one token, by the batched decoder's graph for this many. Before the
+        host reads the sampled tokens, the next step is already queued from them on the GPU (the host's part
+        of a step, and the streams' detokenizing, then overlap the GPU's); a sequence that ends on its token
+        leaves a wasted row, written to its own last block."""
         seqs = list(self._running)
-        for seq in seqs:
-            self._cover(seq, len(seq.tokens))
-        rows = [(seq.tokens[-1], len(seq.tokens) - 1, tuple(seq.blocks)) for seq in seqs]
+        ahead, self._ahead = self._ahead, None
         with torch.inference_mode():
-            logits = self.batched.step(rows)
-            chosen = self._sample(seqs, logits).tolist()
-        self.steps += 1
-        for seq, token in zip(seqs, chosen):
-            seq.computed = len(seq.tokens)
+            if ahead is not None and all(seq in ahead.rows for seq in seqs):
+                logits = ahead.logits_of(seqs, self.device)
+                for seq in seqs:
+                    seq.computed = len(seq.tokens)
+            else:
+                for seq in seqs:
+                    self._cover(seq, len(seq.tokens))
+                logits = self.batched.step([(seq.tokens[-1], len(seq.tokens) - 1, tuple(seq.blocks)) for seq in seqs])
+                for seq in seqs:
+                    seq.computed = len(seq.tokens)
+            chosen = self._sample(seqs, logits)
+            self.batch_pipe.send(chosen)
+            self.steps += 1
+            going = [seq for seq in seqs if seq.generated + 1 < seq.request.max_new]
+            if going and not self._waiting:
+                for seq in going:
+                    self._cover(seq, len(seq.tokens) + 1)
+                picked = chosen if len(going) == len(seqs) else chosen[rows_index(seqs, going, self.device)]
+                rows = [(0, len(seq.tokens), tuple(seq.blocks)) for seq in going]
+                self._ahead = Ahead(going, self.batched.step(rows, picked))
+        for seq, token in zip(seqs, self.batch_pipe.receive_all()):
             self._name_blocks(seq)
             self._accept(seq, token)
 
@@ -380,24 +425,29 @@ class Engine:
 
 
 class TokenPipe:
-    """Hands a sampled token to the host without waiting for work queued after it: ``send`` queues its copy
-    into pinned memory and records an event, the caller queues the next step, then ``receive`` waits for the
-    event alone (``int(tensor)`` would wait for the whole stream, the next step included)."""
+    """Hands sampled tokens to the host without waiting for work queued after them: ``send`` queues their
+    copy into pinned memory and records an event, the caller queues the next step, then ``receive`` waits
+    for the event alone (``int(tensor)`` would wait for the whole stream, the next step included)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, size: int = 1):
         self.cuda = device.type == "cuda"
-        self.host = torch.zeros(1, dtype=torch.long, pin_memory=self.cuda)
+        self.host = torch.zeros(size, dtype=torch.long, pin_memory=self.cuda)
         self.ready = torch.cuda.Event() if self.cuda else None
+        self.count = 0
 
-    def send(self, token: torch.Tensor) -> None:
-        self.host.copy_(token.view(1), non_blocking=self.cuda)
+    def send(self, tokens: torch.Tensor) -> None:
+        self.count = tokens.numel()
+        self.host[: self.count].copy_(tokens.view(-1), non_blocking=self.cuda)
         if self.ready is not None:
             self.ready.record()
 
     def receive(self) -> int:
+        return self.receive_all()[0]
+
+    def receive_all(self) -> list[int]:
         if self.ready is not None:
             self.ready.synchronize()
-        return int(self.host[0])
+        return self.host[: self.count].tolist()
 
 
 class SoloLane:

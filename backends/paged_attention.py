@@ -66,11 +66,25 @@ def kernel_takes(pool: KVPool, n_heads: int) -> bool:
             and _kernel().supported(shape.head_dim, n_heads, shape.n_kv_heads))
 
 
+@functools.cache
+def _rotary():
+    try:
+        from kernels import rotary
+    except ImportError:
+        return None
+    return rotary
+
+
 def rotate_and_store(pool: KVPool, layer: int, n_heads: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      cos: torch.Tensor, sin: torch.Tensor, write_slots: torch.Tensor) -> torch.Tensor:
-    """q rotated ``[Hq, T, D]``; k rotated and v written to their slots of ``layer``'s cache."""
+    """q rotated ``[Hq, T, D]``; k rotated and v written to their slots of ``layer``'s cache (on a GPU in one
+    kernel, kernels/rotary.py: the torch form launches about twenty)."""
     t = q.shape[0]
     kv_heads, d = pool.shape.n_kv_heads, pool.shape.head_dim
+    if pool.k.is_cuda and _rotary() is not None and _rotary().supported(d):
+        rotated = _rotary().rotary_qkv(q.view(1, t, n_heads, d), k.view(1, t, kv_heads, d), v.view(1, t, kv_heads, d),
+                                       cos, sin, pool.k[layer].unsqueeze(0), pool.v[layer].unsqueeze(0), write_slots)
+        return rotated[0].transpose(0, 1)
     q = apply_rotary(q.view(t, n_heads, d).transpose(0, 1), cos, sin)
     k = apply_rotary(k.view(t, kv_heads, d).transpose(0, 1), cos, sin)
     pool.k[layer].index_copy_(1, write_slots, k)
@@ -159,19 +173,31 @@ class DecodeStep:
         self.lens = torch.ones(batch, dtype=torch.int32, device=device)
         self.rows = torch.arange(batch, device=device)
         pinned = device.type == "cuda"
-        self._host = torch.zeros(batch, 4 + max_blocks, dtype=torch.long, pin_memory=pinned)
+        # Two host buffers in turn: a step is filled while the previous one's copy may still be queued.
+        self._hosts = [torch.zeros(batch, 4 + max_blocks, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        self._copied = [torch.cuda.Event() if pinned else None for _ in range(2)]
+        self._turn = 0
 
-    def fill(self, rows: list[tuple[int, int, tuple[int, ...]]]) -> None:
-        """``rows``: each real sequence's (token, position, blocks)."""
+    def fill(self, rows: list[tuple[int, int, tuple[int, ...]]], tokens: torch.Tensor | None = None) -> None:
+        """``rows``: each real sequence's (token, position, blocks); ``tokens``: their tokens on the device
+        instead (a step queued before the host knows them)."""
         bs = self.pool.shape.block_size
-        width = self._host.shape[1] - 4
+        turn, self._turn = self._turn, 1 - self._turn
+        host, copied = self._hosts[turn], self._copied[turn]
+        if copied is not None:
+            copied.synchronize()  # its copy two fills ago, long done
+        width = host.shape[1] - 4
         padding = [0, 0, 1, self.scratch * bs, self.scratch] + [0] * (width - 1)
         table = [[token, position, position + 1, blocks[position // bs] * bs + position % bs, *blocks,
                   *([0] * (width - len(blocks)))] for token, position, blocks in rows]
         table += [padding] * (self.batch - len(rows))
-        self._host.copy_(torch.tensor(table, dtype=torch.long))
-        device_copy = self._host.to(self.tokens.device, non_blocking=True)
+        host.copy_(torch.tensor(table, dtype=torch.long))
+        device_copy = host.to(self.tokens.device, non_blocking=True)
+        if copied is not None:
+            copied.record()
         self.tokens.copy_(device_copy[:, 0])
+        if tokens is not None:
+            self.tokens[: tokens.numel()].copy_(tokens)
         self.positions.copy_(device_copy[:, 1])
         self.lens.copy_(device_copy[:, 2])
         self.write_slots.copy_(device_copy[:, 3])
