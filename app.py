@@ -32,6 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--allow-pickle", action="store_true", help="allow pickled .pt/.bin weights (they can run code)")
     parser.add_argument("--api", action="store_true", help="also serve an OpenAI-compatible API")
     parser.add_argument("--api-port", type=int, default=5000)
+    parser.add_argument("--admin-key", action="append", default=[], metavar="KEY",
+                        help="key for the API's model loading and unloading (/v1/internal/model/load, /unload); "
+                             "repeatable; without one those endpoints are off")
     parser.add_argument("--api-key", action="append", default=[], metavar="KEY",
                         help="require 'Authorization: Bearer KEY' on the API (repeat for several keys)")
     opts = parser.parse_args(argv)
@@ -69,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     if opts.api:
         from webui.api import build_api, serve_in_background
 
-        serve_in_background(build_api(state, opts.api_key), host, opts.api_port)
+        serve_in_background(build_api(state, opts.api_key, opts.admin_key), host, opts.api_port)
         lock = "" if opts.api_key else " (no --api-key: anyone who can reach it may use it)"
         print(f"OpenAI-compatible API on http://{host}:{opts.api_port}/v1{lock}", flush=True)
     demo = WorkbenchUI(state).build()

@@ -44,10 +44,44 @@ class EngineClosed(RuntimeError):
     """The model was unloaded."""
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's log-probability under the model (its raw logits), and the most likely tokens."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+class LogprobRows:
+    """Log-probabilities of the sampled tokens of the sequences that asked, computed on the device right
+    after sampling (before a queued step can reuse the logits' buffer) and read after the tokens."""
+
+    def __init__(self, seqs: list["Sequence"], logits: torch.Tensor, chosen: torch.Tensor):
+        self.rows = [i for i, seq in enumerate(seqs) if seq.request.logprobs is not None]
+        self.values = None
+        if self.rows:
+            widest = max(seqs[i].request.logprobs for i in self.rows)
+            index = torch.tensor(self.rows, device=logits.device)
+            lp = torch.log_softmax(logits[index].float(), dim=-1)
+            top = lp.topk(max(widest, 1), dim=-1)
+            self.values = (lp.gather(-1, chosen[index].view(-1, 1)).view(-1), top.values, top.indices)
+            self.widths = [seqs[i].request.logprobs for i in self.rows]
+
+    def read(self, tokens: list[int]) -> dict[int, TokenLogprob]:
+        """By row: each asking sequence's :class:`TokenLogprob`."""
+        if self.values is None:
+            return {}
+        chosen, values, indices = (t.tolist() for t in self.values)
+        return {row: TokenLogprob(tokens[row], chosen[j], tuple(zip(indices[j][:width], values[j][:width])))
+                for j, (row, width) in enumerate(zip(self.rows, self.widths))}
+
+
 @dataclass
 class Request:
-    """One sequence's way in and out of the engine: iterate it for ``("token", id)`` events, then one
-    ``("end", reason)``; reason is "eos", "length" or "cancelled". Set ``cancel`` to end it early."""
+    """One sequence's way in and out of the engine: iterate it for ``("token", (id, logprob))`` events
+    (``logprob``: a :class:`TokenLogprob` when asked for, else None), then one ``("end", reason)``; reason is
+    "eos", "length" or "cancelled". Set ``cancel`` to end it early."""
 
     prompt_ids: list[int]
     params: SamplingParams
@@ -55,6 +89,7 @@ class Request:
     max_new: int
     stop_ids: frozenset[int]
     cancel: threading.Event
+    logprobs: int | None = None  # None: none; k: each token's log-probability and the k most likely
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
 
     def __iter__(self) -> Iterator[tuple[str, object]]:
@@ -105,8 +140,8 @@ class Sequence:
         self.solo = False  # its cache is the model's batch-1 cache (SoloLane), not blocks
         self.generated = 0
         self.generator = torch.Generator(device=device).manual_seed(request.seed)
-        penalised = request.params.repetition_penalty != 1.0
-        self.history = torch.tensor(self.tokens, dtype=torch.long, device=device) if penalised else None
+        self.history = (torch.tensor(self.tokens, dtype=torch.long, device=device)
+                        if request.params.needs_history else None)
 
     @property
     def prefilling(self) -> bool:
@@ -259,13 +294,17 @@ class Engine:
         rows = torch.tensor([row for _, row in sampled], dtype=torch.long, device=self.device)
         with torch.inference_mode():
             logits = self.model.forward_paged(ids, step.positions, step, rows)
-            chosen = self._sample([seq for seq, _ in sampled], logits).tolist()
+            seqs = [seq for seq, _ in sampled]
+            chosen_device = self._sample(seqs, logits)
+            logprobs = LogprobRows(seqs, logits, chosen_device)
+            chosen = chosen_device.tolist()
         self.steps += 1
         for segment, seq in zip(segments, placed):
             seq.computed += segment.length
             self._name_blocks(seq)
-        for seq, token in zip([seq for seq, _ in sampled], chosen):
-            self._accept(seq, token)
+        infos = logprobs.read(chosen)
+        for i, (seq, token) in enumerate(zip(seqs, chosen)):
+            self._accept(seq, token, infos.get(i))
 
     def _decode_step(self) -> None:
         """Every running sequence decodes one token, by the batched decoder's graph for this many. Before the
@@ -286,18 +325,21 @@ class Engine:
                 for seq in seqs:
                     seq.computed = len(seq.tokens)
             chosen = self._sample(seqs, logits)
+            logprobs = LogprobRows(seqs, logits, chosen)
             self.batch_pipe.send(chosen)
             self.steps += 1
             going = [seq for seq in seqs if seq.generated + 1 < seq.request.max_new]
-            if going and not self._waiting:
+            if going and not self._waiting and logprobs.values is None:  # logprobs are read after: no overlap
                 for seq in going:
                     self._cover(seq, len(seq.tokens) + 1)
                 picked = chosen if len(going) == len(seqs) else chosen[rows_index(seqs, going, self.device)]
                 rows = [(0, len(seq.tokens), tuple(seq.blocks)) for seq in going]
                 self._ahead = Ahead(going, self.batched.step(rows, picked))
-        for seq, token in zip(seqs, self.batch_pipe.receive_all()):
+        tokens = self.batch_pipe.receive_all()
+        infos = logprobs.read(tokens)
+        for i, (seq, token) in enumerate(zip(seqs, tokens)):
             self._name_blocks(seq)
-            self._accept(seq, token)
+            self._accept(seq, token, infos.get(i))
 
     def _admit(self) -> None:
         with self._cond:
@@ -354,12 +396,14 @@ class Engine:
                     return
             lane.pending = None
             chosen = self._sample([seq], logits.view(1, -1))
+            logprobs = LogprobRows([seq], logits.view(1, -1), chosen)
             lane.pipe.send(chosen)
             if seq.generated + 1 < seq.request.max_new:  # wasted if the token ends the sequence
                 lane.pending = lane.decode(chosen, len(seq.tokens))
                 self.steps += 1
             token = lane.pipe.receive()
-        self._accept(seq, token)
+            info = logprobs.read([token]).get(0)
+        self._accept(seq, token, info)
         if seq in self._running and lane.pending is not None:
             seq.computed = len(seq.tokens)
             lane.cached = seq.tokens  # the same list from here on: every token of it is in the cache
@@ -395,14 +439,15 @@ class Engine:
         """The next token of each sequence ``[len(seqs)]``, on the device (nothing waits for it)."""
         chosen = logits.argmax(dim=-1)
         for i, seq in enumerate(seqs):
-            if not seq.request.params.greedy or seq.history is not None:
+            params = seq.request.params
+            if not params.plain_greedy:
                 previous = seq.history if seq.history is not None else logits.new_empty(0, dtype=torch.long)
-                chosen[i] = sample_token(logits[i], previous, seq.request.params, seq.generator)[0]
+                chosen[i] = sample_token(logits[i], previous, params, seq.generator, len(seq.request.prompt_ids))[0]
         return chosen
 
-    def _accept(self, seq: Sequence, token: int) -> None:
+    def _accept(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> None:
         request = seq.request
-        request.events.put(("token", token))
+        request.events.put(("token", (token, logprob)))
         seq.generated += 1
         if token in request.stop_ids:
             self._finish(seq, "eos")

@@ -21,7 +21,7 @@ from typing import Iterator
 
 import torch
 
-from backends.engine import Request
+from backends.engine import Request, TokenLogprob
 from backends.sampling import SamplingParams
 
 
@@ -40,6 +40,7 @@ class GenerationResult:
     decode_seconds: float = 0.0  # from the first new token to the last
     decode_steps: int = 0  # tokens that reached the host after the first (an end token included)
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # when asked for: one per token of token_ids
 
     @property
     def tokens_per_second(self) -> float:
@@ -118,7 +119,8 @@ class Generation:
     """One generation on a loaded model's engine; iterate it for text pieces. Nothing runs until the first
     ``next``; leaving the loop early (or setting ``cancel``) ends it in the engine."""
 
-    def __init__(self, loaded, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event | None = None):
+    def __init__(self, loaded, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event | None = None,
+                 logprobs: int | None = None):
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         context = loaded.context_length
@@ -132,6 +134,7 @@ class Generation:
         self.params = params
         self.cancel = cancel or threading.Event()
         self.max_new = min(params.max_new_tokens, context - len(prompt_ids))
+        self.logprobs = logprobs
         loaded.engine.check_fits(len(prompt_ids) + self.max_new)
         seed = params.seed if params.seed is not None else random.randrange(2**31)
         self.result = GenerationResult(prompt_tokens=len(prompt_ids), seed=seed)
@@ -139,7 +142,7 @@ class Generation:
     def __iter__(self) -> Iterator[str]:
         result = self.result
         request = Request(self.prompt_ids, self.params, result.seed, self.max_new,
-                          frozenset(stop_token_ids(self.loaded, self.params)), self.cancel)
+                          frozenset(stop_token_ids(self.loaded, self.params)), self.cancel, self.logprobs)
         started = time.perf_counter()
         self.loaded.engine.submit(request)
         decoder = IncrementalDecoder(self.loaded.tokenizer, self.prompt_ids[-4:])
@@ -154,7 +157,7 @@ class Generation:
                 if kind == "end":
                     result.finish_reason = str(value)
                     break
-                token = int(value)  # type: ignore[arg-type]
+                token, logprob = value  # type: ignore[misc]
                 if first_token_at is None:
                     first_token_at = time.perf_counter()
                     result.prefill_seconds = first_token_at - started
@@ -163,6 +166,8 @@ class Generation:
                 if token in request.stop_ids:
                     continue  # the end event follows
                 result.token_ids.append(token)
+                if logprob is not None:
+                    result.logprobs.append(logprob)
                 result.new_tokens += 1
                 piece = stop_filter.push(decoder.push(token))
                 if piece:

@@ -1,4 +1,4 @@
-"""Perplexity of a loaded model on a text: the quick check that a quantization kept its quality."""
+"""Scoring a text with a loaded model: perplexity, and each token's log-probability (the API's echo)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from backends.engine import TokenLogprob
 
 
 def perplexity(loaded, text: str, window: int | None = None) -> float:
@@ -27,3 +29,21 @@ def perplexity(loaded, text: str, window: int | None = None) -> float:
             total_nll += float(nll)
             count += len(chunk) - 1
     return math.exp(total_nll / count)
+
+
+def prompt_logprobs(loaded, ids: list[int], top: int) -> list[TokenLogprob | None]:
+    """Each token's log-probability given the tokens before it (None for the first), with the ``top`` most
+    likely tokens at its position: what an evaluation harness asks for with ``echo``."""
+    if len(ids) > loaded.context_length:
+        raise ValueError(f"the text has {len(ids)} tokens but the context length is {loaded.context_length}")
+    with loaded.engine.model_lock, torch.inference_mode():
+        tokens = torch.tensor([ids], device=loaded.device)
+        logits = loaded.model(tokens, torch.arange(len(ids), device=loaded.device), cached=False)[0, :-1]
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        chosen = lp.gather(-1, tokens[0, 1:].view(-1, 1)).view(-1).tolist()
+        best = lp.topk(max(top, 1), dim=-1)
+        values, indices = best.values.tolist(), best.indices.tolist()
+    out: list[TokenLogprob | None] = [None]
+    for i, token in enumerate(ids[1:]):
+        out.append(TokenLogprob(token, chosen[i], tuple(zip(indices[i][:top], values[i][:top]))))
+    return out

@@ -21,6 +21,9 @@ class SamplingParams:
     min_p: float = 0.0
     typical_p: float = 1.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from each token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted once per time a token was generated
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit); -100 bans it
     seed: int | None = None
     stop_strings: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
@@ -34,6 +37,9 @@ class SamplingParams:
             ("min_p", 0 <= self.min_p <= 1, "must be in [0, 1]"),
             ("typical_p", 0 < self.typical_p <= 1, "must be in (0, 1]"),
             ("repetition_penalty", self.repetition_penalty > 0, "must be above 0"),
+            ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
+            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
+            ("logit_bias", all(-100 <= b <= 100 for _, b in self.logit_bias), "biases must be in [-100, 100]"),
         )
         for name, ok, message in checks:
             if not ok:
@@ -42,6 +48,16 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def needs_history(self) -> bool:
+        """Whether sampling looks at the tokens so far (penalties), beyond the logits."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
+    def plain_greedy(self) -> bool:
+        """The argmax of the logits as they are."""
+        return self.greedy and not self.needs_history and not self.logit_bias
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "preset") -> "SamplingParams":
@@ -53,6 +69,10 @@ class SamplingParams:
         for key in ("stop_strings", "stop_token_ids"):
             if key in values and values[key] is not None:
                 values[key] = tuple(values[key])
+        if isinstance(values.get("logit_bias"), dict):
+            values["logit_bias"] = tuple((int(k), float(v)) for k, v in values["logit_bias"].items())
+        elif values.get("logit_bias") is not None:
+            values["logit_bias"] = tuple((int(k), float(v)) for k, v in values["logit_bias"])
         try:
             return cls(**values)
         except (TypeError, ValueError) as exc:
@@ -65,6 +85,24 @@ def apply_repetition_penalty(logits: torch.Tensor, previous: torch.Tensor, penal
     score = logits.gather(-1, previous)
     score = torch.where(score < 0, score * penalty, score / penalty)
     return logits.scatter(-1, previous, score)
+
+
+def apply_presence_frequency(logits: torch.Tensor, generated: torch.Tensor, presence: float,
+                             frequency: float) -> torch.Tensor:
+    """OpenAI's penalties: ``logits[j] - frequency * count[j] - presence * (count[j] > 0)`` over the tokens
+    generated so far (not the prompt)."""
+    if (presence == 0 and frequency == 0) or generated.numel() == 0:
+        return logits
+    counts = torch.bincount(generated.view(-1), minlength=logits.shape[-1])[: logits.shape[-1]].to(logits.dtype)
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+
+
+def apply_logit_bias(logits: torch.Tensor, bias: tuple[tuple[int, float], ...]) -> torch.Tensor:
+    if not bias:
+        return logits
+    ids = torch.tensor([i for i, _ in bias], device=logits.device)
+    values = torch.tensor([b for _, b in bias], dtype=logits.dtype, device=logits.device)
+    return logits.index_add(-1, ids, values.expand(*logits.shape[:-1], -1))
 
 
 def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -108,11 +146,15 @@ def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
 
 
 def sample_token(
-    logits: torch.Tensor, previous: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+    logits: torch.Tensor, previous: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+    prompt_length: int = 0,
 ) -> torch.Tensor:
     """The next token ``[1]`` (on the logits' device, nothing waits for it) from fp32 ``logits`` ``[vocab]``
-    given the ids so far."""
-    logits = apply_repetition_penalty(logits.view(1, -1), previous.view(1, -1), params.repetition_penalty)
+    given the ids so far (``previous``, of which the first ``prompt_length`` are the prompt)."""
+    logits = apply_logit_bias(logits.view(1, -1), params.logit_bias)
+    logits = apply_repetition_penalty(logits, previous.view(1, -1), params.repetition_penalty)
+    logits = apply_presence_frequency(logits, previous[prompt_length:], params.presence_penalty,
+                                      params.frequency_penalty)
     if params.greedy:
         return torch.argmax(logits, dim=-1)
     logits = logits / params.temperature

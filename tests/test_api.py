@@ -15,6 +15,7 @@ from tests.test_webui_handlers import link_model
 
 KEY = "sk-test-key"
 OTHER_KEY = "sk-second-key"
+ADMIN_KEY = "sk-admin-key"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
@@ -25,7 +26,8 @@ def server(tmp_path_factory, smollm2_branch):
     port = free_port()
     log = tmp_path_factory.mktemp("logs") / "app.log"
     app = AppProcess(["--models-dir", str(models), "--model", "SmolLM2-GPTQ", "--context", "512", "--cache-tokens", "4096",
-                      "--api", "--api-port", str(port), "--api-key", KEY, "--api-key", OTHER_KEY], {}, log)
+                      "--api", "--api-port", str(port), "--api-key", KEY, "--api-key", OTHER_KEY,
+                      "--admin-key", ADMIN_KEY], {}, log)
     app.api_url = f"http://127.0.0.1:{port}/v1"
     app.models_dir = models
     yield app
@@ -107,13 +109,26 @@ def test_condition_selects_the_openchat_template(client, server):
 @pytest.mark.parametrize("kwargs, message", [
     ({"messages": [{"role": "user", "content": "word " * 600}]}, "context length is 512"),
     ({"messages": QUESTION, "temperature": -1}, "temperature"),
-    ({"messages": QUESTION, "n": 2}, "n=1"),
+    ({"messages": QUESTION, "n": 17}, "n: Input should be less than or equal to 16"),
+    ({"messages": QUESTION, "response_format": {"type": "json_object"}}, "response_format.*not supported yet"),
+    ({"messages": QUESTION, "tools": []}, "tools.*not supported yet"),
+    ({"messages": QUESTION, "frobnicate": 1}, "unsupported field 'frobnicate'"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "images are not supported"),
+    ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "a"}]}, "tool messages"),
+    ({"messages": QUESTION, "logit_bias": {"99999999": -100}}, "not a token id"),
+    ({"messages": QUESTION, "presence_penalty": 3}, "presence_penalty"),
+    ({"messages": QUESTION, "top_logprobs": 2}, "top_logprobs needs logprobs"),
     ({"messages": []}, "messages must not be empty"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "role"),
 ])
 def test_bad_requests_get_400(client, kwargs, message):
+    known = {"messages", "temperature", "n", "response_format", "tools", "logit_bias", "presence_penalty",
+             "top_logprobs"}
+    args = {k: v for k, v in kwargs.items() if k in known}
+    extra = {k: v for k, v in kwargs.items() if k not in known}
     with pytest.raises(openai.BadRequestError, match=message):
-        client.chat.completions.create(model="x", **kwargs)
+        client.chat.completions.create(model="x", **args, extra_body=extra or None)
 
 
 def test_twenty_concurrent_requests(client, reference_answer):
@@ -167,3 +182,101 @@ def test_64_concurrent_requests_each_get_their_own_answer(client, server):
         assert reply.choices[0].message.content == alone[i], f"request {i}"
         assert reply.choices[0].finish_reason in ("stop", "length")
     assert len(set(alone)) > 32, "the questions get different answers"
+
+
+def test_content_parts_are_read_as_text(client, reference_answer):
+    parts = [{"role": "user", "content": [{"type": "text", "text": "What is the capital "},
+                                          {"type": "text", "text": "of France?"}]}]
+    reply = client.chat.completions.create(model="x", messages=parts, temperature=0, max_tokens=40)
+    assert reply.choices[0].message.content == reference_answer
+
+
+def test_n_choices_are_separate_samples(client):
+    reply = client.chat.completions.create(model="x", messages=QUESTION, temperature=1.0, n=3, seed=5, max_tokens=16)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    texts = [c.message.content for c in reply.choices]
+    assert len(set(texts)) > 1, texts
+    again = client.chat.completions.create(model="x", messages=QUESTION, temperature=1.0, n=3, seed=5, max_tokens=16)
+    assert [c.message.content for c in again.choices] == texts, "a seed fixes every choice"
+    assert reply.usage.completion_tokens == sum(
+        len(c.logprobs.content) for c in client.chat.completions.create(
+            model="x", messages=QUESTION, temperature=1.0, n=3, seed=5, max_tokens=16, logprobs=True).choices)
+    stream = client.chat.completions.create(model="x", messages=QUESTION, temperature=1.0, n=3, seed=5, max_tokens=16,
+                                            stream=True)
+    streamed = ["", "", ""]
+    for c in stream:
+        for choice in c.choices:
+            streamed[choice.index] += choice.delta.content or ""
+    assert [s.strip() for s in streamed] == texts
+
+
+def test_chat_logprobs_streamed_and_not(client):
+    reply = client.chat.completions.create(model="x", messages=QUESTION, temperature=0, max_tokens=10, logprobs=True,
+                                           top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens
+    assert "".join(t.token for t in content).strip() == reply.choices[0].message.content
+    for t in content:
+        assert t.logprob <= 0 and len(t.top_logprobs) == 3
+        assert t.top_logprobs[0].token == t.token and t.top_logprobs[0].logprob == pytest.approx(t.logprob)
+        assert bytes(t.bytes).decode() == t.token
+    stream = client.chat.completions.create(model="x", messages=QUESTION, temperature=0, max_tokens=10, logprobs=True,
+                                            top_logprobs=3, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [(t.token, round(t.logprob, 4)) for t in streamed] == [(t.token, round(t.logprob, 4)) for t in content]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(content)
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_completions_logprobs_and_echo_score_the_prompt(client):
+    """What evaluation harnesses send: echo with logprobs and no new tokens scores the prompt."""
+    text = "The capital of France is Paris"
+    scored = client.completions.create(model="x", prompt=text, max_tokens=0, echo=True, logprobs=2, temperature=0)
+    lp = scored.choices[0].logprobs
+    assert scored.choices[0].text == text
+    assert lp.token_logprobs[0] is None and all(x <= 0 for x in lp.token_logprobs[1:])
+    assert "".join(lp.tokens) == text and lp.text_offset[0] == 0
+    assert all(len(top) <= 2 for top in lp.top_logprobs[1:])
+    # The last token's log-probability equals that of generating it after the rest.
+    head = text[: lp.text_offset[-1]]
+    follow = client.completions.create(model="x", prompt=head, max_tokens=1, logprobs=5, temperature=0)
+    assert follow.choices[0].logprobs.top_logprobs[0].get(lp.tokens[-1]) == pytest.approx(lp.token_logprobs[-1], abs=1e-3)
+
+
+def test_logit_bias_and_penalties_change_the_answer(client, server, reference_answer):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(server.models_dir / "SmolLM2-GPTQ"))
+    first = client.chat.completions.create(model="x", messages=QUESTION, temperature=0, max_tokens=1)
+    first_ids = tokenizer.encode(first.choices[0].message.content, add_special_tokens=False)
+    assert len(first_ids) == 1
+    banned = client.chat.completions.create(model="x", messages=QUESTION, temperature=0, max_tokens=1,
+                                            logit_bias={str(first_ids[0]): -100})
+    assert banned.choices[0].message.content != first.choices[0].message.content
+    repeat = [{"role": "user", "content": "Repeat the word hello ten times."}]
+    plain = client.chat.completions.create(model="x", messages=repeat, temperature=0, max_tokens=40)
+    penalised = client.chat.completions.create(model="x", messages=repeat, temperature=0, max_tokens=40,
+                                               frequency_penalty=1.5)
+    counts = [r.choices[0].message.content.lower().count("hello") for r in (plain, penalised)]
+    assert counts[0] >= 2 and counts[1] < counts[0], counts
+
+
+def test_models_load_and_unload_with_the_admin_key_only(server, client, reference_answer):
+    """Last in this file: it unloads the model that the others use, then loads it again."""
+    def post(path: str, key: str, **body):
+        return httpx.post(f"{server.api_url}/internal/model/{path}", headers={"Authorization": f"Bearer {key}"},
+                          json=body or None, timeout=120)
+
+    assert post("unload", KEY).status_code == 401, "a user key cannot unload"
+    info = httpx.get(f"{server.api_url}/internal/model/info", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert info["model_name"] == "SmolLM2-GPTQ" and info["backend"] == "cpu"
+    assert post("unload", ADMIN_KEY).json() == {"status": "unloaded", "model_name": "SmolLM2-GPTQ"}
+    with pytest.raises(openai.APIStatusError, match="no model is loaded"):
+        client.chat.completions.create(model="x", messages=QUESTION, max_tokens=4)
+    missing = post("load", ADMIN_KEY, model_name="nope")
+    assert missing.status_code == 400 and "no model named 'nope'" in missing.json()["error"]["message"]
+    loaded = post("load", ADMIN_KEY, model_name="SmolLM2-GPTQ", context_length=512, cache_tokens=4096)
+    assert loaded.status_code == 200 and loaded.json()["context_length"] == 512
+    reply = client.chat.completions.create(model="x", messages=QUESTION, temperature=0, max_tokens=40)
+    assert reply.choices[0].message.content == reference_answer

@@ -198,3 +198,22 @@ def test_a_request_that_does_not_fit_yet_waits_for_room(small_cache):
     waiter.join(120)
     assert first.result.token_ids == alone and second.result.token_ids == alone
     assert engine.waiting() == 0 and engine.kv_tokens_held() == 0
+
+
+def test_logprobs_are_the_model_distribution(loaded):
+    """Each token's log-probability and top alternatives, from the engine, against log_softmax of the model run
+    over the whole text without a cache; greedy: the token is the top one."""
+    ids = chat(loaded, QUESTIONS[2])
+    gen = run(Generation(loaded, ids, SamplingParams(temperature=0, max_new_tokens=8), logprobs=3))
+    result = gen.result
+    assert [lp.token for lp in result.logprobs] == result.token_ids and len(result.token_ids) > 0
+    with torch.inference_mode():
+        full = torch.tensor([ids + result.token_ids])
+        expected = torch.log_softmax(loaded.model(full, torch.arange(full.shape[1]), cached=False)[0].float(), -1)
+    tolerance = 1e-3 if loaded.dtype == torch.float32 else 0.1
+    for i, lp in enumerate(result.logprobs):
+        row = expected[len(ids) - 1 + i]
+        assert abs(lp.logprob - float(row[lp.token])) < tolerance
+        assert len(lp.top) == 3 and lp.top[0][0] == lp.token
+        assert [t for t, _ in lp.top] == row.topk(3).indices.tolist() or loaded.dtype != torch.float32
+        assert all(a >= b for (_, a), (_, b) in zip(lp.top, lp.top[1:]))

@@ -1,8 +1,9 @@
-"""OpenAI-compatible API on the app's loaded model: /v1/models, /v1/completions, /v1/chat/completions.
+"""OpenAI-compatible API on the app's loaded model: /v1/models, /v1/completions, /v1/chat/completions, and
+model loading for an admin key.
 
-Each request runs as its own Generation; the model's engine runs them side by
-side with the UI's (continuous batching). A client that disconnects cancels its generation,
-whether it is running or still waiting for its turn.
+Each request (each of its ``n`` choices) runs as its own Generation; the model's engine runs them side by
+side with the UI's. A client that disconnects cancels its generations, running or waiting. A field this
+API does not support is a 400 that names it: nothing a client sends is silently ignored.
 """
 
 from __future__ import annotations
@@ -11,118 +12,202 @@ import asyncio
 import hmac
 import json
 import logging
+import random
 import threading
 import time
 import uuid
-from dataclasses import dataclass
-from typing import AsyncIterator, Literal
+from dataclasses import dataclass, replace
+from typing import Any, AsyncIterator, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from backends.engine import TokenLogprob
 from backends.generation import ContextOverflowError, Generation
+from backends.paged_cache import CacheTooSmall
+from backends.perplexity import prompt_logprobs
 from backends.sampling import SamplingParams
 from webui import templates
+from webui.settings import ModelSettings
 from webui.state import AppState, ModelNotLoaded
 from webui.templates import TemplateError
 
 log = logging.getLogger("gptq_workbench.api")
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop"}
+MAX_N = 16
+ADMIN_PATHS = ("/v1/internal/model/load", "/v1/internal/model/unload")
+# OpenAI fields that this API knows but does not do (yet): a 400 with this reason, never ignored.
+NOT_SUPPORTED = {
+    "response_format": "structured output (response_format) is not supported yet",
+    "tools": "tool calling (tools) is not supported yet",
+    "tool_choice": "tool calling (tool_choice) is not supported yet",
+    "functions": "function calling (functions) is not supported",
+    "function_call": "function calling (function_call) is not supported",
+    "parallel_tool_calls": "tool calling (parallel_tool_calls) is not supported yet",
+    "suffix": "suffix (insertion) is not supported",
+    "best_of": "best_of is not supported; use n",
+}
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.kind, self.code = status, message, kind, code
+        self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
 
     def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.kind, "param": None, "code": self.code}}
+        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
         return JSONResponse(body, status_code=self.status)
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
 class Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=0)
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
     top_k: int = Field(default=0, ge=0)
     min_p: float = Field(default=0.0, ge=0, le=1)
     typical_p: float = Field(default=1.0, gt=0, le=1)
     repetition_penalty: float = Field(default=1.0, gt=0)
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
-    n: int = 1
+    stream_options: StreamOptions | None = None
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    user: str | None = None  # the client's end-user id: logged
 
-    def params(self, default_max: int) -> SamplingParams:
-        if self.n != 1:
-            raise ApiError(400, "only n=1 is supported", code="unsupported_n")
+    def params(self, default_max: int, vocab_size: int) -> SamplingParams:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stops) > 4:
-            raise ApiError(400, "at most 4 stop sequences are allowed")
-        return SamplingParams(
-            max_new_tokens=self.max_tokens or default_max,
-            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
-            typical_p=self.typical_p, repetition_penalty=self.repetition_penalty, seed=self.seed,
-            stop_strings=tuple(s for s in stops if s),
-        )
+            raise ApiError(400, "at most 4 stop sequences are allowed", param="stop")
+        bias = []
+        for key, value in (self.logit_bias or {}).items():
+            if not key.lstrip("-").isdigit() or not 0 <= int(key) < vocab_size:
+                raise ApiError(400, f"logit_bias: {key!r} is not a token id of this model (0..{vocab_size - 1})",
+                               param="logit_bias")
+            bias.append((int(key), value))
+        try:
+            return SamplingParams(
+                max_new_tokens=max(self.max_tokens or default_max, 1),
+                temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+                typical_p=self.typical_p, repetition_penalty=self.repetition_penalty,
+                presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                logit_bias=tuple(bias), seed=self.seed, stop_strings=tuple(s for s in stops if s),
+            )
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from exc
 
 
 class CompletionRequest(Sampling):
     prompt: str | list[str]
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    echo: bool = False
 
 
 class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+    def as_message(self, index: int) -> dict[str, str]:
+        where = f"messages[{index}]"
+        if self.role == "tool" or self.tool_calls is not None or self.tool_call_id is not None:
+            raise ApiError(400, f"{where}: tool messages and tool_calls are not supported yet", param="messages")
+        if self.content is None:
+            raise ApiError(400, f"{where}: content is missing", param="messages")
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": message_text(self.content, where)}
+
+
+def message_text(content: str | list[dict[str, Any]], where: str) -> str:
+    """A message's text: a string, or a list of text parts joined (what current clients send)."""
+    if isinstance(content, str):
+        return content
+    texts = []
+    for i, part in enumerate(content):
+        kind = part.get("type")
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind in ("image_url", "image", "input_image"):
+            raise ApiError(400, f"{where}.content[{i}]: images are not supported: the loaded models read text only",
+                           param="messages")
+        else:
+            raise ApiError(400, f"{where}.content[{i}]: unsupported content part type {kind!r} (only 'text')",
+                           param="messages")
+    return "".join(texts)
 
 
 class ChatRequest(Sampling):
     messages: list[ChatMessage]
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     condition: str | None = None  # OpenChat: "GPT4 Correct", "Math Correct", ...
     template: str | None = None  # a named template of this app
 
 
+class LoadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model_name: str
+    backend: str | None = None
+    context_length: int | None = Field(default=None, ge=16)
+    cache_tokens: int | None = Field(default=None, ge=16)
+
+
 @dataclass
 class Job:
-    """One request's generation and what the response says about it."""
+    """One choice's generation and what the response says about it."""
 
     id: str
     model: str
     generation: Generation
     created: int
-
-    @property
-    def usage(self) -> dict:
-        r = self.generation.result
-        return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.new_tokens,
-                "total_tokens": r.prompt_tokens + r.new_tokens}
+    index: int = 0
 
     @property
     def finish_reason(self) -> str:
         return FINISH.get(self.generation.result.finish_reason, "stop")
 
 
-async def pieces(job: Job, request: Request) -> AsyncIterator[str]:
-    """The generation's text pieces, produced on a worker thread; cancelled when the client goes away."""
+def usage(jobs: list[Job], prompt_tokens: int) -> dict:
+    completion = sum(j.generation.result.new_tokens for j in jobs)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+
+async def pieces(job: Job, request: Request) -> AsyncIterator[tuple[str, int]]:
+    """The generation's text pieces, each with how many of its tokens' logprobs are ready, produced on a worker
+    thread; cancelled when the client goes away."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
+    result = job.generation.result
 
     def work() -> None:
         try:
             for piece in job.generation:
-                loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece))
-            result = job.generation.result
+                loop.call_soon_threadsafe(queue.put_nowait, ("piece", (piece, len(result.logprobs))))
             log.info("%s: finished (%s, %d tokens)", job.id, result.finish_reason, result.new_tokens)
             loop.call_soon_threadsafe(queue.put_nowait, ("done", None))
         except Exception as exc:  # noqa: BLE001 - passed to the request
             loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
 
-    threading.Thread(target=work, name=f"generate-{job.id}", daemon=True).start()
+    threading.Thread(target=work, name=f"generate-{job.id}-{job.index}", daemon=True).start()
     ended = False
     try:
         while True:
@@ -145,13 +230,86 @@ async def pieces(job: Job, request: Request) -> AsyncIterator[str]:
             log.info("%s: client went away; generation cancelled", job.id)
 
 
+async def merged(jobs: list[Job], request: Request) -> AsyncIterator[tuple[Job, str, int]]:
+    """Every choice's pieces as they come, tagged with their job."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def drain(job: Job) -> None:
+        try:
+            async for piece, ready in pieces(job, request):
+                await queue.put((job, piece, ready))
+        finally:
+            await queue.put((job, None, 0))
+
+    tasks = [asyncio.create_task(drain(job)) for job in jobs]
+    try:
+        open_jobs = len(jobs)
+        while open_jobs:
+            job, piece, ready = await queue.get()
+            if piece is None:
+                open_jobs -= 1
+                continue
+            yield job, piece, ready
+        for task in tasks:
+            task.result()  # a generation's error reaches the response
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def collect(jobs: list[Job], request: Request) -> list[str]:
+    texts = {id(job): [] for job in jobs}
+    async for job, piece, _ in merged(jobs, request):
+        texts[id(job)].append(piece)
+    return ["".join(texts[id(job)]) for job in jobs]
+
+
+class TokenText:
+    """Each token's text as it reads in context (a SentencePiece word keeps its leading space)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, context: list[int], token: int) -> str:
+        before = context[-4:]
+        decode = self.tokenizer.decode
+        head = decode(before, skip_special_tokens=False) if before else ""
+        return decode(before + [token], skip_special_tokens=False)[len(head):]
+
+
+def chat_logprobs(entries: list[TokenLogprob], context: list[int], text_of: TokenText) -> dict:
+    content = []
+    for entry in entries:
+        token = text_of(context, entry.token)
+        top = [{"token": (t := text_of(context, i)), "logprob": lp, "bytes": list(t.encode())} for i, lp in entry.top]
+        content.append({"token": token, "logprob": entry.logprob, "bytes": list(token.encode()), "top_logprobs": top})
+        context = context + [entry.token]
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(entries: list[TokenLogprob | None], ids: list[int], context: list[int], text_of: TokenText,
+                        offset: int) -> dict:
+    """The legacy completions format; ``ids``: the tokens ``entries`` describe, after ``context``."""
+    tokens, token_logprobs, tops, offsets = [], [], [], []
+    for entry, token in zip(entries, ids):
+        text = text_of(context, token)
+        tokens.append(text)
+        token_logprobs.append(entry.logprob if entry is not None else None)
+        tops.append({text_of(context, i): lp for i, lp in entry.top} if entry is not None else None)
+        offsets.append(offset)
+        offset += len(text)
+        context = context + [token]
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
 def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-def build_api(state: AppState, api_keys: list[str] | None = None) -> FastAPI:
+def build_api(state: AppState, api_keys: list[str] | None = None, admin_keys: list[str] | None = None) -> FastAPI:
     app = FastAPI(title="GPTQ Workbench API", docs_url=None, redoc_url=None)
     keys = [k for k in (api_keys or []) if k]
+    admins = [k for k in (admin_keys or []) if k]
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError):
@@ -159,32 +317,59 @@ def build_api(state: AppState, api_keys: list[str] | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError):
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors())
-        return ApiError(400, f"invalid request: {problems}").response()
+        problems, param = [], None
+        for e in exc.errors():
+            where = ".".join(str(p) for p in e["loc"][1:]) or "body"
+            name = str(e["loc"][-1]) if e["loc"] else ""
+            if e["type"] == "extra_forbidden":
+                param = param or name
+                problems.append(f"{where}: {NOT_SUPPORTED.get(name, f'unsupported field {name!r}')}")
+            else:
+                problems.append(f"{where}: {e['msg']}")
+        return ApiError(400, f"invalid request: {'; '.join(problems)}", param=param).response()
+
+    def bearer(request: Request) -> str:
+        return request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+
+    def matches(given: str, allowed: list[str]) -> bool:
+        return any(hmac.compare_digest(given, k) for k in allowed)
 
     @app.middleware("http")
     async def check_key(request: Request, call_next):
-        if keys:
-            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-            if not any(hmac.compare_digest(given, k) for k in keys):
-                return ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
-                                code="invalid_api_key").response()
+        given = bearer(request)
+        if request.url.path in ADMIN_PATHS:
+            if not admins:
+                return ApiError(403, "model management is off: start the app with --admin-key KEY",
+                                kind="permission_error").response()
+            if not matches(given, admins):
+                return ApiError(401, "loading and unloading models needs the admin key", code="invalid_api_key").response()
+        elif keys and not matches(given, keys + admins):
+            return ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                            code="invalid_api_key").response()
         return await call_next(request)
 
-    def start(prompt_ids_for, body: Sampling, template: str | None, prefix: str) -> Job:
+    def loaded_model():
         try:
-            loaded = state.require_model()
+            return state.require_model()
         except ModelNotLoaded as exc:
             raise ApiError(503, str(exc), kind="server_error", code="model_not_loaded") from exc
-        try:
-            params = body.params(default_max=512 if prefix == "chatcmpl" else 16)
-            generation = state.generation(prompt_ids_for(loaded.tokenizer), params, template)
-        except (ContextOverflowError, TemplateError, ValueError) as exc:
-            raise ApiError(400, str(exc)) from exc
-        job = Job(f"{prefix}-{uuid.uuid4().hex[:24]}", loaded.name, generation, int(time.time()))
-        log.info("%s: %d prompt tokens; %d running, %d waiting", job.id, len(generation.prompt_ids),
-                 loaded.engine.running(), loaded.engine.waiting())
-        return job
+
+    def start(prompt: list[int], body: Sampling, template: str | None, prefix: str, logprobs: int | None,
+              default_max: int) -> list[Job]:
+        loaded = loaded_model()
+        params = body.params(default_max, loaded.args.vocab_size)
+        seed = params.seed if params.seed is not None else random.randrange(2**31)
+        jobs = []
+        job_id = f"{prefix}-{uuid.uuid4().hex[:24]}"
+        for index in range(body.n):
+            try:
+                generation = state.generation(prompt, replace(params, seed=seed + index), template, logprobs)
+            except (ContextOverflowError, CacheTooSmall, TemplateError, ValueError) as exc:
+                raise ApiError(400, str(exc)) from exc
+            jobs.append(Job(job_id, loaded.name, generation, int(time.time()), index))
+        log.info("%s: %d prompt tokens, n=%d%s; %d running, %d waiting", job_id, len(prompt), body.n,
+                 f", user {body.user!r}" if body.user else "", loaded.engine.running(), loaded.engine.waiting())
+        return jobs
 
     @app.get("/v1/models")
     async def models():
@@ -193,55 +378,159 @@ def build_api(state: AppState, api_keys: list[str] | None = None) -> FastAPI:
             names = [state.loaded.name] + [n for n in names if n != state.loaded.name]
         return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "local"} for n in names]}
 
+    @app.get("/v1/internal/model/info")
+    async def model_info():
+        loaded = state.loaded
+        if loaded is None:
+            return {"model_name": None}
+        return {"model_name": loaded.name, "backend": loaded.backend, "device": str(loaded.device),
+                "context_length": loaded.context_length, "running": loaded.engine.running(),
+                "waiting": loaded.engine.waiting()}
+
+    @app.post("/v1/internal/model/load")
+    async def load(body: LoadRequest):
+        try:
+            settings = state.settings_for(body.model_name)
+            settings = ModelSettings(
+                backend=body.backend or settings.backend, context_length=body.context_length or settings.context_length,
+                template=settings.template, preset=settings.preset, cache_tokens=body.cache_tokens or settings.cache_tokens)
+            report = await asyncio.to_thread(state.load, body.model_name, settings)
+        except (ValueError, OSError, MemoryError) as exc:
+            raise ApiError(400, str(exc), param="model_name") from exc
+        log.info("loaded %s through the API", body.model_name)
+        return {"status": "loaded", "model_name": report.name, "backend": report.loaded.backend,
+                "context_length": report.loaded.context_length, "seconds": round(report.seconds, 2)}
+
+    @app.post("/v1/internal/model/unload")
+    async def unload():
+        name = await asyncio.to_thread(state.unload)
+        return {"status": "unloaded" if name else "nothing was loaded", "model_name": name}
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1 or not prompts[0]:
-            raise ApiError(400, "prompt must be one non-empty string")
-        job = start(lambda tok: tok.encode(prompts[0], add_special_tokens=True), body, None, "cmpl")
+            raise ApiError(400, "prompt must be one non-empty string", param="prompt")
+        if body.max_tokens == 0 and not body.echo:
+            raise ApiError(400, "max_tokens must be at least 1 (0 only with echo, to score the prompt)",
+                           param="max_tokens")
+        loaded = loaded_model()
+        prompt = loaded.tokenizer.encode(prompts[0], add_special_tokens=True)
+        text_of = TokenText(loaded.tokenizer)
+        scored = None
+        if body.echo and body.logprobs is not None:
+            try:
+                scored = await asyncio.to_thread(prompt_logprobs, loaded, prompt, body.logprobs)
+            except ValueError as exc:
+                raise ApiError(400, str(exc), param="prompt") from exc
+        jobs = [] if body.max_tokens == 0 else start(prompt, body, None, "cmpl", body.logprobs, 16)
+        created = int(time.time())
+        job_id = jobs[0].id if jobs else f"cmpl-{uuid.uuid4().hex[:24]}"
+        head = prompts[0] if body.echo else ""
 
-        def chunk(text: str, finish: str | None) -> dict:
-            return {"id": job.id, "object": "text_completion", "created": job.created, "model": job.model,
-                    "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+        def logprobs_of(job: Job | None, text_offset: int) -> dict | None:
+            if body.logprobs is None:
+                return None
+            entries, ids, context = [], [], []
+            if scored is not None:
+                entries, ids = list(scored), list(prompt)
+            if job is not None:
+                r = job.generation.result
+                entries += r.logprobs
+                ids += r.token_ids[: len(r.logprobs)]
+                context = [] if scored is not None else prompt
+            return completion_logprobs(entries, ids, context, text_of, text_offset)
+
+        def chunk(index: int, text: str, finish: str | None, logprobs: dict | None = None) -> dict:
+            return {"id": job_id, "object": "text_completion", "created": created, "model": loaded.name,
+                    "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
 
         if body.stream:
             async def events():
-                async for piece in pieces(job, request):
-                    yield sse(chunk(piece, None))
-                yield sse({**chunk("", job.finish_reason), "usage": job.usage})
+                sent = {job.index: 0 for job in jobs}
+                async for job, piece, ready in merged(jobs, request):
+                    lp = None
+                    if body.logprobs is not None:
+                        r = job.generation.result
+                        lp = completion_logprobs(r.logprobs[sent[job.index]:ready], r.token_ids[sent[job.index]:ready],
+                                                 prompt + r.token_ids[: sent[job.index]], text_of, 0)
+                        sent[job.index] = ready
+                    yield sse(chunk(job.index, piece, None, lp))
+                for job in jobs:
+                    yield sse(chunk(job.index, "", job.finish_reason))
+                if body.stream_options and body.stream_options.include_usage:
+                    yield sse({"id": job_id, "object": "text_completion", "created": created, "model": loaded.name,
+                               "choices": [], "usage": usage(jobs, len(prompt))})
                 yield sse("[DONE]")
             return StreamingResponse(events(), media_type="text/event-stream")
-        text = "".join([p async for p in pieces(job, request)])
-        return {**chunk(text, job.finish_reason), "usage": job.usage}
+        texts = await collect(jobs, request) if jobs else [""]
+        choices = []
+        for i, text in enumerate(texts):
+            job = jobs[i] if jobs else None
+            choices.append({"index": i, "text": head + text, "logprobs": logprobs_of(job, 0),
+                            "finish_reason": job.finish_reason if job else "length"})
+        return {"id": job_id, "object": "text_completion", "created": created, "model": loaded.name,
+                "choices": choices, "usage": usage(jobs, len(prompt))}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         if not body.messages:
-            raise ApiError(400, "messages must not be empty")
+            raise ApiError(400, "messages must not be empty", param="messages")
+        if body.max_tokens is not None and body.max_completion_tokens is not None:
+            raise ApiError(400, "give max_tokens or max_completion_tokens, not both", param="max_tokens")
+        if body.max_tokens == 0:
+            raise ApiError(400, "max_tokens must be at least 1", param="max_tokens")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        if body.max_completion_tokens is not None:
+            body = body.model_copy(update={"max_tokens": body.max_completion_tokens})
+        messages = [m.as_message(i) for i, m in enumerate(body.messages)]
         template = chat_template(state, body)
-        messages = [m.model_dump() for m in body.messages]
+        loaded = loaded_model()
         continue_last = messages[-1]["role"] == "assistant"
-        job = start(lambda tok: templates.prompt_ids(tok, template, messages, continue_last), body, template, "chatcmpl")
+        try:
+            prompt = templates.prompt_ids(loaded.tokenizer, template, messages, continue_last)
+        except TemplateError as exc:
+            raise ApiError(400, str(exc), param="messages") from exc
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        jobs = start(prompt, body, template, "chatcmpl", logprobs, 512)
+        text_of = TokenText(loaded.tokenizer)
+        first = jobs[0]
 
-        def chunk(delta: dict, finish: str | None) -> dict:
-            return {"id": job.id, "object": "chat.completion.chunk", "created": job.created, "model": job.model,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        def chunk(index: int, delta: dict, finish: str | None, lp: dict | None = None) -> dict:
+            return {"id": first.id, "object": "chat.completion.chunk", "created": first.created, "model": first.model,
+                    "system_fingerprint": None,
+                    "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
 
         if body.stream:
             async def events():
-                yield sse(chunk({"role": "assistant", "content": ""}, None))
-                async for piece in pieces(job, request):
-                    yield sse(chunk({"content": piece}, None))
-                yield sse({**chunk({}, job.finish_reason), "usage": job.usage})
+                sent = {job.index: 0 for job in jobs}
+                for job in jobs:
+                    yield sse(chunk(job.index, {"role": "assistant", "content": ""}, None))
+                async for job, piece, ready in merged(jobs, request):
+                    lp = None
+                    if logprobs is not None:
+                        r = job.generation.result
+                        lp = chat_logprobs(r.logprobs[sent[job.index]:ready], prompt + r.token_ids[: sent[job.index]],
+                                           text_of)
+                        sent[job.index] = ready
+                    yield sse(chunk(job.index, {"content": piece}, None, lp))
+                for job in jobs:
+                    yield sse(chunk(job.index, {}, job.finish_reason))
+                if body.stream_options and body.stream_options.include_usage:
+                    yield sse({"id": first.id, "object": "chat.completion.chunk", "created": first.created,
+                               "model": first.model, "system_fingerprint": None, "choices": [],
+                               "usage": usage(jobs, len(prompt))})
                 yield sse("[DONE]")
             return StreamingResponse(events(), media_type="text/event-stream")
-        text = "".join([p async for p in pieces(job, request)])
-        return {
-            "id": job.id, "object": "chat.completion", "created": job.created, "model": job.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text.strip()},
-                         "logprobs": None, "finish_reason": job.finish_reason}],
-            "usage": job.usage,
-        }
+        texts = await collect(jobs, request)
+        choices = []
+        for job, text in zip(jobs, texts):
+            lp = chat_logprobs(job.generation.result.logprobs, prompt, text_of) if logprobs is not None else None
+            choices.append({"index": job.index, "message": {"role": "assistant", "content": text.strip(), "refusal": None},
+                            "logprobs": lp, "finish_reason": job.finish_reason})
+        return {"id": first.id, "object": "chat.completion", "created": first.created, "model": first.model,
+                "system_fingerprint": None, "choices": choices, "usage": usage(jobs, len(prompt))}
 
     return app
 
@@ -250,12 +539,14 @@ def chat_template(state: AppState, body: ChatRequest) -> str:
     """`template`, else OpenChat's `condition`, else the template chosen for the loaded model."""
     if body.template:
         if body.template not in templates.template_names():
-            raise ApiError(400, f"unknown template {body.template!r}; known: {', '.join(templates.template_names())}")
+            raise ApiError(400, f"unknown template {body.template!r}; known: {', '.join(templates.template_names())}",
+                           param="template")
         return body.template
     if body.condition:
         name = templates.CONDITIONS.get(body.condition, body.condition)
         if name not in templates.NAMED:
-            raise ApiError(400, f"unknown condition {body.condition!r}; known: {', '.join(templates.CONDITIONS)}")
+            raise ApiError(400, f"unknown condition {body.condition!r}; known: {', '.join(templates.CONDITIONS)}",
+                           param="condition")
         return name
     return state.template
 

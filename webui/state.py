@@ -196,7 +196,8 @@ class AppState:
             raise ModelNotLoaded()
         return self.loaded
 
-    def generation(self, prompt_ids: list[int], params: SamplingParams, template: str | None = None) -> Generation:
+    def generation(self, prompt_ids: list[int], params: SamplingParams, template: str | None = None,
+                   logprobs: int | None = None) -> Generation:
         loaded = self.require_model()
         if template is not None:
             params = replace(
@@ -204,7 +205,7 @@ class AppState:
                 stop_strings=params.stop_strings + templates.stop_strings(template),
                 stop_token_ids=params.stop_token_ids + templates.stop_token_ids(loaded.tokenizer, template),
             )
-        generation = Generation(loaded, prompt_ids, params)
+        generation = Generation(loaded, prompt_ids, params, logprobs=logprobs)
         self._generations.add(generation)
         return generation
 
