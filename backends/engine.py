@@ -22,6 +22,7 @@ from typing import Iterator
 import torch
 
 from backends.batch_graphs import BatchedDecoder
+from backends.constraints import Constraint
 from backends.cuda_graph import GraphedDecoder
 from backends.model import Transformer
 from backends.paged_attention import PagedStep, Segment, kernel_takes
@@ -90,6 +91,7 @@ class Request:
     stop_ids: frozenset[int]
     cancel: threading.Event
     logprobs: int | None = None  # None: none; k: each token's log-probability and the k most likely
+    constraint: Constraint | None = None  # structured output: the grammar its tokens must follow
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
 
     def __iter__(self) -> Iterator[tuple[str, object]]:
@@ -439,10 +441,11 @@ class Engine:
         """The next token of each sequence ``[len(seqs)]``, on the device (nothing waits for it)."""
         chosen = logits.argmax(dim=-1)
         for i, seq in enumerate(seqs):
-            params = seq.request.params
-            if not params.plain_greedy:
+            params, constraint = seq.request.params, seq.request.constraint
+            if not params.plain_greedy or constraint is not None:
+                row = constraint.mask(logits[i]) if constraint is not None else logits[i]
                 previous = seq.history if seq.history is not None else logits.new_empty(0, dtype=torch.long)
-                chosen[i] = sample_token(logits[i], previous, params, seq.generator, len(seq.request.prompt_ids))[0]
+                chosen[i] = sample_token(row, previous, params, seq.generator, len(seq.request.prompt_ids))[0]
         return chosen
 
     def _accept(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> None:
@@ -451,12 +454,29 @@ class Engine:
         seq.generated += 1
         if token in request.stop_ids:
             self._finish(seq, "eos")
+        elif request.constraint is not None and self._constrained_end(seq, token):
+            self._finish(seq, "eos")
+        elif seq not in self._running:
+            return  # dropped: its matcher failed
         elif seq.generated >= request.max_new:
             self._finish(seq, "length")
         else:
             seq.tokens.append(token)
             if seq.history is not None:
                 seq.history = torch.cat([seq.history, torch.tensor([token], device=self.device)])
+
+    def _constrained_end(self, seq: Sequence, token: int) -> bool:
+        """Consumes the token; True once the grammar is complete (only the end token could follow), or once
+        the matcher failed (that request alone hears of it)."""
+        constraint = seq.request.constraint
+        try:
+            constraint.consume(token)
+        except ValueError as exc:
+            log.exception("structured output failed")
+            seq.request.events.put(("error", exc))
+            self._drop(seq)
+            return False
+        return constraint.finished
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self._drop(seq)

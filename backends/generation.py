@@ -21,6 +21,7 @@ from typing import Iterator
 
 import torch
 
+from backends.constraints import Constraint, Grammar
 from backends.engine import Request, TokenLogprob
 from backends.sampling import SamplingParams
 
@@ -120,7 +121,7 @@ class Generation:
     ``next``; leaving the loop early (or setting ``cancel``) ends it in the engine."""
 
     def __init__(self, loaded, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event | None = None,
-                 logprobs: int | None = None):
+                 logprobs: int | None = None, grammar: Grammar | None = None):
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         context = loaded.context_length
@@ -135,6 +136,8 @@ class Generation:
         self.cancel = cancel or threading.Event()
         self.max_new = min(params.max_new_tokens, context - len(prompt_ids))
         self.logprobs = logprobs
+        # Built here, so that a bad schema is refused before anything runs.
+        self.constraint = Constraint(grammar, loaded.tokenizer, loaded.args.vocab_size) if grammar else None
         loaded.engine.check_fits(len(prompt_ids) + self.max_new)
         seed = params.seed if params.seed is not None else random.randrange(2**31)
         self.result = GenerationResult(prompt_tokens=len(prompt_ids), seed=seed)
@@ -142,7 +145,8 @@ class Generation:
     def __iter__(self) -> Iterator[str]:
         result = self.result
         request = Request(self.prompt_ids, self.params, result.seed, self.max_new,
-                          frozenset(stop_token_ids(self.loaded, self.params)), self.cancel, self.logprobs)
+                          frozenset(stop_token_ids(self.loaded, self.params)), self.cancel, self.logprobs,
+                          self.constraint)
         started = time.perf_counter()
         self.loaded.engine.submit(request)
         decoder = IncrementalDecoder(self.loaded.tokenizer, self.prompt_ids[-4:])

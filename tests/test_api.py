@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -110,7 +111,9 @@ def test_condition_selects_the_openchat_template(client, server):
     ({"messages": [{"role": "user", "content": "word " * 600}]}, "context length is 512"),
     ({"messages": QUESTION, "temperature": -1}, "temperature"),
     ({"messages": QUESTION, "n": 17}, "n: Input should be less than or equal to 16"),
-    ({"messages": QUESTION, "response_format": {"type": "json_object"}}, "response_format.*not supported yet"),
+    ({"messages": QUESTION, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"a": {"type": "frobnicate"}}}}}}, "response_format.*cannot be used"),
+    ({"messages": QUESTION, "response_format": {"type": "yaml"}}, "unknown type 'yaml'"),
     ({"messages": QUESTION, "tools": []}, "tools.*not supported yet"),
     ({"messages": QUESTION, "frobnicate": 1}, "unsupported field 'frobnicate'"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
@@ -262,6 +265,27 @@ def test_logit_bias_and_penalties_change_the_answer(client, server, reference_an
     assert counts[0] >= 2 and counts[1] < counts[0], counts
 
 
+def test_structured_output_through_the_client(client):
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"capital": {"type": "string", "maxLength": 30},
+                                               "population_millions": {"type": "integer", "minimum": 0, "maximum": 999}},
+              "required": ["capital", "population_millions"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": schema, "strict": True}}
+    for params in ({"temperature": 0}, {"temperature": 1.0, "seed": 4, "n": 3}):
+        reply = client.chat.completions.create(model="x", messages=QUESTION, max_tokens=150, response_format=fmt,
+                                               **params)
+        for choice in reply.choices:
+            assert choice.finish_reason == "stop", choice.message.content
+            jsonschema.validate(json.loads(choice.message.content), schema)
+    stream = client.chat.completions.create(model="x", messages=QUESTION, max_tokens=150, response_format=fmt,
+                                            temperature=0, stream=True)
+    jsonschema.validate(json.loads("".join(c.choices[0].delta.content or "" for c in stream if c.choices)), schema)
+    regex = client.completions.create(model="x", prompt="Is Paris in France?", max_tokens=20, temperature=0,
+                                      extra_body={"response_format": {"type": "regex", "regex": "(Yes|No)[.!]"}})
+    assert re.fullmatch(r"(Yes|No)[.!]", regex.choices[0].text)
+
+
 def test_models_load_and_unload_with_the_admin_key_only(server, client, reference_answer):
     """Last in this file: it unloads the model that the others use, then loads it again."""
     def post(path: str, key: str, **body):
@@ -280,3 +304,4 @@ def test_models_load_and_unload_with_the_admin_key_only(server, client, referenc
     assert loaded.status_code == 200 and loaded.json()["context_length"] == 512
     reply = client.chat.completions.create(model="x", messages=QUESTION, temperature=0, max_tokens=40)
     assert reply.choices[0].message.content == reference_answer
+

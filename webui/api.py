@@ -24,6 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from backends.constraints import Grammar, GrammarError
 from backends.engine import TokenLogprob
 from backends.generation import ContextOverflowError, Generation
 from backends.paged_cache import CacheTooSmall
@@ -40,7 +41,6 @@ MAX_N = 16
 ADMIN_PATHS = ("/v1/internal/model/load", "/v1/internal/model/unload")
 # OpenAI fields that this API knows but does not do (yet): a 400 with this reason, never ignored.
 NOT_SUPPORTED = {
-    "response_format": "structured output (response_format) is not supported yet",
     "tools": "tool calling (tools) is not supported yet",
     "tool_choice": "tool calling (tool_choice) is not supported yet",
     "functions": "function calling (functions) is not supported",
@@ -87,6 +87,29 @@ class Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=MAX_N)
     user: str | None = None  # the client's end-user id: logged
+    response_format: dict[str, Any] | None = None
+
+    def grammar(self) -> Grammar | None:
+        """``response_format`` as a grammar: OpenAI's text / json_object / json_schema, and this API's
+        extensions {"type": "regex", "regex": ...} and {"type": "grammar", "grammar": <Lark>}."""
+        fmt = self.response_format
+        if fmt is None or fmt.get("type") == "text":
+            return None
+        kind = fmt.get("type")
+        if kind == "json_object":
+            return Grammar("json_object")
+        if kind == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                raise ApiError(400, "response_format.json_schema.schema must be a JSON Schema object",
+                               param="response_format")
+            return Grammar("json_schema", json.dumps(spec["schema"]))
+        if kind == "regex" and isinstance(fmt.get("regex"), str):
+            return Grammar("regex", fmt["regex"])
+        if kind == "grammar" and isinstance(fmt.get("grammar"), str):
+            return Grammar("lark", fmt["grammar"])
+        raise ApiError(400, f"response_format: unknown type {kind!r} (text, json_object, json_schema, or this API's "
+                       "regex and grammar, with their 'regex' or 'grammar' field)", param="response_format")
 
     def params(self, default_max: int, vocab_size: int) -> SamplingParams:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -358,12 +381,15 @@ def build_api(state: AppState, api_keys: list[str] | None = None, admin_keys: li
               default_max: int) -> list[Job]:
         loaded = loaded_model()
         params = body.params(default_max, loaded.args.vocab_size)
+        grammar = body.grammar()
         seed = params.seed if params.seed is not None else random.randrange(2**31)
         jobs = []
         job_id = f"{prefix}-{uuid.uuid4().hex[:24]}"
         for index in range(body.n):
             try:
-                generation = state.generation(prompt, replace(params, seed=seed + index), template, logprobs)
+                generation = state.generation(prompt, replace(params, seed=seed + index), template, logprobs, grammar)
+            except GrammarError as exc:
+                raise ApiError(400, f"response_format: {exc}", param="response_format") from exc
             except (ContextOverflowError, CacheTooSmall, TemplateError, ValueError) as exc:
                 raise ApiError(400, str(exc)) from exc
             jobs.append(Job(job_id, loaded.name, generation, int(time.time()), index))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from backends.constraints import Grammar
 from backends.engine import cached_tokens
 from backends.generation import Generation
 from backends.loader import (LoadedModel, LoadOptions, default_context, load_model, resolve_device,
@@ -197,7 +198,7 @@ class AppState:
         return self.loaded
 
     def generation(self, prompt_ids: list[int], params: SamplingParams, template: str | None = None,
-                   logprobs: int | None = None) -> Generation:
+                   logprobs: int | None = None, grammar: Grammar | None = None) -> Generation:
         loaded = self.require_model()
         if template is not None:
             params = replace(
@@ -205,7 +206,7 @@ class AppState:
                 stop_strings=params.stop_strings + templates.stop_strings(template),
                 stop_token_ids=params.stop_token_ids + templates.stop_token_ids(loaded.tokenizer, template),
             )
-        generation = Generation(loaded, prompt_ids, params, logprobs=logprobs)
+        generation = Generation(loaded, prompt_ids, params, logprobs=logprobs, grammar=grammar)
         self._generations.add(generation)
         return generation
 
