@@ -114,11 +114,12 @@ def test_condition_selects_the_openchat_template(client, server):
     ({"messages": QUESTION, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
         "type": "object", "properties": {"a": {"type": "frobnicate"}}}}}}, "response_format.*cannot be used"),
     ({"messages": QUESTION, "response_format": {"type": "yaml"}}, "unknown type 'yaml'"),
-    ({"messages": QUESTION, "tools": []}, "tools.*not supported yet"),
+    ({"messages": QUESTION, "tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "function.name"),
+    ({"messages": QUESTION, "tool_choice": "required"}, "needs tools"),
     ({"messages": QUESTION, "frobnicate": 1}, "unsupported field 'frobnicate'"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "images are not supported"),
-    ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "a"}]}, "tool messages"),
+    ({"messages": [{"role": "tool", "content": "42"}]}, "needs the tool_call_id"),
     ({"messages": QUESTION, "logit_bias": {"99999999": -100}}, "not a token id"),
     ({"messages": QUESTION, "presence_penalty": 3}, "presence_penalty"),
     ({"messages": QUESTION, "top_logprobs": 2}, "top_logprobs needs logprobs"),
@@ -126,8 +127,8 @@ def test_condition_selects_the_openchat_template(client, server):
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "role"),
 ])
 def test_bad_requests_get_400(client, kwargs, message):
-    known = {"messages", "temperature", "n", "response_format", "tools", "logit_bias", "presence_penalty",
-             "top_logprobs"}
+    known = {"messages", "temperature", "n", "response_format", "tools", "tool_choice", "logit_bias",
+             "presence_penalty", "top_logprobs"}
     args = {k: v for k, v in kwargs.items() if k in known}
     extra = {k: v for k, v in kwargs.items() if k not in known}
     with pytest.raises(openai.BadRequestError, match=message):
@@ -284,6 +285,53 @@ def test_structured_output_through_the_client(client):
     regex = client.completions.create(model="x", prompt="Is Paris in France?", max_tokens=20, temperature=0,
                                       extra_body={"response_format": {"type": "regex", "regex": "(Yes|No)[.!]"}})
     assert re.fullmatch(r"(Yes|No)[.!]", regex.choices[0].text)
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+WEATHER_QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def test_a_forced_tool_call_has_valid_arguments(client):
+    import jsonschema
+
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for params in ({"temperature": 0}, {"temperature": 1.0, "seed": 8, "n": 2}):
+        reply = client.chat.completions.create(model="x", messages=WEATHER_QUESTION, tools=[WEATHER],
+                                               tool_choice=named, max_tokens=80, **params)
+        for choice in reply.choices:
+            assert choice.finish_reason == "tool_calls" and choice.message.content is None
+            (call,) = choice.message.tool_calls
+            assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+            jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+    stream = client.chat.completions.create(model="x", messages=WEATHER_QUESTION, tools=[WEATHER],
+                                            tool_choice="required", max_tokens=80, temperature=0, stream=True)
+    chunks = list(stream)
+    calls = [t for c in chunks if c.choices for t in (c.choices[0].delta.tool_calls or [])]
+    assert len(calls) == 1 and calls[0].function.name == "get_weather"
+    jsonschema.validate(json.loads(calls[0].function.arguments), WEATHER["function"]["parameters"])
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert not any(c.choices[0].delta.content for c in chunks if c.choices), "the call is not sent as text"
+
+
+def test_tool_results_in_the_history_reach_the_prompt(client):
+    history = WEATHER_QUESTION + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather",
+                                                              "arguments": '{"city": "Paris", "unit": "celsius"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "It is 31 degrees and sunny in Paris."}]
+    reply = client.chat.completions.create(model="x", messages=history, tools=[WEATHER], max_tokens=40, temperature=0)
+    without = client.chat.completions.create(model="x", messages=WEATHER_QUESTION, tools=[WEATHER], max_tokens=1)
+    assert reply.usage.prompt_tokens > without.usage.prompt_tokens + 20
+    choice = reply.choices[0]
+    assert choice.finish_reason in ("stop", "length", "tool_calls")
+    assert (choice.message.tool_calls is not None) == (choice.finish_reason == "tool_calls")
+    none = client.chat.completions.create(model="x", messages=WEATHER_QUESTION, tools=[WEATHER], tool_choice="none",
+                                         max_tokens=20, temperature=0)
+    assert none.choices[0].message.tool_calls is None and none.choices[0].finish_reason != "tool_calls"
 
 
 def test_models_load_and_unload_with_the_admin_key_only(server, client, reference_answer):

@@ -30,10 +30,11 @@ from backends.generation import ContextOverflowError, Generation
 from backends.paged_cache import CacheTooSmall
 from backends.perplexity import prompt_logprobs
 from backends.sampling import SamplingParams
-from webui import templates
+from webui import templates, tools as tool_calls
 from webui.settings import ModelSettings
 from webui.state import AppState, ModelNotLoaded
 from webui.templates import TemplateError
+from webui.tools import ToolError, chosen_tools, forced_schema, parse_calls, parse_tools, starts_like_a_call
 
 log = logging.getLogger("gptq_workbench.api")
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop"}
@@ -41,11 +42,8 @@ MAX_N = 16
 ADMIN_PATHS = ("/v1/internal/model/load", "/v1/internal/model/unload")
 # OpenAI fields that this API knows but does not do (yet): a 400 with this reason, never ignored.
 NOT_SUPPORTED = {
-    "tools": "tool calling (tools) is not supported yet",
-    "tool_choice": "tool calling (tool_choice) is not supported yet",
     "functions": "function calling (functions) is not supported",
     "function_call": "function calling (function_call) is not supported",
-    "parallel_tool_calls": "tool calling (parallel_tool_calls) is not supported yet",
     "suffix": "suffix (insertion) is not supported",
     "best_of": "best_of is not supported; use n",
 }
@@ -148,14 +146,26 @@ class ChatMessage(BaseModel):
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
 
-    def as_message(self, index: int) -> dict[str, str]:
+    def as_message(self, index: int) -> dict[str, Any]:
         where = f"messages[{index}]"
-        if self.role == "tool" or self.tool_calls is not None or self.tool_call_id is not None:
-            raise ApiError(400, f"{where}: tool messages and tool_calls are not supported yet", param="messages")
-        if self.content is None:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ApiError(400, f"{where}: only assistant messages carry tool_calls", param="messages")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ApiError(400, f"{where}: a tool message needs the tool_call_id it answers", param="messages")
+        if self.content is None and not self.tool_calls:
             raise ApiError(400, f"{where}: content is missing", param="messages")
-        role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": message_text(self.content, where)}
+        for call in self.tool_calls or []:
+            function = call.get("function")
+            if call.get("type", "function") != "function" or not isinstance(function, dict) or "name" not in function:
+                raise ApiError(400, f"{where}.tool_calls: each call is {{'type': 'function', 'id', 'function': "
+                               "{'name', 'arguments'}}", param="messages")
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
+                                   "content": message_text(self.content, where) if self.content is not None else ""}
+        if self.tool_calls:
+            message["tool_calls"] = self.tool_calls
+        if self.tool_call_id:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
 def message_text(content: str | list[dict[str, Any]], where: str) -> str:
@@ -183,6 +193,9 @@ class ChatRequest(Sampling):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     condition: str | None = None  # OpenChat: "GPT4 Correct", "Math Correct", ...
     template: str | None = None  # a named template of this app
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
 
 
 class LoadRequest(BaseModel):
@@ -378,10 +391,10 @@ def build_api(state: AppState, api_keys: list[str] | None = None, admin_keys: li
             raise ApiError(503, str(exc), kind="server_error", code="model_not_loaded") from exc
 
     def start(prompt: list[int], body: Sampling, template: str | None, prefix: str, logprobs: int | None,
-              default_max: int) -> list[Job]:
+              default_max: int, grammar: Grammar | None = None) -> list[Job]:
         loaded = loaded_model()
         params = body.params(default_max, loaded.args.vocab_size)
-        grammar = body.grammar()
+        grammar = grammar or body.grammar()
         seed = params.seed if params.seed is not None else random.randrange(2**31)
         jobs = []
         job_id = f"{prefix}-{uuid.uuid4().hex[:24]}"
@@ -513,15 +526,39 @@ def build_api(state: AppState, api_keys: list[str] | None = None, admin_keys: li
         messages = [m.as_message(i) for i, m in enumerate(body.messages)]
         template = chat_template(state, body)
         loaded = loaded_model()
-        continue_last = messages[-1]["role"] == "assistant"
+        continue_last = messages[-1]["role"] == "assistant" and not messages[-1].get("tool_calls")
         try:
-            prompt = templates.prompt_ids(loaded.tokenizer, template, messages, continue_last)
-        except TemplateError as exc:
+            offered = parse_tools(body.tools or [])
+            callable_tools, forced = chosen_tools(offered, body.tool_choice)
+        except ToolError as exc:
+            raise ApiError(400, str(exc), param="tools") from exc
+        if forced and body.response_format is not None:
+            raise ApiError(400, "a forced tool_choice and response_format cannot be combined", param="tool_choice")
+        try:
+            if offered or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+                prompt = tool_calls.prompt_ids(loaded.tokenizer, template, messages, callable_tools, continue_last)
+            else:
+                prompt = templates.prompt_ids(loaded.tokenizer, template, messages, continue_last)
+        except (TemplateError, ToolError) as exc:
             raise ApiError(400, str(exc), param="messages") from exc
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        jobs = start(prompt, body, template, "chatcmpl", logprobs, 512)
+        grammar = Grammar("json_schema", json.dumps(forced_schema(callable_tools))) if forced else None
+        jobs = start(prompt, body, template, "chatcmpl", logprobs, 512, grammar)
         text_of = TokenText(loaded.tokenizer)
         first = jobs[0]
+
+        def reply(text: str) -> tuple[dict, str | None]:
+            """The message for a finished reply, and the finish reason it implies (None: the job's own)."""
+            if not callable_tools:
+                return {"role": "assistant", "content": text.strip(), "refusal": None}, None
+            content, calls = parse_calls(text, callable_tools)
+            if calls and not body.parallel_tool_calls:
+                calls = calls[:1]
+            message = {"role": "assistant", "content": content.strip() if content else None, "refusal": None}
+            if calls:
+                message["tool_calls"] = [c.as_openai() for c in calls]
+                return message, "tool_calls"
+            return message, None
 
         def chunk(index: int, delta: dict, finish: str | None, lp: dict | None = None) -> dict:
             return {"id": first.id, "object": "chat.completion.chunk", "created": first.created, "model": first.model,
@@ -531,6 +568,9 @@ def build_api(state: AppState, api_keys: list[str] | None = None, admin_keys: li
         if body.stream:
             async def events():
                 sent = {job.index: 0 for job in jobs}
+                # With tools, a reply that starts like a call is held back and sent as tool_calls at its end.
+                held = {job.index: ([] if callable_tools else None) for job in jobs}
+                holding = {job.index: forced or None for job in jobs}
                 for job in jobs:
                     yield sse(chunk(job.index, {"role": "assistant", "content": ""}, None))
                 async for job, piece, ready in merged(jobs, request):
@@ -540,9 +580,25 @@ def build_api(state: AppState, api_keys: list[str] | None = None, admin_keys: li
                         lp = chat_logprobs(r.logprobs[sent[job.index]:ready], prompt + r.token_ids[: sent[job.index]],
                                            text_of)
                         sent[job.index] = ready
+                    if held[job.index] is not None:
+                        held[job.index].append(piece)
+                        if holding[job.index] is None:
+                            holding[job.index] = starts_like_a_call("".join(held[job.index]))
+                        if holding[job.index] is not False:
+                            continue
+                        piece, held[job.index] = "".join(held[job.index]), None
                     yield sse(chunk(job.index, {"content": piece}, None, lp))
                 for job in jobs:
-                    yield sse(chunk(job.index, {}, job.finish_reason))
+                    finish = job.finish_reason
+                    if held[job.index]:
+                        message, implied = reply("".join(held[job.index]))
+                        if implied:
+                            calls = [{"index": i, **c} for i, c in enumerate(message["tool_calls"])]
+                            yield sse(chunk(job.index, {"tool_calls": calls}, None))
+                            finish = implied
+                        elif message["content"]:
+                            yield sse(chunk(job.index, {"content": message["content"]}, None))
+                    yield sse(chunk(job.index, {}, finish))
                 if body.stream_options and body.stream_options.include_usage:
                     yield sse({"id": first.id, "object": "chat.completion.chunk", "created": first.created,
                                "model": first.model, "system_fingerprint": None, "choices": [],
@@ -553,8 +609,9 @@ def build_api(state: AppState, api_keys: list[str] | None = None, admin_keys: li
         choices = []
         for job, text in zip(jobs, texts):
             lp = chat_logprobs(job.generation.result.logprobs, prompt, text_of) if logprobs is not None else None
-            choices.append({"index": job.index, "message": {"role": "assistant", "content": text.strip(), "refusal": None},
-                            "logprobs": lp, "finish_reason": job.finish_reason})
+            message, implied = reply(text)
+            choices.append({"index": job.index, "message": message, "logprobs": lp,
+                            "finish_reason": implied or job.finish_reason})
         return {"id": first.id, "object": "chat.completion", "created": first.created, "model": first.model,
                 "system_fingerprint": None, "choices": choices, "usage": usage(jobs, len(prompt))}
 

@@ -131,8 +131,10 @@ def stop_strings(name: str) -> tuple[str, ...]:
     return NAMED[name].stop_strings if name in NAMED else ()
 
 
-def render(tokenizer, name: str, messages: list[dict], continue_last: bool = False) -> str:
-    """The prompt text; named templates leave BOS to the tokenizer, the tokenizer's own template writes it."""
+def render(tokenizer, name: str, messages: list[dict], continue_last: bool = False,
+           tools: list[dict] | None = None) -> str:
+    """The prompt text; named templates leave BOS to the tokenizer, the tokenizer's own template writes it.
+    ``tools``: function specs for a tokenizer template that renders them (webui/tools.py)."""
     if name in NAMED:
         return NAMED[name].render(messages, continue_last)
     if name != AUTO:
@@ -142,13 +144,14 @@ def render(tokenizer, name: str, messages: list[dict], continue_last: bool = Fal
     messages = [m for m in messages if not (m["role"] == "system" and not m["content"].strip())]
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=not continue_last,
-                                             continue_final_message=continue_last)
+                                             continue_final_message=continue_last, tools=tools)
     except Exception as exc:  # a Jinja template may raise anything, raise_exception() included
         raise TemplateError(f"the tokenizer's chat template failed: {exc}") from exc
 
 
-def prompt_ids(tokenizer, name: str, messages: list[dict], continue_last: bool = False) -> list[int]:
-    text = render(tokenizer, name, messages, continue_last)
+def prompt_ids(tokenizer, name: str, messages: list[dict], continue_last: bool = False,
+               tools: list[dict] | None = None) -> list[int]:
+    text = render(tokenizer, name, messages, continue_last, tools)
     return tokenizer.encode(text, add_special_tokens=name in NAMED)
 
 
