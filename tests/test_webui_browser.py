@@ -166,3 +166,38 @@ def test_download_load_chat_save_restart(hub, browser, tmp_path):
     finally:
         app.stop()
     assert "Traceback" not in (tmp_path / "app.log").read_text()
+
+
+def test_stop_in_one_browser_session_leaves_the_other_streaming(browser, tmp_path, smollm2_branch):
+    """Two windows (separate browser contexts, so separate Gradio sessions) generate at once, side by side in
+    the engine; Stop in one cancels that one only."""
+    models = tmp_path / "models"
+    link_model(smollm2_branch("main"), models / MODEL)
+    app = AppProcess(["--models-dir", str(models), "--model", MODEL], {}, tmp_path / "app.log")
+    contexts = [browser.new_context(viewport={"width": 1200, "height": 900}) for _ in range(2)]
+    try:
+        pages = []
+        for context in contexts:
+            page = context.new_page()
+            page.set_default_timeout(60_000)
+            page.goto(app.url)
+            page.wait_for_selector("#chatbot")
+            pages.append(page)
+        for page, topic in zip(pages, ("a dragon", "a knight")):
+            page.locator("#chat-input textarea").fill(f"Write a very long story about {topic}.")
+            page.locator("#send").click()
+        bot = '#chatbot [data-testid="bot"]'
+        for page in pages:
+            page.wait_for_function(f"() => document.querySelector('{bot}')?.innerText.length > 20")
+        pages[0].locator("#stop").click()
+        expect(pages[0].locator("#gen-stats")).to_contain_text("stopped: cancelled")
+        grown = len(pages[1].locator(bot).last.inner_text())
+        pages[1].wait_for_function(f"n => document.querySelector('{bot}').innerText.length > n + 40", arg=grown)
+        expect(pages[1].locator("#gen-stats")).not_to_contain_text("cancelled")
+        pages[1].screenshot(path=str(artifacts_dir() / "two-sessions-other-still-streaming.png"))
+        pages[1].locator("#stop").click()
+        expect(pages[1].locator("#gen-stats")).to_contain_text("stopped: cancelled")
+    finally:
+        for context in contexts:
+            context.close()
+        app.stop()

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from webui.session import Session
 from webui.settings import ModelSettings
 from webui.state import AppState
 from webui.ui import WorkbenchUI
@@ -42,7 +43,7 @@ def ui(tmp_path_factory, smollm2_branch):
 
 
 def test_nothing_loaded_is_explained(ui):
-    text, history, stats = last(ui.send(QUESTION, [], "", "ChatML", -1, *GREEDY))
+    text, history, stats = last(ui.send(Session(), QUESTION, [], "", "ChatML", -1, *GREEDY))
     assert text == QUESTION and history == [] and "no model is loaded" in stats
 
 
@@ -59,49 +60,55 @@ def test_local_models_and_broken_folder(ui):
 def test_load_chat_continue_regenerate(ui):
     status, *_ = last(ui.load("SmolLM2-GPTQ", "reference", 512, "Auto (tokenizer)", "Deterministic", False))
     assert "Loaded" in status and "context 512 tokens" in status, status
-    _, history, stats = last(ui.send(QUESTION, [], "", "Auto (tokenizer)", -1, *GREEDY))
+    _, history, stats = last(ui.send(Session(), QUESTION, [], "", "Auto (tokenizer)", -1, *GREEDY))
     assert history[0] == {"role": "user", "content": QUESTION}
     reply = history[1]["content"]
     assert "Paris" in reply and "tokens/s" in stats
 
-    _, again, _ = last(ui.regenerate(history, "", "Auto (tokenizer)", -1, *GREEDY))
+    _, again, _ = last(ui.regenerate(Session(), history, "", "Auto (tokenizer)", -1, *GREEDY))
     assert again == history, "greedy regeneration repeats the reply"
 
     cut = [history[0], {"role": "assistant", "content": "The capital of France"}]
-    _, continued, _ = last(ui.continue_reply(cut, "", "Auto (tokenizer)", -1, *GREEDY))
+    _, continued, _ = last(ui.continue_reply(Session(), cut, "", "Auto (tokenizer)", -1, *GREEDY))
     assert continued[1]["content"].startswith("The capital of France ")
     assert "Paris" in continued[1]["content"]
 
-    _, _, stats = last(ui.continue_reply(history[:1], "", "Auto (tokenizer)", -1, *GREEDY))
+    _, _, stats = last(ui.continue_reply(Session(), history[:1], "", "Auto (tokenizer)", -1, *GREEDY))
     assert "no reply to continue" in stats
 
 
 def test_too_long_a_message_is_given_back(ui):
     long_text = "word " * 600
-    text, history, stats = last(ui.send(long_text, [], "", "ChatML", -1, *GREEDY))
+    text, history, stats = last(ui.send(Session(), long_text, [], "", "ChatML", -1, *GREEDY))
     assert text == long_text and history == [] and "context length is 512" in stats
 
 
 def test_bad_sampling_values_are_explained(ui):
     values = list(GREEDY)
     values[2] = 0.0  # top_p
-    text, _, stats = last(ui.send(QUESTION, [], "", "ChatML", -1, *values))
+    text, _, stats = last(ui.send(Session(), QUESTION, [], "", "ChatML", -1, *values))
     assert text == QUESTION and "top_p" in stats
 
 
 def test_notebook_continues_raw_text(ui):
-    text, stats = last(ui.notebook("The capital of France is", -1, *[8, *GREEDY[1:]]))
+    text, stats = last(ui.notebook(Session(), "The capital of France is", -1, *[8, *GREEDY[1:]]))
     assert text.startswith("The capital of France is") and len(text) > len("The capital of France is")
     assert "8 tokens" in stats or "stopped: eos" in stats
 
 
-def test_stop_cancels_a_running_generation(ui):
-    stream = ui.send("Write a long story about a dragon.", [], "", "ChatML", -1, *[400, *GREEDY[1:]])
+def test_stop_cancels_its_own_session_only(ui):
+    mine, other = Session(), Session()
+    stream = ui.send(mine, "Write a long story about a dragon.", [], "", "ChatML", -1, *[400, *GREEDY[1:]])
+    beside = ui.send(other, "Write a long story about a knight.", [], "", "ChatML", -1, *[30, *GREEDY[1:]])
     next(stream)  # the user's message shows
     next(stream)  # the first piece
-    ui.stop()
+    next(beside)
+    next(beside)
+    ui.stop(mine)
     _, history, stats = last(stream)
     assert "stopped: cancelled" in stats and history[-1]["role"] == "assistant"
+    _, _, other_stats = last(beside)
+    assert "stopped: length" in other_stats, "the other session's generation ran to its end"
 
 
 def test_save_settings_then_select_shows_them(ui):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -45,13 +47,13 @@ class Turn:
 
 
 def chat_turn(state: AppState, history: list[Message], system: str, template: str, params: SamplingParams,
-              continue_last: bool = False) -> Iterator[Turn]:
+              continue_last: bool = False, cancel: threading.Event | None = None) -> Iterator[Turn]:
     """Streams the assistant's reply to `history` (which ends with the user's message, or with
     the assistant's reply to extend when `continue_last`)."""
     loaded = state.require_model()
     messages = with_system(history, system)
     ids = templates.prompt_ids(loaded.tokenizer, template, messages, continue_last=continue_last)
-    generation = state.ui_generation(ids, params, template)
+    generation = state.generation(ids, params, template, cancel=cancel)
     if continue_last:
         reply = history[-1]
         head = reply["content"]
@@ -84,13 +86,14 @@ def prompt_tokens(state: AppState, history: list[Message], system: str, template
             f"```\n  pos       id  piece\n{rows}\n```")
 
 
-def notebook_turn(state: AppState, prompt: str, params: SamplingParams) -> Iterator[tuple[str, str]]:
+def notebook_turn(state: AppState, prompt: str, params: SamplingParams,
+                  cancel: threading.Event | None = None) -> Iterator[tuple[str, str]]:
     """Streams the raw prompt followed by its continuation."""
     loaded = state.require_model()
     if not prompt:
         raise ValueError("the prompt is empty")
     ids = loaded.tokenizer.encode(prompt, add_special_tokens=True)
-    generation = state.ui_generation(ids, params)
+    generation = state.generation(ids, params, cancel=cancel)
     text = prompt
     for piece in generation:
         text += piece

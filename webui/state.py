@@ -71,9 +71,7 @@ class AppState:
     template: str = templates.AUTO
     load_report: LoadReport | None = None
     _load_lock: threading.Lock = field(default_factory=threading.Lock)
-    _generation_cancel: threading.Event = field(default_factory=threading.Event)  # the UI's latest
     _generations: weakref.WeakSet = field(default_factory=weakref.WeakSet)  # every unfinished one
-    download_cancel: threading.Event = field(default_factory=threading.Event)
 
     @property
     def settings(self) -> SettingsStore:
@@ -198,7 +196,8 @@ class AppState:
         return self.loaded
 
     def generation(self, prompt_ids: list[int], params: SamplingParams, template: str | None = None,
-                   logprobs: int | None = None, grammar: Grammar | None = None) -> Generation:
+                   logprobs: int | None = None, grammar: Grammar | None = None,
+                   cancel: threading.Event | None = None) -> Generation:
         loaded = self.require_model()
         if template is not None:
             params = replace(
@@ -206,15 +205,6 @@ class AppState:
                 stop_strings=params.stop_strings + templates.stop_strings(template),
                 stop_token_ids=params.stop_token_ids + templates.stop_token_ids(loaded.tokenizer, template),
             )
-        generation = Generation(loaded, prompt_ids, params, logprobs=logprobs, grammar=grammar)
+        generation = Generation(loaded, prompt_ids, params, cancel, logprobs=logprobs, grammar=grammar)
         self._generations.add(generation)
         return generation
-
-    def ui_generation(self, prompt_ids: list[int], params: SamplingParams, template: str | None = None) -> Generation:
-        """A generation that the UI's Stop button cancels."""
-        generation = self.generation(prompt_ids, params, template)
-        self._generation_cancel = generation.cancel
-        return generation
-
-    def stop_generation(self) -> None:
-        self._generation_cancel.set()

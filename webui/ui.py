@@ -20,6 +20,7 @@ from webui import presets, templates
 from webui.chat import chat_turn, clean_history, notebook_turn, prompt_tokens
 from webui.download import DownloadCancelled, DownloadError, DownloadProgress, DownloadRequest, Hub, format_bytes, download
 from webui.repo_spec import RepoSpecError, parse_repo_spec
+from webui.session import Session
 from webui.settings import ModelSettings
 from backends.memory import gigabytes
 from webui.state import AppState, ModelNotLoaded
@@ -94,7 +95,7 @@ class WorkbenchUI:
 
     # ---- text generation -----------------------------------------------------------------------------------------
 
-    def send(self, text: str, history, system: str, template: str, seed, *values):
+    def send(self, session: Session, text: str, history, system: str, template: str, seed, *values):
         history = clean_history(history)
         if not text.strip():
             yield text, history, "**Error:** type a message first"
@@ -107,36 +108,37 @@ class WorkbenchUI:
             return
         asked = history + [{"role": "user", "content": text}]
         yield "", asked, "generating…"
-        yield from self._stream(asked, system, template, params, restore_on_overflow=text)
+        yield from self._stream(session, asked, system, template, params, restore_on_overflow=text)
 
-    def regenerate(self, history, system: str, template: str, seed, *values):
+    def regenerate(self, session: Session, history, system: str, template: str, seed, *values):
         history = clean_history(history)
         while history and history[-1]["role"] == "assistant":
             history = history[:-1]
         if not history:
             yield gr.update(), history, "**Error:** nothing to regenerate"
             return
-        yield from self._guarded(history, system, template, seed, values)
+        yield from self._guarded(session, history, system, template, seed, values)
 
-    def continue_reply(self, history, system: str, template: str, seed, *values):
+    def continue_reply(self, session: Session, history, system: str, template: str, seed, *values):
         history = clean_history(history)
         if not history or history[-1]["role"] != "assistant":
             yield gr.update(), history, "**Error:** there is no reply to continue"
             return
-        yield from self._guarded(history, system, template, seed, values, continue_last=True)
+        yield from self._guarded(session, history, system, template, seed, values, continue_last=True)
 
-    def _guarded(self, history, system, template, seed, values, continue_last=False):
+    def _guarded(self, session, history, system, template, seed, values, continue_last=False):
         try:
             params = sampling_params(list(values), seed)
         except ValueError as exc:
             yield gr.update(), history, error_text(exc)
             return
-        yield from self._stream(history, system, template, params, continue_last=continue_last)
+        yield from self._stream(session, history, system, template, params, continue_last=continue_last)
 
-    def _stream(self, history, system, template, params, continue_last=False, restore_on_overflow=None):
+    def _stream(self, session, history, system, template, params, continue_last=False, restore_on_overflow=None):
         last = history
         try:
-            for turn in chat_turn(self.state, history, system or "", template, params, continue_last):
+            for turn in chat_turn(self.state, history, system or "", template, params, continue_last,
+                                  session.new_generation()):
                 last = turn.history
                 yield gr.update(), turn.history, turn.stats
         except (ContextOverflowError, TemplateError) as exc:
@@ -147,16 +149,17 @@ class WorkbenchUI:
         except Exception as exc:  # noqa: BLE001 - shown to the user, the chat so far is kept
             yield gr.update(), last, error_text(exc)
 
-    def notebook(self, prompt: str, seed, *values):
+    def notebook(self, session: Session, prompt: str, seed, *values):
         try:
             params = sampling_params(list(values), seed)
-            for text, stats in notebook_turn(self.state, prompt, params):
+            for text, stats in notebook_turn(self.state, prompt, params, session.new_generation()):
                 yield text, stats
         except Exception as exc:  # noqa: BLE001 - the prompt stays in the box
             yield gr.update(), error_text(exc)
 
-    def stop(self) -> str:
-        self.state.stop_generation()
+    @staticmethod
+    def stop(session: Session) -> str:
+        session.stop()
         return "stopping…"
 
     def show_prompt_tokens(self, history, system: str, template: str) -> str:
@@ -263,7 +266,7 @@ class WorkbenchUI:
         message = f"{len(infos)} branch(es) in **{spec.owner}/{spec.repo}**. Choose one and press Download."
         return gr.update(value=rows), gr.update(choices=branches, value=chosen), message
 
-    def download(self, repo: str, branch: str, token: str, allow_pickle: bool):
+    def download(self, session: Session, repo: str, branch: str, token: str, allow_pickle: bool):
         """Streams (progress bar, status, folder name once done)."""
         try:
             spec = parse_repo_spec(repo)
@@ -274,7 +277,7 @@ class WorkbenchUI:
             return
         progress: list[DownloadProgress] = []
         outcome: dict = {}
-        self.state.download_cancel = cancel = threading.Event()
+        cancel = session.new_download()
         request = DownloadRequest(spec, self.state.models_dir, allow_pickle=bool(allow_pickle),
                                   progress=progress.append, cancel=cancel)
 
@@ -304,8 +307,9 @@ class WorkbenchUI:
     def show_downloaded(self, name: str | None, current: str | None):
         return self.refresh_models(name or current)
 
-    def cancel_download(self) -> str:
-        self.state.download_cancel.set()
+    @staticmethod
+    def cancel_download(session: Session) -> str:
+        session.cancel_download()
         return "Cancelling…"
 
     # ---- layout --------------------------------------------------------------------------------------------------
@@ -313,6 +317,7 @@ class WorkbenchUI:
     def build(self) -> gr.Blocks:
         start = self._start()
         with gr.Blocks(title="GPTQ Workbench", analytics_enabled=False) as demo:
+            session = gr.State(Session())  # copied into each browser session (Session.__deepcopy__)
             gr.Markdown("## GPTQ Workbench")
             with gr.Tabs():
                 with gr.Tab("Text generation", id="textgen"):
@@ -321,6 +326,7 @@ class WorkbenchUI:
                     mdl = self._model_tab(start)
                 with gr.Tab("Download", id="download"):
                     dl = self._download_tab()
+            gen.session = dl.session = session
             self._wire_text_generation(gen, mdl)
             self._wire_model(gen, mdl)
             self._wire_download(dl, mdl)
@@ -435,17 +441,17 @@ class WorkbenchUI:
     def _wire_text_generation(self, gen: SimpleNamespace, mdl: SimpleNamespace) -> None:
         inputs = [gen.system, gen.template, gen.seed, *gen.sliders]
         outputs = [gen.user_text, gen.chatbot, gen.stats]
-        gen.send.click(self.send, [gen.user_text, gen.chatbot, *inputs], outputs, **QUIET)
-        gen.user_text.submit(self.send, [gen.user_text, gen.chatbot, *inputs], outputs, **QUIET)
-        gen.regenerate.click(self.regenerate, [gen.chatbot, *inputs], outputs, **QUIET)
-        gen.continue_.click(self.continue_reply, [gen.chatbot, *inputs], outputs, **QUIET)
+        gen.send.click(self.send, [gen.session, gen.user_text, gen.chatbot, *inputs], outputs, **QUIET)
+        gen.user_text.submit(self.send, [gen.session, gen.user_text, gen.chatbot, *inputs], outputs, **QUIET)
+        gen.regenerate.click(self.regenerate, [gen.session, gen.chatbot, *inputs], outputs, **QUIET)
+        gen.continue_.click(self.continue_reply, [gen.session, gen.chatbot, *inputs], outputs, **QUIET)
         gen.clear.click(lambda: ([], ""), None, [gen.chatbot, gen.stats], queue=False)
         gen.show_tokens.click(self.show_prompt_tokens, [gen.chatbot, gen.system, gen.template], gen.prompt_tokens,
                               queue=False)
-        gen.stop.click(self.stop, None, gen.stats, queue=False)
-        gen.notebook_go.click(self.notebook, [gen.notebook, gen.seed, *gen.sliders], [gen.notebook, gen.stats],
-                              **QUIET)
-        gen.notebook_stop.click(self.stop, None, gen.stats, queue=False)
+        gen.stop.click(self.stop, gen.session, gen.stats, queue=False)
+        gen.notebook_go.click(self.notebook, [gen.session, gen.notebook, gen.seed, *gen.sliders],
+                              [gen.notebook, gen.stats], **QUIET)
+        gen.notebook_stop.click(self.stop, gen.session, gen.stats, queue=False)
         # The Model tab shows the same template and preset; .input fires on user changes only, so no loops.
         gen.preset.input(self.apply_preset, gen.preset, [*gen.sliders, gen.stats]).then(
             lambda p: p, gen.preset, mdl.preset)
@@ -470,10 +476,10 @@ class WorkbenchUI:
     def _wire_download(self, dl: SimpleNamespace, mdl: SimpleNamespace) -> None:
         dl.list.click(self.list_branches, [dl.repo, dl.token, dl.allow_pickle], [dl.table, dl.branch, dl.status])
         dl.repo.submit(self.list_branches, [dl.repo, dl.token, dl.allow_pickle], [dl.table, dl.branch, dl.status])
-        dl.download.click(self.download, [dl.repo, dl.branch, dl.token, dl.allow_pickle],
+        dl.download.click(self.download, [dl.session, dl.repo, dl.branch, dl.token, dl.allow_pickle],
                           [dl.progress, dl.status, dl.downloaded], **QUIET
                           ).then(self.show_downloaded, [dl.downloaded, mdl.select], mdl.select)
-        dl.cancel.click(self.cancel_download, None, dl.status, queue=False)
+        dl.cancel.click(self.cancel_download, dl.session, dl.status, queue=False)
 
 
 def progress_html(fraction: float, text: str) -> str:
