@@ -1,5 +1,7 @@
 """The UI's handlers and app state on a real GPTQ model, without a browser."""
 
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ from webui.state import AppState
 from webui.ui import WorkbenchUI
 
 ROOT = Path(__file__).resolve().parent.parent
+NO_GRAMMAR = ("none", "")
 QUESTION = "What is the capital of France?"
 GREEDY = [64, 0.0, 1.0, 0, 0.0, 1.0, 1.0]  # webui.ui.SAMPLING order
 
@@ -43,7 +46,7 @@ def ui(tmp_path_factory, smollm2_branch):
 
 
 def test_nothing_loaded_is_explained(ui):
-    text, history, stats = last(ui.send(Session(), QUESTION, [], "", "ChatML", -1, *GREEDY))
+    text, history, stats = last(ui.send(Session(), QUESTION, [], "", "ChatML", *NO_GRAMMAR, -1, *GREEDY))
     assert text == QUESTION and history == [] and "no model is loaded" in stats
 
 
@@ -60,46 +63,65 @@ def test_local_models_and_broken_folder(ui):
 def test_load_chat_continue_regenerate(ui):
     status, *_ = last(ui.load("SmolLM2-GPTQ", "reference", 512, "Auto (tokenizer)", "Deterministic", False))
     assert "Loaded" in status and "context 512 tokens" in status, status
-    _, history, stats = last(ui.send(Session(), QUESTION, [], "", "Auto (tokenizer)", -1, *GREEDY))
+    _, history, stats = last(ui.send(Session(), QUESTION, [], "", "Auto (tokenizer)", *NO_GRAMMAR, -1, *GREEDY))
     assert history[0] == {"role": "user", "content": QUESTION}
     reply = history[1]["content"]
     assert "Paris" in reply and "tokens/s" in stats
 
-    _, again, _ = last(ui.regenerate(Session(), history, "", "Auto (tokenizer)", -1, *GREEDY))
+    _, again, _ = last(ui.regenerate(Session(), history, "", "Auto (tokenizer)", *NO_GRAMMAR, -1, *GREEDY))
     assert again == history, "greedy regeneration repeats the reply"
 
     cut = [history[0], {"role": "assistant", "content": "The capital of France"}]
-    _, continued, _ = last(ui.continue_reply(Session(), cut, "", "Auto (tokenizer)", -1, *GREEDY))
+    _, continued, _ = last(ui.continue_reply(Session(), cut, "", "Auto (tokenizer)", *NO_GRAMMAR, -1, *GREEDY))
     assert continued[1]["content"].startswith("The capital of France ")
     assert "Paris" in continued[1]["content"]
 
-    _, _, stats = last(ui.continue_reply(Session(), history[:1], "", "Auto (tokenizer)", -1, *GREEDY))
+    _, _, stats = last(ui.continue_reply(Session(), history[:1], "", "Auto (tokenizer)", *NO_GRAMMAR, -1, *GREEDY))
     assert "no reply to continue" in stats
 
 
 def test_too_long_a_message_is_given_back(ui):
     long_text = "word " * 600
-    text, history, stats = last(ui.send(Session(), long_text, [], "", "ChatML", -1, *GREEDY))
+    text, history, stats = last(ui.send(Session(), long_text, [], "", "ChatML", *NO_GRAMMAR, -1, *GREEDY))
     assert text == long_text and history == [] and "context length is 512" in stats
 
 
 def test_bad_sampling_values_are_explained(ui):
     values = list(GREEDY)
     values[2] = 0.0  # top_p
-    text, _, stats = last(ui.send(Session(), QUESTION, [], "", "ChatML", -1, *values))
+    text, _, stats = last(ui.send(Session(), QUESTION, [], "", "ChatML", *NO_GRAMMAR, -1, *values))
     assert text == QUESTION and "top_p" in stats
 
 
 def test_notebook_continues_raw_text(ui):
-    text, stats = last(ui.notebook(Session(), "The capital of France is", -1, *[8, *GREEDY[1:]]))
+    text, stats, view = last(ui.notebook(Session(), "The capital of France is", *NO_GRAMMAR, -1, *[8, *GREEDY[1:]]))
+    assert isinstance(text, str), stats
     assert text.startswith("The capital of France is") and len(text) > len("The capital of France is")
     assert "8 tokens" in stats or "stopped: eos" in stats
+    rows = [line for line in view.splitlines()[2:] if line.startswith("|")]
+    assert 1 <= len(rows) <= 8 and all("%" in row for row in rows)
+    # Greedy: each token is the most likely, so no alternative is shown as likelier than it.
+    for row in rows:
+        match = re.fullmatch(r"\| `(.*)` \| ([0-9.]+)% \| (.*) \|", row)
+        assert match, row
+        alternatives = [float(p) for p in re.findall(r"` ([0-9.]+)%", match.group(3))]
+        assert len(alternatives) >= 3 and max(alternatives) <= float(match.group(2)), row
+
+
+def test_structured_output_fields(ui):
+    schema = '{"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]}'
+    _, history, stats = last(ui.send(Session(), QUESTION, [], "", "ChatML", "JSON Schema", schema, -1, *GREEDY))
+    assert json.loads(history[-1]["content"])["city"], stats
+    text, history, stats = last(ui.send(Session(), QUESTION, [], "", "ChatML", "regular expression", "", -1, *GREEDY))
+    assert "write the regular expression" in stats and text == QUESTION, "the message is given back"
+    text, _, stats = last(ui.send(Session(), QUESTION, [], "", "ChatML", "JSON Schema", "{oops", -1, *GREEDY))
+    assert "not valid JSON" in stats and text == QUESTION
 
 
 def test_stop_cancels_its_own_session_only(ui):
     mine, other = Session(), Session()
-    stream = ui.send(mine, "Write a long story about a dragon.", [], "", "ChatML", -1, *[400, *GREEDY[1:]])
-    beside = ui.send(other, "Write a long story about a knight.", [], "", "ChatML", -1, *[30, *GREEDY[1:]])
+    stream = ui.send(mine, "Write a long story about a dragon.", [], "", "ChatML", *NO_GRAMMAR, -1, *[400, *GREEDY[1:]])
+    beside = ui.send(other, "Write a long story about a knight.", [], "", "ChatML", *NO_GRAMMAR, -1, *[30, *GREEDY[1:]])
     next(stream)  # the user's message shows
     next(stream)  # the first piece
     next(beside)

@@ -31,6 +31,7 @@ from backends.paged_cache import CacheTooSmall
 from backends.perplexity import prompt_logprobs
 from backends.sampling import SamplingParams
 from webui import templates, tools as tool_calls
+from webui.chat import token_text
 from webui.settings import ModelSettings
 from webui.state import AppState, ModelNotLoaded
 from webui.templates import TemplateError
@@ -301,16 +302,13 @@ async def collect(jobs: list[Job], request: Request) -> list[str]:
 
 
 class TokenText:
-    """Each token's text as it reads in context (a SentencePiece word keeps its leading space)."""
+    """Each token's text as it reads in context (webui/chat.py's token_text)."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
 
     def __call__(self, context: list[int], token: int) -> str:
-        before = context[-4:]
-        decode = self.tokenizer.decode
-        head = decode(before, skip_special_tokens=False) if before else ""
-        return decode(before + [token], skip_special_tokens=False)[len(head):]
+        return token_text(self.tokenizer, context, token)
 
 
 def chat_logprobs(entries: list[TokenLogprob], context: list[int], text_of: TokenText) -> dict:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import threading
 
 from dataclasses import dataclass
 from typing import Iterator
 
+from backends.constraints import Grammar
+from backends.engine import TokenLogprob
 from backends.generation import GenerationResult
 from backends.sampling import SamplingParams
 from webui import templates
@@ -47,13 +50,14 @@ class Turn:
 
 
 def chat_turn(state: AppState, history: list[Message], system: str, template: str, params: SamplingParams,
-              continue_last: bool = False, cancel: threading.Event | None = None) -> Iterator[Turn]:
+              continue_last: bool = False, cancel: threading.Event | None = None,
+              grammar: Grammar | None = None) -> Iterator[Turn]:
     """Streams the assistant's reply to `history` (which ends with the user's message, or with
     the assistant's reply to extend when `continue_last`)."""
     loaded = state.require_model()
     messages = with_system(history, system)
     ids = templates.prompt_ids(loaded.tokenizer, template, messages, continue_last=continue_last)
-    generation = state.generation(ids, params, template, cancel=cancel)
+    generation = state.generation(ids, params, template, cancel=cancel, grammar=grammar)
     if continue_last:
         reply = history[-1]
         head = reply["content"]
@@ -86,16 +90,40 @@ def prompt_tokens(state: AppState, history: list[Message], system: str, template
             f"```\n  pos       id  piece\n{rows}\n```")
 
 
-def notebook_turn(state: AppState, prompt: str, params: SamplingParams,
-                  cancel: threading.Event | None = None) -> Iterator[tuple[str, str]]:
-    """Streams the raw prompt followed by its continuation."""
+NOTEBOOK_ALTERNATIVES = 5  # top tokens shown beside each generated one
+
+
+def notebook_turn(state: AppState, prompt: str, params: SamplingParams, cancel: threading.Event | None = None,
+                  grammar: Grammar | None = None) -> Iterator[tuple[str, str, str]]:
+    """Streams the raw prompt followed by its continuation, the stats, and (once done) the token view."""
     loaded = state.require_model()
     if not prompt:
         raise ValueError("the prompt is empty")
     ids = loaded.tokenizer.encode(prompt, add_special_tokens=True)
-    generation = state.generation(ids, params, cancel=cancel)
+    generation = state.generation(ids, params, cancel=cancel, logprobs=NOTEBOOK_ALTERNATIVES, grammar=grammar)
     text = prompt
     for piece in generation:
         text += piece
-        yield text, "generating…"
-    yield text, describe_result(generation.result)
+        yield text, "generating…", ""
+    yield text, describe_result(generation.result), token_view(loaded.tokenizer, ids, generation.result.logprobs)
+
+
+def token_view(tokenizer, context: list[int], entries: list[TokenLogprob]) -> str:
+    """Each generated token with its probability and the most likely alternatives, as a Markdown table."""
+    if not entries:
+        return ""
+    rows = []
+    for entry in entries:
+        piece = token_text(tokenizer, context, entry.token).replace("|", "\\|")
+        others = ", ".join(f"`{token_text(tokenizer, context, t)!r}` {math.exp(lp):.1%}".replace("|", "\\|")
+                           for t, lp in entry.top if t != entry.token)
+        rows.append(f"| `{piece!r}` | {math.exp(entry.logprob):.1%} | {others} |")
+        context = context + [entry.token]
+    return "| token | probability | alternatives |\n|---|---|---|\n" + "\n".join(rows)
+
+
+def token_text(tokenizer, context: list[int], token: int) -> str:
+    """A token's text as it reads after ``context`` (a SentencePiece word keeps its leading space)."""
+    before = context[-4:]
+    head = tokenizer.decode(before, skip_special_tokens=False) if before else ""
+    return tokenizer.decode(before + [token], skip_special_tokens=False)[len(head):]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from backends.constraints import Grammar, GrammarError
 from backends.generation import ContextOverflowError
 from backends.sampling import SamplingParams
 from webui import presets, templates
@@ -42,6 +43,20 @@ def error_text(exc: BaseException) -> str:
     if isinstance(exc, USER_ERRORS) and not type(exc).__module__.startswith("torch"):
         return f"**Error:** {exc}"
     return f"**Error:** {type(exc).__name__}: {exc}"
+
+
+GRAMMAR_KINDS = {"none": None, "JSON Schema": "json_schema", "any JSON object": "json_object",
+                 "regular expression": "regex", "Lark grammar": "lark"}
+
+
+def grammar_of(kind: str | None, source: str | None) -> Grammar | None:
+    """The Structured output fields as a grammar (checked when the generation starts)."""
+    name = GRAMMAR_KINDS.get(kind or "none")
+    if name is None:
+        return None
+    if name != "json_object" and not (source or "").strip():
+        raise ValueError(f"structured output: write the {kind} in its box, or choose 'none'")
+    return Grammar(name, source or "")
 
 
 def sampling_params(values: list, seed: float | None) -> SamplingParams:
@@ -95,53 +110,61 @@ class WorkbenchUI:
 
     # ---- text generation -----------------------------------------------------------------------------------------
 
-    def send(self, session: Session, text: str, history, system: str, template: str, seed, *values):
+    def send(self, session: Session, text: str, history, system: str, template: str, grammar_kind: str,
+             grammar_source: str, seed, *values):
         history = clean_history(history)
         if not text.strip():
             yield text, history, "**Error:** type a message first"
             return
         try:
             params = sampling_params(list(values), seed)
+            grammar = grammar_of(grammar_kind, grammar_source)
             self.state.require_model()
         except (ValueError, ModelNotLoaded) as exc:
             yield text, history, error_text(exc)
             return
         asked = history + [{"role": "user", "content": text}]
         yield "", asked, "generating…"
-        yield from self._stream(session, asked, system, template, params, restore_on_overflow=text)
+        yield from self._stream(session, asked, system, template, params, restore_on_overflow=text, grammar=grammar)
 
-    def regenerate(self, session: Session, history, system: str, template: str, seed, *values):
+    def regenerate(self, session: Session, history, system: str, template: str, grammar_kind: str,
+                   grammar_source: str, seed, *values):
         history = clean_history(history)
         while history and history[-1]["role"] == "assistant":
             history = history[:-1]
         if not history:
             yield gr.update(), history, "**Error:** nothing to regenerate"
             return
-        yield from self._guarded(session, history, system, template, seed, values)
+        yield from self._guarded(session, history, system, template, (grammar_kind, grammar_source), seed, values)
 
-    def continue_reply(self, session: Session, history, system: str, template: str, seed, *values):
+    def continue_reply(self, session: Session, history, system: str, template: str, grammar_kind: str,
+                       grammar_source: str, seed, *values):
         history = clean_history(history)
         if not history or history[-1]["role"] != "assistant":
             yield gr.update(), history, "**Error:** there is no reply to continue"
             return
-        yield from self._guarded(session, history, system, template, seed, values, continue_last=True)
+        yield from self._guarded(session, history, system, template, (grammar_kind, grammar_source), seed, values,
+                                 continue_last=True)
 
-    def _guarded(self, session, history, system, template, seed, values, continue_last=False):
+    def _guarded(self, session, history, system, template, grammar_fields, seed, values, continue_last=False):
         try:
             params = sampling_params(list(values), seed)
+            grammar = grammar_of(*grammar_fields)
         except ValueError as exc:
             yield gr.update(), history, error_text(exc)
             return
-        yield from self._stream(session, history, system, template, params, continue_last=continue_last)
+        yield from self._stream(session, history, system, template, params, continue_last=continue_last,
+                                grammar=grammar)
 
-    def _stream(self, session, history, system, template, params, continue_last=False, restore_on_overflow=None):
+    def _stream(self, session, history, system, template, params, continue_last=False, restore_on_overflow=None,
+                grammar=None):
         last = history
         try:
             for turn in chat_turn(self.state, history, system or "", template, params, continue_last,
-                                  session.new_generation()):
+                                  session.new_generation(), grammar):
                 last = turn.history
                 yield gr.update(), turn.history, turn.stats
-        except (ContextOverflowError, TemplateError) as exc:
+        except (ContextOverflowError, TemplateError, GrammarError) as exc:
             if restore_on_overflow is not None:  # give the message back rather than lose it
                 yield restore_on_overflow, history[:-1], error_text(exc)
             else:
@@ -149,13 +172,14 @@ class WorkbenchUI:
         except Exception as exc:  # noqa: BLE001 - shown to the user, the chat so far is kept
             yield gr.update(), last, error_text(exc)
 
-    def notebook(self, session: Session, prompt: str, seed, *values):
+    def notebook(self, session: Session, prompt: str, grammar_kind: str, grammar_source: str, seed, *values):
+        """Streams (text, stats, token view)."""
         try:
             params = sampling_params(list(values), seed)
-            for text, stats in notebook_turn(self.state, prompt, params, session.new_generation()):
-                yield text, stats
+            grammar = grammar_of(grammar_kind, grammar_source)
+            yield from notebook_turn(self.state, prompt, params, session.new_generation(), grammar)
         except Exception as exc:  # noqa: BLE001 - the prompt stays in the box
-            yield gr.update(), error_text(exc)
+            yield gr.update(), error_text(exc), gr.update()
 
     @staticmethod
     def stop(session: Session) -> str:
@@ -365,6 +389,9 @@ class WorkbenchUI:
                         with gr.Row():
                             c.notebook_go = gr.Button("Generate", variant="primary", elem_id="notebook-generate")
                             c.notebook_stop = gr.Button("Stop", elem_id="notebook-stop")
+                        with gr.Accordion("Token probabilities", open=False, elem_id="token-view-panel"):
+                            c.token_view = gr.Markdown("Generate to see each new token's probability and the "
+                                                       "most likely alternatives.", elem_id="token-view")
                 c.stats = gr.Markdown("", elem_id="gen-stats")
                 with gr.Accordion("Prompt tokens", open=False, elem_id="prompt-tokens-panel"):
                     c.show_tokens = gr.Button("Show the prompt's tokens", elem_id="show-prompt-tokens")
@@ -390,6 +417,11 @@ class WorkbenchUI:
                     gr.Slider(0.5, 2, step=0.01, value=v[6], label="repetition_penalty", elem_id="repetition-penalty"),
                 ]
                 c.seed = gr.Number(value=-1, precision=0, label="seed (-1 = random)", elem_id="seed")
+                with gr.Accordion("Structured output", open=False, elem_id="grammar-panel"):
+                    c.grammar_kind = gr.Dropdown(list(GRAMMAR_KINDS), value="none", label="The output must match",
+                                                 elem_id="grammar-kind")
+                    c.grammar_source = gr.Code(label="JSON Schema, regular expression or Lark grammar",
+                                               language="json", lines=6, elem_id="grammar-source")
         return c
 
     def _model_tab(self, start: SimpleNamespace) -> SimpleNamespace:
@@ -439,7 +471,7 @@ class WorkbenchUI:
         return c
 
     def _wire_text_generation(self, gen: SimpleNamespace, mdl: SimpleNamespace) -> None:
-        inputs = [gen.system, gen.template, gen.seed, *gen.sliders]
+        inputs = [gen.system, gen.template, gen.grammar_kind, gen.grammar_source, gen.seed, *gen.sliders]
         outputs = [gen.user_text, gen.chatbot, gen.stats]
         gen.send.click(self.send, [gen.session, gen.user_text, gen.chatbot, *inputs], outputs, **QUIET)
         gen.user_text.submit(self.send, [gen.session, gen.user_text, gen.chatbot, *inputs], outputs, **QUIET)
@@ -449,8 +481,9 @@ class WorkbenchUI:
         gen.show_tokens.click(self.show_prompt_tokens, [gen.chatbot, gen.system, gen.template], gen.prompt_tokens,
                               queue=False)
         gen.stop.click(self.stop, gen.session, gen.stats, queue=False)
-        gen.notebook_go.click(self.notebook, [gen.session, gen.notebook, gen.seed, *gen.sliders],
-                              [gen.notebook, gen.stats], **QUIET)
+        gen.notebook_go.click(self.notebook, [gen.session, gen.notebook, gen.grammar_kind, gen.grammar_source,
+                                              gen.seed, *gen.sliders], [gen.notebook, gen.stats, gen.token_view],
+                              **QUIET)
         gen.notebook_stop.click(self.stop, gen.session, gen.stats, queue=False)
         # The Model tab shows the same template and preset; .input fires on user changes only, so no loops.
         gen.preset.input(self.apply_preset, gen.preset, [*gen.sliders, gen.stats]).then(
