@@ -8,6 +8,7 @@ test-artifacts/ (WB_ARTIFACTS to move them).
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -200,4 +201,32 @@ def test_stop_in_one_browser_session_leaves_the_other_streaming(browser, tmp_pat
     finally:
         for context in contexts:
             context.close()
+        app.stop()
+
+
+def test_structured_output_panel_and_notebook_token_view(browser, tmp_path, smollm2_branch):
+    models = tmp_path / "models"
+    link_model(smollm2_branch("main"), models / MODEL)
+    app = AppProcess(["--models-dir", str(models), "--model", MODEL], {}, tmp_path / "app.log")
+    try:
+        page = new_page(browser, app)
+        page.locator("#grammar-panel").click()
+        choose(page, "grammar-kind", "JSON Schema")
+        schema = '{"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]}'
+        page.locator("#grammar-source .cm-content").fill(schema)
+        reply, _ = chat(page, QUESTION)
+        assert "city" in json.loads(reply)
+        page.screenshot(path=str(artifacts_dir() / "structured-output.png"))
+        choose(page, "grammar-kind", "none")
+        open_tab(page, "Notebook")
+        page.locator("#notebook-text textarea").fill("The capital of France is")
+        page.locator("#notebook-generate").click()
+        expect(page.locator("#gen-stats")).to_contain_text("tokens/s", timeout=120_000)
+        page.locator("#token-view-panel").click()
+        expect(page.locator("#token-view table")).to_be_visible()
+        cells = page.locator("#token-view tbody tr").count()
+        assert cells >= 1
+        expect(page.locator("#token-view tbody tr").first).to_contain_text("%")
+        page.screenshot(path=str(artifacts_dir() / "notebook-token-view.png"))
+    finally:
         app.stop()
