@@ -61,19 +61,48 @@ class Grammar:
         return spec
 
 
+class SentencePieceVocabulary:
+    """A ``tokenizer.model``-only tokenizer (backends/tokenizer.py) as llguidance's TokenizerWrapper takes it:
+    each id's bytes, the special ids, and a tokenize callback."""
+
+    def __init__(self, tokenizer, vocab_size: int):
+        sp = tokenizer.sp_model
+        self.sp, self.eos_token_id, self.bos_token_id = sp, tokenizer.eos_token_id, tokenizer.bos_token_id
+        added = tokenizer.added_tokens_decoder
+        self.tokens, self.special_token_ids = [], []
+        for i in range(vocab_size):
+            if i in added:  # OpenChat's <|end_of_turn|> and the like
+                self.tokens.append(added[i].content.encode())
+                self.special_token_ids.append(i)
+            elif i >= sp.get_piece_size() or sp.is_control(i) or sp.is_unknown(i):
+                self.tokens.append(f"<[{i}]>".encode())
+                self.special_token_ids.append(i)
+            elif sp.is_byte(i):
+                self.tokens.append(bytes([int(sp.id_to_piece(i)[3:5], 16)]))
+            else:
+                self.tokens.append(sp.id_to_piece(i).replace("\u2581", " ").encode())
+        self._newline = len(sp.encode("\n"))
+
+    def __call__(self, text: str | bytes) -> list[int]:
+        # Text in the middle of an output: sentencepiece would add its dummy prefix (a space) at the start,
+        # so the text is encoded after a newline and the newline's tokens dropped.
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", errors="replace")
+        return self.sp.encode("\n" + text)[self._newline:]
+
+
 @functools.lru_cache(maxsize=4)
-def _tokenizer_info(tokenizer, vocab_size: int):
-    import llguidance.hf
-
-    return llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size)
-
-
 def tokenizer_info(tokenizer, vocab_size: int):
     """llguidance's view of the tokenizer (about a second to build; cached per tokenizer)."""
-    if not getattr(tokenizer, "is_fast", False):
-        raise GrammarError("structured output needs the model's tokenizer.json (a fast tokenizer); this model has "
-                           "only tokenizer.model")
-    return _tokenizer_info(tokenizer, vocab_size)
+    import llguidance
+    import llguidance.hf
+
+    if getattr(tokenizer, "is_fast", False):
+        return llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size)
+    if hasattr(tokenizer, "sp_model"):
+        wrapper = llguidance.TokenizerWrapper(SentencePieceVocabulary(tokenizer, vocab_size))
+        return llguidance.LLTokenizer(wrapper, n_vocab=vocab_size)
+    raise GrammarError(f"structured output cannot read this model's tokenizer ({type(tokenizer).__name__})")
 
 
 class Constraint:

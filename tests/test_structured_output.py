@@ -105,3 +105,40 @@ def test_json_object_regex_and_lark(loaded):
 def test_bad_grammars_are_refused_before_anything_runs(loaded, grammar, message):
     with pytest.raises(GrammarError, match=message):
         Generation(loaded, ask(loaded, "x"), PARAMS[0], grammar=grammar)
+
+
+@pytest.mark.parametrize("vocabulary", ["llama", "mistral"])
+def test_tokenizer_model_only_repos_get_structured_output(tmp_path, vocabulary):
+    """The seed models ship only tokenizer.model (and OpenChat an added end-of-turn token): their vocabulary
+    reaches llguidance through sentencepiece. A random-weight model with Llama-2's or Mistral's real
+    tokenizer, any sampling: the output validates."""
+    import shutil
+
+    from tests.gptq_testing import tiny_config, write_random_checkpoint
+    from tests.seed_tokenizers import llama_tokenizer_model, mistral_tokenizer_model
+
+    folder = write_random_checkpoint(tmp_path / "m", tiny_config(vocab_size=32002, max_position_embeddings=512),
+                                     4, 32, False)
+    source = llama_tokenizer_model() if vocabulary == "llama" else mistral_tokenizer_model()
+    shutil.copyfile(source, folder / "tokenizer.model")
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True}))
+    (folder / "added_tokens.json").write_text(json.dumps({"<|end_of_turn|>": 32000, "<|pad_0|>": 32001}))
+    model = load_model(folder, LoadOptions(device="cpu", context_length=512))
+    try:
+        assert not model.tokenizer.is_fast
+        schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 999},
+                                                   "word": {"type": "string", "maxLength": 6},
+                                                   "ok": {"type": "boolean"}},
+                  "required": ["n", "word", "ok"], "additionalProperties": False}
+        ids = model.tokenizer.encode("GPT4 User: give me JSON<|end_of_turn|>GPT4 Assistant:")
+        for seed in range(4):
+            params = SamplingParams(temperature=1.0, max_new_tokens=200, seed=seed)
+            gen = run(Generation(model, ids, params, grammar=Grammar("json_schema", json.dumps(schema))))
+            assert gen.result.finish_reason == "eos", gen.result.text
+            jsonschema.validate(json.loads(gen.result.text), schema)
+        pattern = r"[A-Z][a-z]{2,8} (and|or) [0-9]{1,4}!"
+        rx = run(Generation(model, ids, PARAMS[1], grammar=Grammar("regex", pattern)))
+        assert re.fullmatch(pattern, rx.result.text), rx.result.text
+    finally:
+        model.engine.close()
