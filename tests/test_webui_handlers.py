@@ -42,7 +42,9 @@ def ui(tmp_path_factory, smollm2_branch):
     for f in (ROOT / "presets").glob("*.yaml"):
         (presets / f.name).write_bytes(f.read_bytes())
     state = AppState(models_dir=models, presets_dir=presets)
-    return WorkbenchUI(state)
+    ui = WorkbenchUI(state)
+    ui.build()  # the components the dict-answering handlers key their updates by
+    return ui
 
 
 def test_nothing_loaded_is_explained(ui):
@@ -61,8 +63,12 @@ def test_local_models_and_broken_folder(ui):
 
 
 def test_load_chat_continue_regenerate(ui):
-    status, *_ = last(ui.load("SmolLM2-GPTQ", "reference", 512, "Auto (tokenizer)", "Deterministic", False))
+    assert last(ui.load(None, "auto", None, None, None, False)) == {ui.mdl.status: "**Error:** choose a model first"}
+    update = last(ui.load("SmolLM2-GPTQ", "reference", 512, "Auto (tokenizer)", "Deterministic", False))
+    status = update[ui.mdl.status]
     assert "Loaded" in status and "context 512 tokens" in status, status
+    assert update[ui.gen.template]["value"] == "Auto (tokenizer)" and update[ui.gen.preset]["value"] == "Deterministic"
+    assert update[ui.gen.sliders[1]] == 0, "Deterministic's temperature reaches the slider"
     _, history, stats = last(ui.send(Session(), QUESTION, [], "", "Auto (tokenizer)", *NO_GRAMMAR, -1, *GREEDY))
     assert history[0] == {"role": "user", "content": QUESTION}
     reply = history[1]["content"]

@@ -231,33 +231,31 @@ class WorkbenchUI:
         return f"\n\nWith the {settings.backend or 'auto'} backend at {context} it needs {need.describe()}{fits}."
 
     def load(self, name, backend, context, template, preset, allow_pickle):
-        outputs = 4 + 2 + len(SAMPLING)
+        """Streams dicts keyed by component (the Model tab's status, context, template and preset, and the Text
+        generation tab's template, preset and sliders): each update names only what it changes."""
+        mdl, gen = self.mdl, self.gen
         if not name:
-            yield "**Error:** choose a model first", *([gr.update()] * outputs)
+            yield {mdl.status: "**Error:** choose a model first"}
             return
-        yield f"Loading **{name}**…", *([gr.update()] * outputs)
+        yield {mdl.status: f"Loading **{name}**…"}
         try:
             settings = ModelSettings(backend=backend or "auto", context_length=int(context) if context else None,
                                      template=template or None, preset=preset or None)
             report = self.state.load(name, settings, allow_pickle=bool(allow_pickle))
         except Exception as exc:  # noqa: BLE001 - any load failure is the user's to see
-            yield error_text(exc), *([gr.update()] * outputs)
+            yield {mdl.status: error_text(exc)}
             return
         used = report.settings
+        update = {mdl.status: report.describe(), mdl.context: gr.update(value=used.context_length),
+                  mdl.template: gr.update(value=used.template), gen.template: gr.update(value=used.template)}
         preset_name = used.preset if used.preset in self.preset_choices() else None
-        values = [gr.update()] * len(SAMPLING)
         if preset_name:
             try:
-                values = self.preset_values(preset_name)
+                update.update(zip(gen.sliders, self.preset_values(preset_name)))
+                update.update({mdl.preset: gr.update(value=preset_name), gen.preset: gr.update(value=preset_name)})
             except presets.PresetError:
-                preset_name = None
-        yield (
-            report.describe(),
-            gr.update(value=used.context_length),
-            gr.update(value=used.template), gr.update(value=used.template),  # model tab, text generation tab
-            gr.update(value=preset_name), gr.update(value=preset_name),
-            *values,
-        )
+                pass
+        yield update
 
     def unload(self) -> str:
         name = self.state.unload()
@@ -351,6 +349,7 @@ class WorkbenchUI:
                 with gr.Tab("Download", id="download"):
                     dl = self._download_tab()
             gen.session = dl.session = session
+            self.gen, self.mdl = gen, mdl  # for handlers that answer with dicts keyed by component
             self._wire_text_generation(gen, mdl)
             self._wire_model(gen, mdl)
             self._wire_download(dl, mdl)
