@@ -27,7 +27,7 @@ from backends.cuda_graph import GraphedDecoder
 from backends.model import Transformer
 from backends.paged_attention import PagedStep, Segment, kernel_takes
 from backends.paged_cache import BLOCK_SIZE, BlockManager, CacheShape, CacheTooSmall, KVPool, block_hashes
-from backends.sampling import SamplingParams, sample_token
+from backends.sampling import SamplerState, SamplingParams, sample_token
 
 log = logging.getLogger("gptq_workbench.engine")
 SWITCH_INTERVAL = 0.0002  # seconds
@@ -92,6 +92,7 @@ class Request:
     cancel: threading.Event
     logprobs: int | None = None  # None: none; k: each token's log-probability and the k most likely
     constraint: Constraint | None = None  # structured output: the grammar its tokens must follow
+    breakers: frozenset[int] = frozenset()  # DRY's sequence breakers as token ids
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
 
     def __iter__(self) -> Iterator[tuple[str, object]]:
@@ -142,6 +143,7 @@ class Sequence:
         self.solo = False  # its cache is the model's batch-1 cache (SoloLane), not blocks
         self.generated = 0
         self.generator = torch.Generator(device=device).manual_seed(request.seed)
+        self.sampler = SamplerState(breakers=request.breakers)
         self.history = (torch.tensor(self.tokens, dtype=torch.long, device=device)
                         if request.params.needs_history else None)
 
@@ -445,7 +447,8 @@ class Engine:
             if not params.plain_greedy or constraint is not None:
                 row = constraint.mask(logits[i]) if constraint is not None else logits[i]
                 previous = seq.history if seq.history is not None else logits.new_empty(0, dtype=torch.long)
-                chosen[i] = sample_token(row, previous, params, seq.generator, len(seq.request.prompt_ids))[0]
+                chosen[i] = sample_token(row, previous, params, seq.generator, len(seq.request.prompt_ids),
+                                         seq.sampler)[0]
         return chosen
 
     def _accept(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> None:

@@ -116,6 +116,14 @@ def stop_token_ids(loaded, params: SamplingParams) -> set[int]:
     return ids
 
 
+def breaker_ids(tokenizer, params: SamplingParams) -> frozenset[int]:
+    """DRY's sequence breakers as token ids: each string's last token (its character, after any prefix)."""
+    if params.dry_multiplier <= 0:
+        return frozenset()
+    ids = (tokenizer.encode(text, add_special_tokens=False) for text in params.dry_sequence_breakers)
+    return frozenset(found[-1] for found in ids if found)
+
+
 class Generation:
     """One generation on a loaded model's engine; iterate it for text pieces. Nothing runs until the first
     ``next``; leaving the loop early (or setting ``cancel``) ends it in the engine."""
@@ -146,7 +154,7 @@ class Generation:
         result = self.result
         request = Request(self.prompt_ids, self.params, result.seed, self.max_new,
                           frozenset(stop_token_ids(self.loaded, self.params)), self.cancel, self.logprobs,
-                          self.constraint)
+                          self.constraint, breaker_ids(self.loaded.tokenizer, self.params))
         started = time.perf_counter()
         self.loaded.engine.submit(request)
         decoder = IncrementalDecoder(self.loaded.tokenizer, self.prompt_ids[-4:])

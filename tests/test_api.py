@@ -264,6 +264,16 @@ def test_logit_bias_and_penalties_change_the_answer(client, server, reference_an
                                                frequency_penalty=1.5)
     counts = [r.choices[0].message.content.lower().count("hello") for r in (plain, penalised)]
     assert counts[0] >= 2 and counts[1] < counts[0], counts
+    dry = client.chat.completions.create(model="x", messages=repeat, temperature=0, max_tokens=40,
+                                         extra_body={"dry_multiplier": 3.0, "dry_allowed_length": 1})
+    assert dry.choices[0].message.content != plain.choices[0].message.content
+    seeded = {"temperature": 1.0, "seed": 9, "max_tokens": 16,
+              "extra_body": {"mirostat_tau": 4.0, "xtc_probability": 0.5, "dynatemp_range": 0.5,
+                             "sampler_order": ["min_p", "temperature", "top_k", "top_p", "typical_p", "xtc"]}}
+    once = client.chat.completions.create(model="x", messages=QUESTION, **seeded).choices[0].message.content
+    assert client.chat.completions.create(model="x", messages=QUESTION, **seeded).choices[0].message.content == once
+    with pytest.raises(openai.BadRequestError, match="sampler_order"):
+        client.chat.completions.create(model="x", messages=QUESTION, extra_body={"sampler_order": ["top_k"]})
 
 
 def test_structured_output_through_the_client(client):

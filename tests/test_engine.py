@@ -65,7 +65,10 @@ def mixed_requests(loaded) -> list[tuple[list[int], SamplingParams]]:
                SamplingParams(temperature=0.9, top_p=0.95, max_new_tokens=20, seed=7))
     penalised = (chat(loaded, "Count from one to ten in words."),
                  SamplingParams(temperature=0, repetition_penalty=1.3, max_new_tokens=16))
-    return greedy + [sampled, penalised, (long_prompt(loaded), SamplingParams(temperature=0, max_new_tokens=10))]
+    more = (chat(loaded, "Describe the sea in a few words."),
+            SamplingParams(temperature=1.0, mirostat_tau=4.0, xtc_probability=0.5, dry_multiplier=0.8,
+                           dynatemp_range=0.3, max_new_tokens=20, seed=3))
+    return greedy + [sampled, penalised, more, (long_prompt(loaded), SamplingParams(temperature=0, max_new_tokens=10))]
 
 
 def test_concurrent_requests_equal_each_run_alone(loaded):

@@ -25,10 +25,14 @@ def test_shipped_presets_are_valid():
 
 def test_save_load_delete_roundtrip(tmp_path):
     values = {"temperature": 0.5, "top_p": 0.8, "top_k": 7, "min_p": 0.1, "typical_p": 1.0,
-              "repetition_penalty": 1.2, "max_new_tokens": 64}
+              "repetition_penalty": 1.2, "max_new_tokens": 64, "dry_multiplier": 0.8, "xtc_probability": 0.3,
+              "mirostat_tau": 5.0, "dynatemp_range": 0.4, "presence_penalty": 0.5,
+              "sampler_order": ["min_p", "temperature", "top_k", "top_p", "typical_p", "xtc"]}
     assert presets.save_preset(tmp_path, " Mine 2 ", values) == "Mine 2"
     assert presets.list_presets(tmp_path) == ["Mine 2"]
-    assert presets.load_preset(tmp_path, "Mine 2") == values
+    loaded = presets.load_preset(tmp_path, "Mine 2")
+    assert {k: loaded[k] for k in values} == values, "every sampler is saved in the preset"
+    assert loaded["dry_base"] == 1.75 and loaded["dry_sequence_breakers"] == ["\n", ":", '"', "*"]
     presets.delete_preset(tmp_path, "Mine 2")
     assert presets.list_presets(tmp_path) == []
     with pytest.raises(PresetError, match="does not exist"):

@@ -1,4 +1,6 @@
-"""Sampling transformations against transformers' logits processors."""
+"""Sampling transformations against transformers' logits processors and reference functions."""
+
+import math
 
 import pytest
 import torch
@@ -11,7 +13,11 @@ from transformers.generation.logits_process import (
 )
 
 from backends.sampling import (
+    SamplerState,
     SamplingParams,
+    apply_xtc,
+    dry_penalties,
+    dynamic_temperature,
     apply_min_p,
     apply_presence_frequency,
     apply_repetition_penalty,
@@ -114,3 +120,106 @@ def test_penalty_ranges_are_checked():
     with pytest.raises(ValueError, match="logit_bias"):
         SamplingParams(logit_bias=((1, -200.0),))
     assert SamplingParams.from_dict({"logit_bias": {"5": -100}}).logit_bias == ((5, -100.0),)
+
+
+# ---- DRY, XTC, mirostat v2, dynamic temperature, sampler order: each against a plain function written from
+# the description its authors give (p-e-w's DRY pull request to text-generation-webui, XTC's, the Mirostat
+# paper's Algorithm 2 and llama.cpp's dynatemp).
+
+def reference_dry(context: list[int], multiplier: float, base: float, allowed: int, breakers: set[int]) -> dict:
+    """For each candidate next token: the longest n such that context[-n:] + [token] already occurred."""
+    if not context or context[-1] in breakers:
+        return {}
+    penalties = {}
+    for token in set(context):
+        if token in breakers:
+            continue
+        best = 0
+        for n in range(1, len(context)):
+            tail = context[-n:]
+            if any(t in breakers for t in tail):
+                break
+            window = tail + [token]
+            if any(context[i:i + n + 1] == window for i in range(len(context) - n)):
+                best = n
+        if best >= allowed:
+            penalties[token] = multiplier * base ** (best - allowed)
+    return penalties
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_dry_matches_the_reference(seed):
+    g = torch.Generator().manual_seed(seed)
+    context = torch.randint(0, 6, (60,), generator=g).tolist() + [1, 2, 3, 4, 5, 1, 2, 3]
+    breakers = {0} if seed % 2 else set()
+    ours = dry_penalties(context, 0.8, 1.75, 2, frozenset(breakers))
+    expected = reference_dry(context, 0.8, 1.75, 2, breakers)
+    assert ours.keys() == expected.keys() and all(abs(ours[t] - expected[t]) < 1e-9 for t in ours)
+    if not breakers:
+        assert ours.get(4, 0) >= 0.8 * 1.75 ** (3 - 2), "'1 2 3' was followed by 4 before"
+
+
+def test_dry_steers_greedy_off_a_repeat():
+    x = torch.zeros(10)
+    x[4] = 1.0
+    previous = torch.tensor([1, 2, 3, 4, 1, 2, 3])
+    params = SamplingParams(temperature=0, dry_multiplier=2.0, dry_sequence_breakers=())
+    assert int(sample_token(x, previous, params, None)) != 4
+    assert int(sample_token(x, previous, SamplingParams(temperature=0), None)) == 4
+
+
+def reference_xtc(probs: list[float], threshold: float) -> list[bool]:
+    """Which tokens XTC removes once it fires: all at or above the threshold but the least likely of them."""
+    above = [i for i, p in enumerate(probs) if p >= threshold]
+    if len(above) < 2:
+        return [False] * len(probs)
+    keep = min(above, key=lambda i: probs[i])
+    return [i in above and i != keep for i in range(len(probs))]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_xtc_matches_the_reference(seed):
+    x = logits(seed)
+    out = apply_xtc(x, 0.02, 1.0, torch.Generator().manual_seed(seed))
+    expected = reference_xtc(x.softmax(-1)[0].tolist(), 0.02)
+    assert torch.isinf(out[0]).tolist() == expected and any(expected)
+    assert torch.equal(apply_xtc(x, 0.02, 0.0, None), x), "probability 0 never fires"
+
+
+def test_mirostat_v2_follows_the_paper():
+    """Algorithm 2 of the Mirostat paper, step by step on the same draws."""
+    x = logits(7)[0]
+    params = SamplingParams(temperature=1.0, mirostat_tau=3.0, mirostat_eta=0.2)
+    state, mu = SamplerState(), 6.0
+    ours_g, ref_g = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    for _ in range(20):
+        token = int(sample_token(x, torch.tensor([], dtype=torch.long), params, ours_g, state=state))
+        probs = x.softmax(-1)
+        surprise = -torch.log2(probs)
+        allowed = surprise <= mu
+        truncated = torch.where(allowed, probs, torch.zeros_like(probs))
+        expected = int(torch.multinomial(truncated / truncated.sum(), 1, generator=ref_g))
+        assert token == expected
+        mu -= 0.2 * (float(surprise[expected]) - 3.0)
+        assert abs(state.mu - mu) < 1e-4
+
+
+def test_dynamic_temperature_follows_entropy():
+    flat, sharp = torch.zeros(1, 100), torch.tensor([[10.0] + [0.0] * 99])
+    assert dynamic_temperature(flat, 1.0, 0.5, 1.0) == pytest.approx(1.5)
+    h = float(-(sharp.softmax(-1) * sharp.log_softmax(-1)).sum()) / math.log(100)
+    assert dynamic_temperature(sharp, 1.0, 0.5, 2.0) == pytest.approx(0.5 + 1.0 * h ** 2)
+
+
+def test_sampler_order_changes_what_is_kept():
+    """min_p after a high temperature keeps more than before it."""
+    x = torch.tensor([3.0, 2.0, 1.0, 0.0, -1.0])
+    kept = {}
+    for order in (("temperature", "min_p", "top_k", "top_p", "typical_p", "xtc"),
+                  ("min_p", "temperature", "top_k", "top_p", "typical_p", "xtc")):
+        params = SamplingParams(temperature=3.0, min_p=0.3, sampler_order=order)
+        kept[order[0]] = {int(sample_token(x, torch.tensor([], dtype=torch.long), params,
+                                           torch.Generator().manual_seed(s))) for s in range(300)}
+    assert kept["min_p"] < kept["temperature"]
+    with pytest.raises(ValueError, match="sampler_order"):
+        SamplingParams(sampler_order=("temperature",))

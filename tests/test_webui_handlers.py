@@ -154,9 +154,10 @@ def test_save_settings_then_select_shows_them(ui):
 def test_presets_apply_save_delete(ui):
     *values, message = ui.apply_preset("Deterministic")
     assert values[1] == 0 and "applied" in message
-    choice, _, message = ui.save_preset("Mine", 99, 0.4, 0.9, 12, 0.0, 1.0, 1.1)
+    mine = [99, 0.4, 0.9, 12, 0.0, 1.0, 1.1, 0.2, 0.3, 0.8, 1.75, 3, 0.1, 0.5, 0.0, 0.1, 0.3, 1.0]
+    choice, _, message = ui.save_preset("Mine", *mine)
     assert choice["value"] == "Mine" and "Mine" in choice["choices"] and "saved" in message
-    assert ui.preset_values("Mine") == [99, 0.4, 0.9, 12, 0.0, 1.0, 1.1]
+    assert ui.preset_values("Mine") == mine, "the More samplers sliders are saved too"
     _, _, message = ui.save_preset("../x", *GREEDY)
     assert message.startswith("**Error:**")
     choice, _, message = ui.delete_preset("Mine")

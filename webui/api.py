@@ -80,6 +80,18 @@ class Sampling(BaseModel):
     presence_penalty: float = Field(default=0.0, ge=-2, le=2)
     frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
+    # This API's samplers beyond OpenAI's (backends/sampling.py has what each does)
+    dry_multiplier: float = Field(default=0.0, ge=0)
+    dry_base: float = Field(default=1.75, ge=1)
+    dry_allowed_length: int = Field(default=2, ge=1)
+    dry_sequence_breakers: list[str] | None = None
+    xtc_threshold: float = Field(default=0.1, ge=0, le=0.5)
+    xtc_probability: float = Field(default=0.0, ge=0, le=1)
+    mirostat_tau: float = Field(default=0.0, ge=0)
+    mirostat_eta: float = Field(default=0.1, gt=0, le=1)
+    dynatemp_range: float = Field(default=0.0, ge=0)
+    dynatemp_exponent: float = Field(default=1.0, gt=0)
+    sampler_order: list[str] | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
@@ -127,6 +139,13 @@ class Sampling(BaseModel):
                 typical_p=self.typical_p, repetition_penalty=self.repetition_penalty,
                 presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                 logit_bias=tuple(bias), seed=self.seed, stop_strings=tuple(s for s in stops if s),
+                dry_multiplier=self.dry_multiplier, dry_base=self.dry_base, dry_allowed_length=self.dry_allowed_length,
+                xtc_threshold=self.xtc_threshold, xtc_probability=self.xtc_probability,
+                mirostat_tau=self.mirostat_tau, mirostat_eta=self.mirostat_eta, dynatemp_range=self.dynatemp_range,
+                dynatemp_exponent=self.dynatemp_exponent,
+                **({"dry_sequence_breakers": tuple(self.dry_sequence_breakers)}
+                   if self.dry_sequence_breakers is not None else {}),
+                **({"sampler_order": tuple(self.sampler_order)} if self.sampler_order is not None else {}),
             )
         except ValueError as exc:
             raise ApiError(400, str(exc)) from exc

@@ -13,7 +13,10 @@ from webui.files import atomic_write_text
 
 NAME_PATTERN = re.compile(r"^[\w][\w .+-]{0,63}$")
 # What a preset holds: the sampling knobs, not per-request stops or seeds.
-PRESET_FIELDS = ("temperature", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty", "max_new_tokens")
+PRESET_FIELDS = ("temperature", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty", "max_new_tokens",
+                 "presence_penalty", "frequency_penalty", "dry_multiplier", "dry_base", "dry_allowed_length",
+                 "dry_sequence_breakers", "xtc_threshold", "xtc_probability", "mirostat_tau", "mirostat_eta",
+                 "dynatemp_range", "dynatemp_exponent", "sampler_order")
 
 
 class PresetError(ValueError):
@@ -50,7 +53,7 @@ def load_preset(folder: Path, name: str) -> dict:
     except ValueError as exc:
         raise PresetError(str(exc)) from exc
     values = asdict(params)
-    return {k: values[k] for k in PRESET_FIELDS}
+    return {k: list(values[k]) if isinstance(values[k], tuple) else values[k] for k in PRESET_FIELDS}
 
 
 def save_preset(folder: Path, name: str, values: dict) -> str:

@@ -27,7 +27,9 @@ from backends.memory import gigabytes
 from webui.state import AppState, ModelNotLoaded
 from webui.templates import TemplateError
 
-SAMPLING = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty")
+SAMPLING = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty",
+            "presence_penalty", "frequency_penalty", "dry_multiplier", "dry_base", "dry_allowed_length",
+            "xtc_threshold", "xtc_probability", "mirostat_tau", "mirostat_eta", "dynatemp_range", "dynatemp_exponent")
 DEFAULT_PRESET = "Default"
 CSS = """
 #gen-stats, #model-status, #download-status { min-height: 1.5em; }
@@ -63,6 +65,7 @@ def sampling_params(values: list, seed: float | None) -> SamplingParams:
     raw = dict(zip(SAMPLING, values))
     raw["max_new_tokens"] = int(raw["max_new_tokens"])
     raw["top_k"] = int(raw["top_k"])
+    raw["dry_allowed_length"] = int(raw.get("dry_allowed_length", 2))
     raw["seed"] = None if seed is None or seed < 0 else int(seed)
     return SamplingParams.from_dict(raw, source="sampling settings")
 
@@ -415,6 +418,23 @@ class WorkbenchUI:
                     gr.Slider(0.01, 1, step=0.01, value=v[5], label="typical_p", elem_id="typical-p"),
                     gr.Slider(0.5, 2, step=0.01, value=v[6], label="repetition_penalty", elem_id="repetition-penalty"),
                 ]
+                with gr.Accordion("More samplers", open=False, elem_id="more-samplers"):
+                    c.sliders += [
+                        gr.Slider(-2, 2, step=0.05, value=v[7], label="presence_penalty", elem_id="presence-penalty"),
+                        gr.Slider(-2, 2, step=0.05, value=v[8], label="frequency_penalty", elem_id="frequency-penalty"),
+                        gr.Slider(0, 5, step=0.05, value=v[9], label="DRY multiplier (0 = off)", elem_id="dry-multiplier"),
+                        gr.Slider(1, 4, step=0.05, value=v[10], label="DRY base", elem_id="dry-base"),
+                        gr.Slider(1, 20, step=1, value=v[11], label="DRY allowed length", elem_id="dry-allowed-length"),
+                        gr.Slider(0, 0.5, step=0.01, value=v[12], label="XTC threshold", elem_id="xtc-threshold"),
+                        gr.Slider(0, 1, step=0.01, value=v[13], label="XTC probability (0 = off)",
+                                  elem_id="xtc-probability"),
+                        gr.Slider(0, 10, step=0.1, value=v[14], label="mirostat v2 tau (0 = off)", elem_id="mirostat-tau"),
+                        gr.Slider(0.01, 1, step=0.01, value=v[15], label="mirostat eta", elem_id="mirostat-eta"),
+                        gr.Slider(0, 2, step=0.01, value=v[16], label="dynamic temperature range (0 = off)",
+                                  elem_id="dynatemp-range"),
+                        gr.Slider(0.1, 5, step=0.1, value=v[17], label="dynamic temperature exponent",
+                                  elem_id="dynatemp-exponent"),
+                    ]
                 c.seed = gr.Number(value=-1, precision=0, label="seed (-1 = random)", elem_id="seed")
                 with gr.Accordion("Structured output", open=False, elem_id="grammar-panel"):
                     c.grammar_kind = gr.Dropdown(list(GRAMMAR_KINDS), value="none", label="The output must match",
