@@ -230,3 +230,26 @@ def test_structured_output_panel_and_notebook_token_view(browser, tmp_path, smol
         page.screenshot(path=str(artifacts_dir() / "notebook-token-view.png"))
     finally:
         app.stop()
+
+
+def test_download_from_the_model_tab_then_load(hub, browser, tmp_path):
+    """The Model tab's download box: the same branch table, progress and result as the Download tab, and
+    the new model is chosen, ready to load."""
+    env = {"HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HOME": str(tmp_path / "hf-home")}
+    app = AppProcess(["--models-dir", str(tmp_path / "models")], env, tmp_path / "app.log")
+    try:
+        page = new_page(browser, app)
+        open_tab(page, "Model")
+        page.locator("#model-download-panel").click()
+        page.locator("#model-repo textarea, #model-repo input").first.fill(REPO)
+        page.locator("#model-get-branches").click()
+        expect(page.locator("#model-branch-table")).to_contain_text("gptq-4bit-32g-actorder_True")
+        choose(page, "model-branch", "main")
+        page.locator("#model-download").click()
+        expect(page.locator("#model-download-status")).to_contain_text("now in the Model tab", timeout=120_000)
+        expect(page.locator("#model-select input")).to_have_value(MODEL)
+        page.screenshot(path=str(artifacts_dir() / "model-tab-download.png"))
+        page.locator("#load").click()
+        expect(page.locator("#model-status")).to_contain_text("Loaded", timeout=120_000)
+    finally:
+        app.stop()

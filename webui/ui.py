@@ -32,7 +32,7 @@ SAMPLING = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "typical
             "xtc_threshold", "xtc_probability", "mirostat_tau", "mirostat_eta", "dynatemp_range", "dynatemp_exponent")
 DEFAULT_PRESET = "Default"
 CSS = """
-#gen-stats, #model-status, #download-status { min-height: 1.5em; }
+#gen-stats, #model-status, #download-status, #model-download-status { min-height: 1.5em; }
 .dl-progress progress { width: 100%; height: 1.2em; }
 """
 # Streams show their own progress (the growing reply, the stats line, the download bar), not Gradio's overlay.
@@ -349,13 +349,16 @@ class WorkbenchUI:
                     gen = self._text_generation_tab(start)
                 with gr.Tab("Model", id="model"):
                     mdl = self._model_tab(start)
+                    with gr.Accordion("Download a model", open=False, elem_id="model-download-panel"):
+                        model_dl = self._download_panel("model-")
                 with gr.Tab("Download", id="download"):
-                    dl = self._download_tab()
-            gen.session = dl.session = session
+                    dl = self._download_panel()
+            gen.session = dl.session = model_dl.session = session
             self.gen, self.mdl = gen, mdl  # for handlers that answer with dicts keyed by component
             self._wire_text_generation(gen, mdl)
             self._wire_model(gen, mdl)
             self._wire_download(dl, mdl)
+            self._wire_download(model_dl, mdl)
             demo.load(self.select_model, mdl.select, mdl.fields)
         return demo
 
@@ -469,23 +472,24 @@ class WorkbenchUI:
         c.fields = [c.info, c.backend, c.context, c.template, c.preset]  # what select_model fills
         return c
 
-    def _download_tab(self) -> SimpleNamespace:
+    def _download_panel(self, prefix: str = "") -> SimpleNamespace:
+        """The download controls: the Download tab's, and (``prefix`` "model-") the Model tab's, one code path."""
         c = SimpleNamespace()
         with gr.Row():
             c.repo = gr.Textbox(label="Model on the Hub", placeholder="owner/repo or owner/repo:branch",
-                                elem_id="repo", scale=4)
-            c.list = gr.Button("Get branches", elem_id="get-branches", scale=1)
+                                elem_id=f"{prefix}repo", scale=4)
+            c.list = gr.Button("Get branches", elem_id=f"{prefix}get-branches", scale=1)
         with gr.Row():
-            c.token = gr.Textbox(label="Access token (gated repos)", type="password", elem_id="hub-token")
+            c.token = gr.Textbox(label="Access token (gated repos)", type="password", elem_id=f"{prefix}hub-token")
             c.allow_pickle = gr.Checkbox(False, label="Allow pickled .pt/.bin weights")
         c.table = gr.Dataframe(headers=["branch", "quantization", "download", "VRAM estimate"], interactive=False,
-                               elem_id="branch-table")
-        c.branch = gr.Dropdown([], label="Branch", elem_id="branch")
+                               elem_id=f"{prefix}branch-table")
+        c.branch = gr.Dropdown([], label="Branch", elem_id=f"{prefix}branch")
         with gr.Row():
-            c.download = gr.Button("Download", variant="primary", elem_id="download")
-            c.cancel = gr.Button("Cancel", elem_id="cancel-download")
-        c.progress = gr.HTML(progress_html(0.0, ""), elem_id="download-progress")
-        c.status = gr.Markdown("", elem_id="download-status")
+            c.download = gr.Button("Download", variant="primary", elem_id=f"{prefix}download")
+            c.cancel = gr.Button("Cancel", elem_id=f"{prefix}cancel-download")
+        c.progress = gr.HTML(progress_html(0.0, ""), elem_id=f"{prefix}download-progress")
+        c.status = gr.Markdown("", elem_id=f"{prefix}download-status")
         c.downloaded = gr.State(None)
         return c
 
