@@ -22,6 +22,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--models-dir", type=Path, default=ROOT / "models")
     parser.add_argument("--presets-dir", type=Path, default=ROOT / "presets")
+    parser.add_argument("--user-data", type=Path, default=ROOT / "user_data", help="saved chats live here")
     parser.add_argument("--model", help="model folder name in --models-dir to load at start")
     parser.add_argument("--backend", default=None, help="backend for --model (default: its saved settings, else auto)")
     parser.add_argument("--context", type=int, default=None, help="context length for --model")
@@ -55,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     from webui.state import AppState
     from webui.ui import CSS, WorkbenchUI, theme
 
-    state = AppState(models_dir=opts.models_dir, presets_dir=opts.presets_dir, allow_pickle=opts.allow_pickle)
+    state = AppState(models_dir=opts.models_dir, presets_dir=opts.presets_dir, allow_pickle=opts.allow_pickle,
+                     user_data=opts.user_data)
     if opts.model:
         try:
             settings = state.settings_for(opts.model)

@@ -253,3 +253,31 @@ def test_download_from_the_model_tab_then_load(hub, browser, tmp_path):
         expect(page.locator("#model-status")).to_contain_text("Loaded", timeout=120_000)
     finally:
         app.stop()
+
+
+def test_a_chat_survives_a_restart(browser, tmp_path, smollm2_branch):
+    models = tmp_path / "models"
+    link_model(smollm2_branch("main"), models / MODEL)
+    args = ["--models-dir", str(models), "--model", MODEL, "--user-data", str(tmp_path / "user-data")]
+    app = AppProcess(args, {}, tmp_path / "app.log")
+    try:
+        page = new_page(browser, app)
+        reply, _ = chat(page, QUESTION)
+        assert "Paris" in reply
+    finally:
+        app.stop()
+    assert len(list((tmp_path / "user-data" / "chats").glob("*.json"))) == 1
+    app = AppProcess(args, {}, tmp_path / "app.log")
+    try:
+        page = new_page(browser, app)
+        assert page.locator('#chatbot [data-testid="bot"]').count() == 0
+        page.locator("#saved-chats").click()
+        page.locator("#chat-list input").click()
+        option = page.get_by_role("option").filter(has_text=QUESTION).first
+        option.click()
+        expect(page.locator('#chatbot [data-testid="bot"]').last).to_contain_text("Paris")
+        expect(page.locator("#chat-note")).to_contain_text("Opened")
+        page.screenshot(path=str(artifacts_dir() / "saved-chat-reopened.png"))
+    finally:
+        app.stop()
+    assert "Traceback" not in (tmp_path / "app.log").read_text()

@@ -164,3 +164,35 @@ def test_presets_apply_save_delete(ui):
     assert "Mine" not in choice["choices"] and "deleted" in message
     *_, message = ui.apply_preset("Mine")
     assert "does not exist" in message
+
+
+def test_chats_are_saved_and_come_back(ui):
+    mine = Session()
+    last(ui.load("SmolLM2-GPTQ", "cpu", 512, "Auto (tokenizer)", "Deterministic", False))
+    _, history, _ = last(ui.send(mine, QUESTION, [], "Be brief.", "ChatML", *NO_GRAMMAR, -1, *GREEDY))
+    saved = ui.state.chats.load(mine.chat_id)
+    assert saved.messages == history and saved.system == "Be brief." and saved.template == "ChatML"
+    assert saved.title == QUESTION
+    _, longer, _ = last(ui.send(mine, "And of Italy?", history, "Be brief.", "ChatML", *NO_GRAMMAR, -1, *GREEDY))
+    assert ui.state.chats.load(mine.chat_id).messages == longer, "the same chat grows"
+
+    other = Session()  # another window, or the app after a restart
+    listed = ui.chat_choices(other)[ui.gen.chat_list]
+    assert (ui.state.chats.load(mine.chat_id).title, mine.chat_id) in [(label.split(" · ")[0], i)
+                                                                        for label, i in listed["choices"]]
+    opened = ui.open_chat(other, mine.chat_id)
+    assert opened[ui.gen.chatbot] == longer and opened[ui.gen.system] == "Be brief."
+    assert opened[ui.gen.template] == "ChatML"
+
+    assert "Renamed" in ui.rename_chat(other, "Capitals")[ui.gen.chat_note]
+    branched = ui.branch_chat(other, 2)
+    assert branched[ui.gen.chatbot] == longer[:2] and other.chat_id != mine.chat_id
+    exported = ui.export_chat(other)
+    imported = ui.import_chat(Session(), exported)
+    assert imported[ui.gen.chatbot] == longer[:2]
+    assert ui.import_chat(Session(), __file__)[ui.gen.chat_note].startswith("**Error:**")
+
+    assert ui.delete_chat(other)[ui.gen.chat_note] == "Chat deleted." and other.chat_id is None
+    assert ui.new_chat(mine)[ui.gen.chatbot] == [] and mine.chat_id is None
+    searched = ui.chat_choices(Session(), "capitals")[ui.gen.chat_list]["choices"]
+    assert sorted(label.split(" · ")[0] for label, _ in searched) == ["Capitals", "Capitals (branch)"]

@@ -1,4 +1,4 @@
-"""What belongs to one browser session: its running generation's Stop and its download's Cancel.
+"""What belongs to one browser session: its running generation's Stop, its download's Cancel, its chat.
 
 Each browser session gets its own :class:`Session` (a ``gr.State``), so Stop in one window never stops
 another's generation, which now runs beside it in the engine.
@@ -14,6 +14,7 @@ class Session:
     def __init__(self) -> None:
         self.generation_cancel = threading.Event()
         self.download_cancel = threading.Event()
+        self.chat_id: str | None = None  # the saved chat the Chat tab shows (webui/chats.py)
 
     def __deepcopy__(self, memo) -> "Session":
         # Gradio deep-copies a State's initial value into each new browser session: a fresh session.

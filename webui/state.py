@@ -23,6 +23,7 @@ from backends.registry import all_backends, resolve_backend, suggested_backend
 from backends.sampling import SamplingParams
 from backends.weights import find_weight_files
 from webui import templates
+from webui.chats import ChatStore
 from webui.settings import ModelSettings, SettingsStore
 
 
@@ -67,11 +68,16 @@ class AppState:
     models_dir: Path
     presets_dir: Path
     allow_pickle: bool = False
+    user_data: Path | None = None  # saved chats and the like; None: "user_data" beside the models folder
     loaded: LoadedModel | None = None
     template: str = templates.AUTO
     load_report: LoadReport | None = None
     _load_lock: threading.Lock = field(default_factory=threading.Lock)
     _generations: weakref.WeakSet = field(default_factory=weakref.WeakSet)  # every unfinished one
+
+    @property
+    def chats(self) -> ChatStore:
+        return ChatStore((self.user_data or self.models_dir.parent / "user_data") / "chats")
 
     @property
     def settings(self) -> SettingsStore:

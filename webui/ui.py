@@ -7,7 +7,9 @@ input or a failed load never leaves a dead page.
 from __future__ import annotations
 
 import html
+import tempfile
 import threading
+import time
 from dataclasses import replace
 from types import SimpleNamespace
 from pathlib import Path
@@ -19,6 +21,7 @@ from backends.generation import ContextOverflowError
 from backends.sampling import SamplingParams
 from webui import presets, templates
 from webui.chat import chat_turn, clean_history, notebook_turn, prompt_tokens
+from webui.chats import ChatError, title_of
 from webui.download import DownloadCancelled, DownloadError, DownloadProgress, DownloadRequest, Hub, format_bytes, download
 from webui.repo_spec import RepoSpecError, parse_repo_spec
 from webui.session import Session
@@ -167,6 +170,7 @@ class WorkbenchUI:
                                   session.new_generation(), grammar):
                 last = turn.history
                 yield gr.update(), turn.history, turn.stats
+            self.autosave(session, last, system, template)
         except (ContextOverflowError, TemplateError, GrammarError) as exc:
             if restore_on_overflow is not None:  # give the message back rather than lose it
                 yield restore_on_overflow, history[:-1], error_text(exc)
@@ -174,6 +178,95 @@ class WorkbenchUI:
                 yield gr.update(), history, error_text(exc)
         except Exception as exc:  # noqa: BLE001 - shown to the user, the chat so far is kept
             yield gr.update(), last, error_text(exc)
+            self.autosave(session, last, system, template)
+
+    # ---- saved chats ---------------------------------------------------------------------------------------------
+
+    def autosave(self, session: Session, history, system: str, template: str) -> None:
+        """Every finished turn is saved: the session's chat, or a new one for a new conversation."""
+        if not history:
+            return
+        store = self.state.chats
+        try:
+            chat = store.load(session.chat_id) if session.chat_id else store.new()
+        except ChatError:
+            chat = store.new()
+        chat.messages, chat.system, chat.template = clean_history(history), system or "", template or ""
+        if not chat.title or chat.title == "New chat":
+            chat.title = title_of(chat.messages)
+        session.chat_id = store.save(chat).id
+
+    def chat_choices(self, session: Session, query: str = "") -> dict:
+        chats, notes = self.state.chats.list(query or "")
+        choices = [(f"{c.title} · {time.strftime('%Y-%m-%d %H:%M', time.localtime(c.updated))}", c.id) for c in chats]
+        current = session.chat_id if any(c.id == session.chat_id for c in chats) else None
+        note = "\n\n".join(f"**Set aside:** {n}" for n in notes)
+        return {self.gen.chat_list: gr.update(choices=choices, value=current), self.gen.chat_note: note}
+
+    def open_chat(self, session: Session, chat_id: str | None) -> dict:
+        if not chat_id or chat_id == session.chat_id:
+            return {self.gen.chat_note: gr.update()}  # an empty dict would read as one output value
+        try:
+            chat = self.state.chats.load(chat_id)
+        except ChatError as exc:
+            return {self.gen.chat_note: error_text(exc), **self.chat_choices(session)}
+        session.chat_id = chat.id
+        update = {self.gen.chatbot: chat.messages, self.gen.system: chat.system, self.gen.stats: "",
+                  self.gen.chat_note: f"Opened **{chat.title}**.", self.gen.chat_title: chat.title}
+        if chat.template in templates.template_names():
+            update[self.gen.template] = chat.template
+        return update
+
+    def new_chat(self, session: Session) -> dict:
+        session.chat_id = None
+        return {self.gen.chatbot: [], self.gen.stats: "", self.gen.chat_title: "", **self.chat_choices(session)}
+
+    def rename_chat(self, session: Session, title: str) -> dict:
+        try:
+            if not session.chat_id:
+                raise ChatError("send a message first: a new chat is saved with its first turn")
+            chat = self.state.chats.rename(session.chat_id, title or "")
+        except ChatError as exc:
+            return {self.gen.chat_note: error_text(exc)}
+        return {**self.chat_choices(session), self.gen.chat_note: f"Renamed to **{chat.title}**."}
+
+    def delete_chat(self, session: Session) -> dict:
+        if not session.chat_id:
+            return {self.gen.chat_note: "**Error:** no saved chat is open"}
+        try:
+            self.state.chats.delete(session.chat_id)
+        except ChatError as exc:
+            return {self.gen.chat_note: error_text(exc)}
+        return {**self.new_chat(session), self.gen.chat_note: "Chat deleted."}
+
+    def branch_chat(self, session: Session, message: float | None) -> dict:
+        """A new chat with the messages up to message number ``message`` (counted from 1)."""
+        try:
+            if not session.chat_id:
+                raise ChatError("no saved chat is open")
+            chat = self.state.chats.branch(session.chat_id, int(message or 0) - 1)
+        except (ChatError, ValueError) as exc:
+            return {self.gen.chat_note: error_text(exc)}
+        session.chat_id = None
+        return {**self.open_chat(session, chat.id), **self.chat_choices(session)}
+
+    def export_chat(self, session: Session):
+        if not session.chat_id:
+            return None
+        chat = self.state.chats.load(session.chat_id)
+        folder = Path(tempfile.mkdtemp(prefix="chat-export-"))
+        name = "".join(c if c.isalnum() else "-" for c in chat.title)[:40].strip("-") or "chat"
+        path = folder / f"{name}.json"
+        path.write_text(chat.to_json(), encoding="utf-8")
+        return str(path)
+
+    def import_chat(self, session: Session, upload) -> dict:
+        try:
+            chat = self.state.chats.import_file(Path(upload if isinstance(upload, str) else upload.name))
+        except (ChatError, OSError, UnicodeDecodeError) as exc:
+            return {self.gen.chat_note: error_text(exc)}
+        session.chat_id = None
+        return {**self.open_chat(session, chat.id), **self.chat_choices(session)}
 
     def notebook(self, session: Session, prompt: str, grammar_kind: str, grammar_source: str, seed, *values):
         """Streams (text, stats, token view)."""
@@ -360,6 +453,7 @@ class WorkbenchUI:
             self._wire_download(dl, mdl)
             self._wire_download(model_dl, mdl)
             demo.load(self.select_model, mdl.select, mdl.fields)
+            demo.load(self.chat_choices, [gen.session, gen.chat_search], [gen.chat_list, gen.chat_note])
         return demo
 
     def _start(self) -> SimpleNamespace:
@@ -379,6 +473,26 @@ class WorkbenchUI:
             with gr.Column(scale=3):
                 with gr.Tabs():
                     with gr.Tab("Chat", id="chat"):
+                        with gr.Accordion("Saved chats", open=False, elem_id="saved-chats"):
+                            with gr.Row():
+                                c.chat_search = gr.Textbox(placeholder="Search chats…", show_label=False,
+                                                           elem_id="chat-search", scale=1)
+                                c.chat_list = gr.Dropdown([], label="Chats, newest first", elem_id="chat-list",
+                                                          scale=2)
+                            with gr.Row():
+                                c.chat_new = gr.Button("New chat", elem_id="chat-new", min_width=60)
+                                c.chat_delete = gr.Button("Delete", elem_id="chat-delete", min_width=60)
+                                c.chat_export = gr.DownloadButton("Export", elem_id="chat-export", min_width=60)
+                                c.chat_import = gr.UploadButton("Import", file_types=[".json"], type="filepath",
+                                                                elem_id="chat-import", min_width=60)
+                            with gr.Row():
+                                c.chat_title = gr.Textbox(placeholder="Name", show_label=False,
+                                                          elem_id="chat-title", scale=2)
+                                c.chat_rename = gr.Button("Rename", elem_id="chat-rename", min_width=60)
+                                c.branch_at = gr.Number(value=1, precision=0, label="Branch at message #",
+                                                        elem_id="branch-at", minimum=1)
+                                c.chat_branch = gr.Button("Branch", elem_id="chat-branch", min_width=60)
+                            c.chat_note = gr.Markdown("", elem_id="chat-note")
                         c.chatbot = gr.Chatbot(elem_id="chatbot", height=460, label="Chat")
                         c.user_text = gr.Textbox(elem_id="chat-input", placeholder="Type a message…",
                                                  show_label=False, lines=2)
@@ -496,11 +610,23 @@ class WorkbenchUI:
     def _wire_text_generation(self, gen: SimpleNamespace, mdl: SimpleNamespace) -> None:
         inputs = [gen.system, gen.template, gen.grammar_kind, gen.grammar_source, gen.seed, *gen.sliders]
         outputs = [gen.user_text, gen.chatbot, gen.stats]
-        gen.send.click(self.send, [gen.session, gen.user_text, gen.chatbot, *inputs], outputs, **QUIET)
-        gen.user_text.submit(self.send, [gen.session, gen.user_text, gen.chatbot, *inputs], outputs, **QUIET)
-        gen.regenerate.click(self.regenerate, [gen.session, gen.chatbot, *inputs], outputs, **QUIET)
-        gen.continue_.click(self.continue_reply, [gen.session, gen.chatbot, *inputs], outputs, **QUIET)
-        gen.clear.click(lambda: ([], ""), None, [gen.chatbot, gen.stats], queue=False)
+        chat_outputs = [gen.chatbot, gen.system, gen.template, gen.stats, gen.chat_list, gen.chat_note, gen.chat_title]
+        listed = [gen.chat_list, gen.chat_note]
+        for event, handler, args in ((gen.send.click, self.send, [gen.user_text, gen.chatbot]),
+                                     (gen.user_text.submit, self.send, [gen.user_text, gen.chatbot]),
+                                     (gen.regenerate.click, self.regenerate, [gen.chatbot]),
+                                     (gen.continue_.click, self.continue_reply, [gen.chatbot])):
+            event(handler, [gen.session, *args, *inputs], outputs, **QUIET).then(
+                self.chat_choices, [gen.session, gen.chat_search], listed)
+        gen.clear.click(self.new_chat, gen.session, chat_outputs, queue=False)
+        gen.chat_new.click(self.new_chat, gen.session, chat_outputs, queue=False)
+        gen.chat_search.change(self.chat_choices, [gen.session, gen.chat_search], listed, queue=False)
+        gen.chat_list.input(self.open_chat, [gen.session, gen.chat_list], chat_outputs, queue=False)
+        gen.chat_rename.click(self.rename_chat, [gen.session, gen.chat_title], chat_outputs, queue=False)
+        gen.chat_delete.click(self.delete_chat, gen.session, chat_outputs, queue=False)
+        gen.chat_branch.click(self.branch_chat, [gen.session, gen.branch_at], chat_outputs, queue=False)
+        gen.chat_export.click(self.export_chat, gen.session, gen.chat_export, queue=False)
+        gen.chat_import.upload(self.import_chat, [gen.session, gen.chat_import], chat_outputs, queue=False)
         gen.show_tokens.click(self.show_prompt_tokens, [gen.chatbot, gen.system, gen.template], gen.prompt_tokens,
                               queue=False)
         gen.stop.click(self.stop, gen.session, gen.stats, queue=False)
