@@ -70,12 +70,21 @@ def test_an_empty_system_message_is_dropped_and_the_default_used():
 
 
 def test_errors_are_explained():
-    with pytest.raises(TemplateError, match="no assistant reply"):
-        NAMED["ChatML"].render(CONVERSATION, continue_last=True)
+    with pytest.raises(TemplateError, match="no message to continue"):
+        NAMED["ChatML"].render([], continue_last=True)
     with pytest.raises(TemplateError, match="can only come first"):
         NAMED["ChatML"].render(CONVERSATION + SYSTEM)
     with pytest.raises(TemplateError, match="unknown chat template"):
         templates.render(None, "Nope", CONVERSATION)
+
+
+def test_continuing_a_user_message_leaves_the_users_line_open():
+    """Impersonate: the model writes on in the user's turn."""
+    assert CONVERSATION[-1]["role"] == "user"
+    text = NAMED["ChatML"].render(CONVERSATION, continue_last=True)
+    closed = NAMED["ChatML"].render(CONVERSATION)
+    assert text.endswith("<|im_start|>user\n" + CONVERSATION[-1]["content"])
+    assert closed.startswith(text) and closed.endswith("<|im_start|>assistant\n")
 
 
 @pytest.fixture(scope="module")

@@ -191,13 +191,14 @@ def test_stop_in_one_browser_session_leaves_the_other_streaming(browser, tmp_pat
         for page in pages:
             page.wait_for_function(f"() => document.querySelector('{bot}')?.innerText.length > 20")
         pages[0].locator("#stop").click()
-        expect(pages[0].locator("#gen-stats")).to_contain_text("stopped: cancelled")
+        # A busy machine's browser renders the streamed updates late: wait for them, not for a fixed time.
+        expect(pages[0].locator("#gen-stats")).to_contain_text("stopped: cancelled", timeout=60_000)
         grown = len(pages[1].locator(bot).last.inner_text())
         pages[1].wait_for_function(f"n => document.querySelector('{bot}').innerText.length > n + 40", arg=grown)
         expect(pages[1].locator("#gen-stats")).not_to_contain_text("cancelled")
         pages[1].screenshot(path=str(artifacts_dir() / "two-sessions-other-still-streaming.png"))
         pages[1].locator("#stop").click()
-        expect(pages[1].locator("#gen-stats")).to_contain_text("stopped: cancelled")
+        expect(pages[1].locator("#gen-stats")).to_contain_text("stopped: cancelled", timeout=60_000)
     finally:
         for context in contexts:
             context.close()
@@ -221,9 +222,10 @@ def test_structured_output_panel_and_notebook_token_view(browser, tmp_path, smol
         open_tab(page, "Notebook")
         page.locator("#notebook-text textarea").fill("The capital of France is")
         page.locator("#notebook-generate").click()
-        expect(page.locator("#gen-stats")).to_contain_text("tokens/s", timeout=120_000)
         page.locator("#token-view-panel").click()
-        expect(page.locator("#token-view table")).to_be_visible()
+        # The chat's stats still say tokens/s: the token view's table marks the notebook's end.
+        expect(page.locator("#token-view table")).to_be_visible(timeout=120_000)
+        expect(page.locator("#gen-stats")).to_contain_text("tokens/s")
         cells = page.locator("#token-view tbody tr").count()
         assert cells >= 1
         expect(page.locator("#token-view tbody tr").first).to_contain_text("%")

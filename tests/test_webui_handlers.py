@@ -196,3 +196,31 @@ def test_chats_are_saved_and_come_back(ui):
     assert ui.new_chat(mine)[ui.gen.chatbot] == [] and mine.chat_id is None
     searched = ui.chat_choices(Session(), "capitals")[ui.gen.chat_list]["choices"]
     assert sorted(label.split(" · ")[0] for label, _ in searched) == ["Capitals", "Capitals (branch)"]
+
+
+def test_message_tools(ui):
+    session = Session()
+    last(ui.load("SmolLM2-GPTQ", "cpu", 512, "Auto (tokenizer)", "Deterministic", False))
+    _, history, _ = last(ui.send_with_reply_start(session, QUESTION, "The answer is", [], "", "ChatML",
+                                                  *NO_GRAMMAR, -1, *GREEDY))
+    assert history[-1]["role"] == "assistant" and history[-1]["content"].startswith("The answer is")
+    assert len(history[-1]["content"]) > len("The answer is")
+    _, history, _ = last(ui.send(session, "Thanks!", history, "", "ChatML", *NO_GRAMMAR, -1, *GREEDY))
+    assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
+
+    _, edited, _ = last(ui.edit_message(session, 1, "What is the capital of Italy?", history, "", "ChatML",
+                                        *NO_GRAMMAR, -1, *GREEDY))
+    assert [m["role"] for m in edited] == ["user", "assistant"] and edited[0]["content"].endswith("Italy?")
+    assert "Rome" in edited[1]["content"]
+    assert ui.state.chats.load(session.chat_id).messages == edited, "the edit is saved"
+    _, unchanged, stats = last(ui.edit_message(session, 2, "x", edited, "", "ChatML", *NO_GRAMMAR, -1, *GREEDY))
+    assert unchanged == edited and "yours are 1" in stats
+
+    kept, note = ui.delete_last_turn(session, edited, "", "ChatML")
+    assert kept == [] and note == "Last turn deleted."
+    assert ui.delete_last_turn(session, [], "", "ChatML")[1].startswith("**Error:**")
+
+    text, stats = last(ui.impersonate(session, "I would like to know", edited, "", "ChatML", *NO_GRAMMAR, -1,
+                                      *GREEDY))
+    assert isinstance(text, str), stats
+    assert text.startswith("I would like to know") and len(text) > len("I would like to know"), stats

@@ -42,6 +42,9 @@ class ChatTemplate:
             if role == "user":
                 if system and self.system_turn is None:
                     content, system = self.merge_system.format(system=system, user=content), ""
+                if continue_last and i == len(messages) - 1:  # the user's own line, left open (Impersonate)
+                    out.append(self.user_turn.split("{content}")[0] + content)
+                    return "".join(out)
                 out.append(self.user_turn.format(content=content))
             elif role == "assistant":
                 if continue_last and i == len(messages) - 1:
@@ -51,7 +54,7 @@ class ChatTemplate:
             else:
                 raise TemplateError(f"template {self.name}: a {role!r} message can only come first")
         if continue_last:
-            raise TemplateError("there is no assistant reply to continue")
+            raise TemplateError("there is no message to continue")
         out.append(self.assistant_turn.split("{content}")[0].rstrip(" "))
         return "".join(out)
 

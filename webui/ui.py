@@ -152,6 +152,62 @@ class WorkbenchUI:
         yield from self._guarded(session, history, system, template, (grammar_kind, grammar_source), seed, values,
                                  continue_last=True)
 
+    def send_with_reply_start(self, session: Session, text: str, start: str, history, system: str, template: str,
+                              grammar_kind: str, grammar_source: str, seed, *values):
+        """Send, with the reply made to begin with ``start`` (the model continues it)."""
+        history = clean_history(history)
+        if not text.strip() or not start:
+            yield text, history, "**Error:** type a message and the words the reply starts with"
+            return
+        asked = history + [{"role": "user", "content": text}, {"role": "assistant", "content": start}]
+        yield "", asked, "generating…"
+        yield from self._guarded(session, asked, system, template, (grammar_kind, grammar_source), seed, values,
+                                 continue_last=True)
+
+    def edit_message(self, session: Session, number: float | None, new_text: str, history, system: str,
+                     template: str, grammar_kind: str, grammar_source: str, seed, *values):
+        """Replace user message ``number`` (counted from 1 over all messages) and regenerate from there;
+        what came after it is dropped."""
+        history = clean_history(history)
+        index = int(number or 0) - 1
+        if not 0 <= index < len(history) or history[index]["role"] != "user":
+            users = [str(i + 1) for i, m in enumerate(history) if m["role"] == "user"]
+            yield gr.update(), history, (f"**Error:** message {index + 1} is not one of yours; yours are "
+                                         f"{', '.join(users) or 'none yet'}")
+            return
+        if not (new_text or "").strip():
+            yield gr.update(), history, "**Error:** type the message's new text"
+            return
+        edited = history[:index] + [{"role": "user", "content": new_text}]
+        yield gr.update(), edited, "generating…"
+        yield from self._guarded(session, edited, system, template, (grammar_kind, grammar_source), seed, values)
+
+    def delete_last_turn(self, session: Session, history, system: str, template: str):
+        """Drops the last user message and everything after it."""
+        history = clean_history(history)
+        users = [i for i, m in enumerate(history) if m["role"] == "user"]
+        if not users:
+            return history, "**Error:** there is no turn to delete"
+        kept = history[: users[-1]]
+        self.autosave(session, kept, system, template)
+        return kept, "Last turn deleted."
+
+    def impersonate(self, session: Session, text: str, history, system: str, template: str, grammar_kind: str,
+                    grammar_source: str, seed, *values):
+        """The model writes (or continues) the user's next message into the input box."""
+        history = clean_history(history)
+        try:
+            params = sampling_params(list(values), seed)
+            grammar = grammar_of(grammar_kind, grammar_source)
+            open_turn = history + [{"role": "user", "content": text or ""}]
+            reply = ""
+            for turn in chat_turn(self.state, open_turn, system or "", template, params, True,
+                                  session.new_generation(), grammar):
+                reply = turn.history[-1]["content"]
+                yield reply, turn.stats
+        except Exception as exc:  # noqa: BLE001 - shown; the typed text stays
+            yield gr.update(), error_text(exc)
+
     def _guarded(self, session, history, system, template, grammar_fields, seed, values, continue_last=False):
         try:
             params = sampling_params(list(values), seed)
@@ -502,6 +558,20 @@ class WorkbenchUI:
                             c.regenerate = gr.Button("Regenerate", elem_id="regenerate", min_width=60)
                             c.continue_ = gr.Button("Continue", elem_id="continue", min_width=60)
                             c.clear = gr.Button("Clear", elem_id="clear", min_width=60)
+                        with gr.Accordion("Message tools", open=False, elem_id="message-tools"):
+                            with gr.Row():
+                                c.impersonate = gr.Button("Impersonate", elem_id="impersonate", min_width=60)
+                                c.delete_turn = gr.Button("Delete last turn", elem_id="delete-turn", min_width=60)
+                            with gr.Row():
+                                c.reply_start = gr.Textbox(placeholder="Start the reply with…", show_label=False,
+                                                           elem_id="reply-start", scale=3)
+                                c.send_started = gr.Button("Send with this start", elem_id="send-started",
+                                                           min_width=60)
+                            with gr.Row():
+                                c.edit_number = gr.Number(value=1, precision=0, label="Your message #",
+                                                          elem_id="edit-number", minimum=1)
+                                c.edit_text = gr.Textbox(label="New text", elem_id="edit-text", scale=3)
+                                c.edit_go = gr.Button("Edit and regenerate", elem_id="edit-go", min_width=60)
                     with gr.Tab("Notebook", id="notebook"):
                         c.notebook = gr.Textbox(elem_id="notebook-text", lines=18, label="Raw prompt",
                                                 placeholder="Text the model continues…")
@@ -618,6 +688,15 @@ class WorkbenchUI:
                                      (gen.continue_.click, self.continue_reply, [gen.chatbot])):
             event(handler, [gen.session, *args, *inputs], outputs, **QUIET).then(
                 self.chat_choices, [gen.session, gen.chat_search], listed)
+        gen.send_started.click(self.send_with_reply_start, [gen.session, gen.user_text, gen.reply_start, gen.chatbot,
+                                                            *inputs], outputs, **QUIET).then(
+            self.chat_choices, [gen.session, gen.chat_search], listed)
+        gen.edit_go.click(self.edit_message, [gen.session, gen.edit_number, gen.edit_text, gen.chatbot, *inputs],
+                          outputs, **QUIET).then(self.chat_choices, [gen.session, gen.chat_search], listed)
+        gen.delete_turn.click(self.delete_last_turn, [gen.session, gen.chatbot, gen.system, gen.template],
+                              [gen.chatbot, gen.stats], queue=False)
+        gen.impersonate.click(self.impersonate, [gen.session, gen.user_text, gen.chatbot, *inputs],
+                              [gen.user_text, gen.stats], **QUIET)
         gen.clear.click(self.new_chat, gen.session, chat_outputs, queue=False)
         gen.chat_new.click(self.new_chat, gen.session, chat_outputs, queue=False)
         gen.chat_search.change(self.chat_choices, [gen.session, gen.chat_search], listed, queue=False)
