@@ -119,9 +119,10 @@ class Ahead:
     seqs: list["Sequence"]
     logits: torch.Tensor
 
-    @property
-    def rows(self) -> set["Sequence"]:
-        return set(self.seqs)
+    def covers(self, seqs: list["Sequence"]) -> bool:
+        """Whether every one of ``seqs`` has a row here."""
+        rows = set(self.seqs)
+        return all(seq in rows for seq in seqs)
 
     def logits_of(self, seqs: list["Sequence"], device: torch.device) -> torch.Tensor:
         if seqs == self.seqs:
@@ -318,7 +319,7 @@ class Engine:
         seqs = list(self._running)
         ahead, self._ahead = self._ahead, None
         with torch.inference_mode():
-            if ahead is not None and all(seq in ahead.rows for seq in seqs):
+            if ahead is not None and ahead.covers(seqs):
                 logits = ahead.logits_of(seqs, self.device)
                 for seq in seqs:
                     seq.computed = len(seq.tokens)
