@@ -89,3 +89,27 @@ def test_a_lone_sequence_moves_into_blocks_when_others_join(loaded):
         t.join(300)
     for g in [first, *others]:
         assert_greedy(loaded, g.prompt_ids, g.result.token_ids)
+
+
+def test_logprobs_and_sampler_state_ride_the_batched_step(loaded):
+    """Sequences asking for logprobs (which turn off the queued-ahead step) and seeded mirostat/XTC decode beside
+    plain greedy ones: greedy tokens stay the uncached model's argmax, logprobs are its log-softmax, and
+    a seeded sampled run repeats itself."""
+    plain = [Generation(loaded, p, SamplingParams(temperature=0, max_new_tokens=30)) for p in prompts(6)]
+    scored = Generation(loaded, prompts(7)[0], SamplingParams(temperature=0, max_new_tokens=30), logprobs=2)
+    fancy = SamplingParams(temperature=1.0, mirostat_tau=3.0, xtc_probability=0.5, max_new_tokens=30, seed=5)
+    sampled = [Generation(loaded, prompts(8)[0], fancy) for _ in range(2)]
+    gens = [*plain, scored, *sampled]
+    threads = [threading.Thread(target=run, args=(g,)) for g in gens]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    for g in [*plain, scored]:
+        assert_greedy(loaded, g.prompt_ids, g.result.token_ids)
+    with torch.inference_mode():
+        ids = torch.tensor([scored.prompt_ids + scored.result.token_ids], device="cuda")
+        lp = torch.log_softmax(loaded.model(ids, torch.arange(ids.shape[1], device="cuda"), cached=False)[0].float(), -1)
+    for i, entry in enumerate(scored.result.logprobs):
+        assert abs(entry.logprob - float(lp[len(scored.prompt_ids) - 1 + i, entry.token])) < 0.05
+    assert sampled[0].result.token_ids == sampled[1].result.token_ids
