@@ -287,3 +287,20 @@ def test_a_chat_survives_a_restart(browser, tmp_path, smollm2_branch):
     finally:
         app.stop()
     assert "Traceback" not in (tmp_path / "app.log").read_text()
+
+
+def test_light_dark_switch_is_kept_across_reloads(browser, tmp_path):
+    app = AppProcess(["--models-dir", str(tmp_path / "models")], {}, tmp_path / "app.log")
+    try:
+        page = new_page(browser, app)
+        assert not page.evaluate("document.body.classList.contains('dark')")
+        page.locator("#theme-switch").click()
+        page.wait_for_function("document.body.classList.contains('dark')")
+        page.screenshot(path=str(artifacts_dir() / "dark-theme.png"))
+        page.reload()
+        page.wait_for_selector("#chatbot")
+        page.wait_for_function("document.body.classList.contains('dark')")
+        page.locator("#theme-switch").click()
+        page.wait_for_function("!document.body.classList.contains('dark')")
+    finally:
+        app.stop()

@@ -73,6 +73,9 @@ def test_load_chat_continue_regenerate(ui):
     assert history[0] == {"role": "user", "content": QUESTION}
     reply = history[1]["content"]
     assert "Paris" in reply and "tokens/s" in stats
+    used = len(ui.state.loaded.tokenizer.apply_chat_template(history[:1], add_generation_prompt=True))
+    assert re.search(r"context used: (\d+) of 512 tokens", stats), stats
+    assert int(re.search(r"context used: (\d+)", stats).group(1)) >= used
 
     _, again, _ = last(ui.regenerate(Session(), history, "", "Auto (tokenizer)", *NO_GRAMMAR, -1, *GREEDY))
     assert again == history, "greedy regeneration repeats the reply"

@@ -37,10 +37,14 @@ def with_system(history: list[Message], system: str) -> list[Message]:
     return ([{"role": "system", "content": system}] if system.strip() else []) + history
 
 
-def describe_result(r: GenerationResult) -> str:
+def describe_result(r: GenerationResult, context: int | None = None) -> str:
+    used = ""
+    if context:
+        total = r.prompt_tokens + r.new_tokens
+        used = f"; context used: {total} of {context} tokens ({total / context:.0%})"
     return (f"{r.new_tokens} tokens in {r.decode_seconds:.1f} s ({r.tokens_per_second:.1f} tokens/s); "
             f"prompt {r.prompt_tokens} tokens, first token after {r.prefill_seconds:.2f} s; "
-            f"stopped: {r.finish_reason}")
+            f"stopped: {r.finish_reason}{used}")
 
 
 @dataclass
@@ -71,7 +75,7 @@ def chat_turn(state: AppState, history: list[Message], system: str, template: st
         reply["content"] = head + (text if continue_last else text.lstrip())
         yield Turn(history, "generating…")
     reply["content"] = head + (text if continue_last else text.strip())
-    yield Turn(history, describe_result(generation.result))
+    yield Turn(history, describe_result(generation.result, loaded.context_length))
 
 
 def prompt_tokens(state: AppState, history: list[Message], system: str, template: str) -> str:

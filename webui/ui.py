@@ -38,6 +38,14 @@ CSS = """
 #gen-stats, #model-status, #download-status, #model-download-status { min-height: 1.5em; }
 .dl-progress progress { width: 100%; height: 1.2em; }
 """
+# Gradio's dark theme is the "dark" class on the body; the choice is kept in the browser across reloads.
+TOGGLE_DARK = """() => {
+  const dark = document.body.classList.toggle('dark');
+  localStorage.setItem('gptq-workbench-theme', dark ? 'dark' : 'light');
+}"""
+RESTORE_THEME = """() => {
+  if (localStorage.getItem('gptq-workbench-theme') === 'dark') document.body.classList.add('dark');
+}"""
 # Streams show their own progress (the growing reply, the stats line, the download bar), not Gradio's overlay.
 QUIET = {"show_progress": "hidden"}
 # Expected failures of user actions; anything else is a bug and is shown with its type.
@@ -492,7 +500,10 @@ class WorkbenchUI:
         start = self._start()
         with gr.Blocks(title="GPTQ Workbench", analytics_enabled=False) as demo:
             session = gr.State(Session())  # copied into each browser session (Session.__deepcopy__)
-            gr.Markdown("## GPTQ Workbench")
+            with gr.Row():
+                gr.Markdown("## GPTQ Workbench")
+                theme_switch = gr.Button("Light / dark", elem_id="theme-switch", size="sm", scale=0, min_width=120)
+            theme_switch.click(None, None, None, js=TOGGLE_DARK)
             with gr.Tabs():
                 with gr.Tab("Text generation", id="textgen"):
                     gen = self._text_generation_tab(start)
@@ -508,6 +519,7 @@ class WorkbenchUI:
             self._wire_model(gen, mdl)
             self._wire_download(dl, mdl)
             self._wire_download(model_dl, mdl)
+            demo.load(None, None, None, js=RESTORE_THEME)
             demo.load(self.select_model, mdl.select, mdl.fields)
             demo.load(self.chat_choices, [gen.session, gen.chat_search], [gen.chat_list, gen.chat_note])
         return demo
