@@ -185,6 +185,10 @@ def test_stop_in_one_browser_session_leaves_the_other_streaming(browser, tmp_pat
             page.wait_for_selector("#chatbot")
             pages.append(page)
         for page, topic in zip(pages, ("a dragon", "a knight")):
+            # A grammar that cannot end before 2000 characters: no story ends on its own before its Stop.
+            page.locator("#grammar-panel").click()
+            choose(page, "grammar-kind", "regular expression")
+            page.locator("#grammar-source .cm-content").fill("[a-z ]{2000}")
             page.locator("#chat-input textarea").fill(f"Write a very long story about {topic}.")
             page.locator("#send").click()
         bot = '#chatbot [data-testid="bot"]'
