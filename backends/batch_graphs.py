@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from backends.cuda_graph import capture
 from backends.model import Transformer
 from backends.paged_attention import DecodeStep
 from backends.paged_cache import KVPool
@@ -42,18 +43,7 @@ class BatchedDecoder:
         return self.model.forward_paged(step.tokens, step.positions, step, step.rows)
 
     def _capture(self, step: DecodeStep) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        # Warm-up on a side stream compiles and tunes the kernels outside the capture; it writes the same
-        # keys and values as the replay will.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._forward(step)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.mempool):
-            logits = self._forward(step)
-        self.mempool = graph.pool()
+        graph, logits, self.mempool = capture(lambda: self._forward(step), self.mempool)
         return graph, logits
 
     def step(self, rows: list[tuple[int, int, tuple[int, ...]]], tokens: torch.Tensor | None = None) -> torch.Tensor:

@@ -9,11 +9,29 @@ cache slots, masked by position, so short conversations read short caches.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from backends.model import Transformer
 
 BUCKET_MIN = 128
+
+
+def capture(step: Callable[[], torch.Tensor], pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, object]:
+    """``step`` captured in a CUDA graph sharing memory ``pool`` (None for a new one): the graph, its output
+    and the pool. Warm-up runs on a side stream first, so kernels compile and autotune outside the capture;
+    they write the same keys and values as the replay will, identically."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        output = step()
+    return graph, output, graph.pool()
 
 
 class GraphedDecoder:
@@ -35,18 +53,7 @@ class GraphedDecoder:
         return self.model(self.token, self.position, kv_len=kv_len)[0, -1]
 
     def _capture(self, kv_len: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        # Warm up on a side stream first: kernels compile and autotune outside the capture. The warm-up
-        # steps write this token's keys and values, which the replay then writes again, identically.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._step(kv_len)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._step(kv_len)
-        self.pool = graph.pool()
+        graph, logits, self.pool = capture(lambda: self._step(kv_len), self.pool)
         return graph, logits
 
     def step(self, token: int | torch.Tensor, position: int) -> torch.Tensor:
