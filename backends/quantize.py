@@ -93,7 +93,7 @@ def quantize_model(
                 linears = {name: layer.get_submodule(name) for name in group}
                 hooks = {name: HessianHook(lin.in_features) for name, lin in linears.items()}
                 handles = [linears[n].register_forward_hook(hooks[n]) for n in group]
-                layer(x, cos, sin, positions, mask, seq_len)
+                layer(x, cos, sin, positions, mask, seq_len, cached=False)
                 for handle in handles:
                     handle.remove()
                 for name, linear in linears.items():
@@ -110,7 +110,7 @@ def quantize_model(
                     linear.weight.data = qw.dequantize().to(linear.weight.dtype)
                     for key, tensor in pack_layer(qw, qconfig, linear.bias).items():
                         packed[f"{names.layer(index)}.{name}.{key}"] = tensor
-            x = layer(x, cos, sin, positions, mask, seq_len)
+            x = layer(x, cos, sin, positions, mask, seq_len, cached=False)
             progress(f"layer {index + 1}/{len(model.layers)} quantized")
     return packed
 

@@ -272,6 +272,8 @@ def test_a_chat_survives_a_restart(browser, tmp_path, smollm2_branch):
     app = AppProcess(args, {}, tmp_path / "app.log")
     try:
         page = new_page(browser, app)
+        choose(page, "preset", "Deterministic")
+        expect(page.locator("#temperature input[type=number]")).to_have_value("0")
         reply, _ = chat(page, QUESTION)
         assert "Paris" in reply
     finally:

@@ -51,6 +51,7 @@ def describe_result(r: GenerationResult, context: int | None = None) -> str:
 class Turn:
     history: list[Message]
     stats: str
+    done: bool = False  # the reply is complete (the last Turn of a generation)
 
 
 def chat_turn(state: AppState, history: list[Message], system: str, template: str, params: SamplingParams,
@@ -75,7 +76,7 @@ def chat_turn(state: AppState, history: list[Message], system: str, template: st
         reply["content"] = head + (text if continue_last else text.lstrip())
         yield Turn(history, "generating…")
     reply["content"] = head + (text if continue_last else text.strip())
-    yield Turn(history, describe_result(generation.result, loaded.context_length))
+    yield Turn(history, describe_result(generation.result, loaded.context_length), done=True)
 
 
 def prompt_tokens(state: AppState, history: list[Message], system: str, template: str) -> str:

@@ -233,8 +233,9 @@ class WorkbenchUI:
             for turn in chat_turn(self.state, history, system or "", template, params, continue_last,
                                   session.new_generation(), grammar):
                 last = turn.history
+                if turn.done:  # saved before the browser sees the end, so a finished reply is on disk
+                    self.autosave(session, last, system, template)
                 yield gr.update(), turn.history, turn.stats
-            self.autosave(session, last, system, template)
         except (ContextOverflowError, TemplateError, GrammarError) as exc:
             if restore_on_overflow is not None:  # give the message back rather than lose it
                 yield restore_on_overflow, history[:-1], error_text(exc)
