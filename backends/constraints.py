@@ -130,6 +130,11 @@ class Constraint:
         if not self.matcher.consume_token(token):
             raise GrammarError(f"token {token} broke the grammar: {self.matcher.get_error()}")
 
+    def rollback(self, count: int) -> None:
+        """Forgets the last ``count`` tokens consumed."""
+        if not self.matcher.rollback(count):
+            raise GrammarError(f"could not take back {count} tokens: {self.matcher.get_error()}")
+
     @property
     def finished(self) -> bool:
         """The grammar is complete: nothing but the end may follow."""

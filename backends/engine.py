@@ -21,6 +21,7 @@ from typing import Iterator
 
 import torch
 
+from backends.banned import BannedStrings
 from backends.batch_graphs import BatchedDecoder
 from backends.constraints import Constraint
 from backends.cuda_graph import GraphedDecoder
@@ -93,6 +94,7 @@ class Request:
     logprobs: int | None = None  # None: none; k: each token's log-probability and the k most likely
     constraint: Constraint | None = None  # structured output: the grammar its tokens must follow
     breakers: frozenset[int] = frozenset()  # DRY's sequence breakers as token ids
+    banned: BannedStrings | None = None  # strings it may not write: their tokens are held back, then rewound
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
 
     def __iter__(self) -> Iterator[tuple[str, object]]:
@@ -143,6 +145,7 @@ class Sequence:
         self.reserved = reserved
         self.solo = False  # its cache is the model's batch-1 cache (SoloLane), not blocks
         self.generated = 0
+        self.bans: dict[int, set[int]] = {}  # by index among the generated tokens: tokens banned there
         self.generator = torch.Generator(device=device).manual_seed(request.seed)
         self.sampler = SamplerState(breakers=request.breakers)
         self.history = (torch.tensor(self.tokens, dtype=torch.long, device=device)
@@ -183,6 +186,7 @@ class Engine:
         self.steps = 0  # forwards run, for tests and benchmarks
         self.reused_tokens = 0  # prompt tokens found in the cache instead of computed
         self.most_running = 0  # the largest batch so far
+        self.rewinds = 0  # sequences taken back over a banned string
         if device.type == "cuda":
             # After each GPU wait the engine thread needs the GIL back at once; with a consumer thread per
             # stream, Python's default 5 ms switch interval stalled whole steps (a 7B step is 2-10 ms).
@@ -445,8 +449,12 @@ class Engine:
         chosen = logits.argmax(dim=-1)
         for i, seq in enumerate(seqs):
             params, constraint = seq.request.params, seq.request.constraint
-            if not params.plain_greedy or constraint is not None:
+            bans = seq.bans.get(seq.generated)
+            if bans or not params.plain_greedy or constraint is not None:
                 row = constraint.mask(logits[i]) if constraint is not None else logits[i]
+                if bans:
+                    row = row.clone()
+                    row[list(bans)] = float("-inf")
                 previous = seq.history if seq.history is not None else logits.new_empty(0, dtype=torch.long)
                 chosen[i] = sample_token(row, previous, params, seq.generator, len(seq.request.prompt_ids),
                                          seq.sampler)[0]
@@ -454,8 +462,21 @@ class Engine:
 
     def _accept(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> None:
         request = seq.request
-        request.events.put(("token", (token, logprob)))
         seq.generated += 1
+        if request.banned is not None and token not in request.stop_ids:
+            verdict = request.banned.push(token, logprob)
+            if verdict.rewind is not None:
+                try:
+                    self._rewind(seq, verdict.rewind, verdict.banned)
+                except CacheTooSmall as exc:  # that request alone hears of it
+                    request.events.put(("error", exc))
+                    self._drop(seq)
+                return
+            for item in verdict.release:
+                request.events.put(("token", item))
+        else:
+            self._release_held(seq)
+            request.events.put(("token", (token, logprob)))
         if token in request.stop_ids:
             self._finish(seq, "eos")
         elif request.constraint is not None and self._constrained_end(seq, token):
@@ -482,8 +503,54 @@ class Engine:
             return False
         return constraint.finished
 
+    def _rewind(self, seq: Sequence, keep: int, banned: int) -> None:
+        """Back to the first ``keep`` generated tokens, with ``banned`` never again the next one there. Nothing
+        after them was streamed (the request held it back); the cache keeps what is before."""
+        request = seq.request
+        self.rewinds += 1
+        consumed = seq.generated - 1  # the grammar has consumed every token before the one just sampled
+        if request.constraint is not None and consumed > keep:
+            request.constraint.rollback(consumed - keep)
+        length = len(request.prompt_ids) + keep
+        seq.tokens = seq.tokens[:length]
+        seq.generated = keep
+        if seq.history is not None:
+            seq.history = seq.history[:length]
+        seq.bans = {at: tokens for at, tokens in seq.bans.items() if at <= keep}
+        seq.bans.setdefault(keep, set()).add(banned)
+        seq.computed = min(seq.computed, length - 1)
+        if seq.solo:
+            self.solo.pending = None
+            self.solo.cached = seq.tokens[: seq.computed]
+        else:
+            self._ahead = None  # a step queued from the rewound token
+            self._unname_blocks(seq)
+
+    def _unname_blocks(self, seq: Sequence) -> None:
+        """Blocks past the computed tokens are to be rewritten: they lose their names, and one that another
+        sequence holds too is swapped for a copy of its own."""
+        bs = self.config.block_size
+        full = seq.computed // bs
+        for i in range(full, len(seq.names)):
+            block = seq.blocks[i]
+            if self.blocks.holders(block) > 1:
+                if not self.blocks.reserve(1):
+                    raise CacheTooSmall("no free block to rewind a sequence into")
+                seq.blocks[i] = self.blocks.take()
+                self.pool.copy_block(block, seq.blocks[i])
+                self.blocks.release([block])
+            else:
+                self.blocks.unname(block)
+        seq.names = seq.names[:full]
+
+    def _release_held(self, seq: Sequence) -> None:
+        if seq.request.banned is not None:
+            for item in seq.request.banned.flush():
+                seq.request.events.put(("token", item))
+
     def _finish(self, seq: Sequence, reason: str) -> None:
         self._drop(seq)
+        self._release_held(seq)
         seq.request.events.put(("end", reason))
 
     def _drop(self, seq: Sequence) -> None:

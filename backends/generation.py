@@ -21,6 +21,7 @@ from typing import Iterator
 
 import torch
 
+from backends.banned import BannedStrings
 from backends.constraints import Constraint, Grammar
 from backends.engine import Request, TokenLogprob
 from backends.sampling import SamplingParams
@@ -150,11 +151,15 @@ class Generation:
         seed = params.seed if params.seed is not None else random.randrange(2**31)
         self.result = GenerationResult(prompt_tokens=len(prompt_ids), seed=seed)
 
+    def _banned(self) -> BannedStrings | None:
+        strings = tuple(s for s in self.params.banned_strings if s)
+        return BannedStrings(self.loaded.tokenizer, strings, self.prompt_ids) if strings else None
+
     def __iter__(self) -> Iterator[str]:
         result = self.result
         request = Request(self.prompt_ids, self.params, result.seed, self.max_new,
                           frozenset(stop_token_ids(self.loaded, self.params)), self.cancel, self.logprobs,
-                          self.constraint, breaker_ids(self.loaded.tokenizer, self.params))
+                          self.constraint, breaker_ids(self.loaded.tokenizer, self.params), self._banned())
         started = time.perf_counter()
         self.loaded.engine.submit(request)
         decoder = IncrementalDecoder(self.loaded.tokenizer, self.prompt_ids[-4:])

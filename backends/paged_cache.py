@@ -64,6 +64,11 @@ class KVPool:
         self.k = torch.zeros(size, dtype=dtype, device=device)
         self.v = torch.zeros(size, dtype=dtype, device=device)
 
+    def copy_block(self, source: int, target: int) -> None:
+        bs = self.shape.block_size
+        for cache in (self.k, self.v):
+            cache[:, :, target * bs : (target + 1) * bs] = cache[:, :, source * bs : (source + 1) * bs]
+
     def bytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
 
@@ -128,6 +133,15 @@ class BlockManager:
         if name not in self._block_of and block not in self._name_of:
             self._block_of[name] = block
             self._name_of[block] = name
+
+    def unname(self, block: int) -> None:
+        """``block`` is about to hold other tokens than its name says."""
+        name = self._name_of.pop(block, None)
+        if name is not None:
+            del self._block_of[name]
+
+    def holders(self, block: int) -> int:
+        return self._refs[block]
 
     def release(self, blocks: list[int]) -> None:
         for block in blocks:

@@ -56,6 +56,8 @@ class SamplingParams:
     sampler_order: tuple[str, ...] = ("temperature", "top_k", "top_p", "typical_p", "min_p", "xtc")
     seed: int | None = None
     stop_strings: tuple[str, ...] = ()
+    # Text the reply may never contain (case ignored), however it is spelt in tokens: backends/banned.py.
+    banned_strings: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
@@ -108,7 +110,7 @@ class SamplingParams:
         if unknown:
             raise ValueError(f"{source}: unknown sampling parameter(s): {', '.join(unknown)}")
         values = dict(raw)
-        for key in ("stop_strings", "stop_token_ids", "dry_sequence_breakers", "sampler_order"):
+        for key in ("stop_strings", "stop_token_ids", "dry_sequence_breakers", "sampler_order", "banned_strings"):
             if key in values and values[key] is not None:
                 values[key] = tuple(values[key])
         if isinstance(values.get("logit_bias"), dict):

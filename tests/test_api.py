@@ -276,6 +276,16 @@ def test_logit_bias_and_penalties_change_the_answer(client, server, reference_an
         client.chat.completions.create(model="x", messages=QUESTION, extra_body={"sampler_order": ["top_k"]})
 
 
+def test_banned_strings_streamed_and_not(client, reference_answer):
+    body = {"banned_strings": ["paris"]}
+    reply = client.chat.completions.create(model="x", messages=QUESTION, temperature=0, max_tokens=40, extra_body=body)
+    text = reply.choices[0].message.content
+    assert text and "paris" not in text.lower() and text != reference_answer
+    stream = client.chat.completions.create(model="x", messages=QUESTION, temperature=0, max_tokens=40, stream=True,
+                                            extra_body=body)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == text
+
+
 def test_structured_output_through_the_client(client):
     import jsonschema
 

@@ -9,7 +9,7 @@ import pytest
 from webui.session import Session
 from webui.settings import ModelSettings
 from webui.state import AppState
-from webui.ui import WorkbenchUI
+from webui.ui import SAMPLING, WorkbenchUI
 
 ROOT = Path(__file__).resolve().parent.parent
 NO_GRAMMAR = ("none", "")
@@ -157,7 +157,7 @@ def test_save_settings_then_select_shows_them(ui):
 def test_presets_apply_save_delete(ui):
     *values, message = ui.apply_preset("Deterministic")
     assert values[1] == 0 and "applied" in message
-    mine = [99, 0.4, 0.9, 12, 0.0, 1.0, 1.1, 0.2, 0.3, 0.8, 1.75, 3, 0.1, 0.5, 0.0, 0.1, 0.3, 1.0]
+    mine = [99, 0.4, 0.9, 12, 0.0, 1.0, 1.1, 0.2, 0.3, 0.8, 1.75, 3, 0.1, 0.5, 0.0, 0.1, 0.3, 1.0, "Paris\nLondon"]
     choice, _, message = ui.save_preset("Mine", *mine)
     assert choice["value"] == "Mine" and "Mine" in choice["choices"] and "saved" in message
     assert ui.preset_values("Mine") == mine, "the More samplers sliders are saved too"
@@ -227,3 +227,14 @@ def test_message_tools(ui):
                                       *GREEDY))
     assert isinstance(text, str), stats
     assert text.startswith("I would like to know") and len(text) > len("I would like to know"), stats
+
+
+def test_banned_strings_from_the_ui_keep_a_word_out_of_the_reply(ui):
+    more = [0.0, 0.0, 0.0, 1.75, 2, 0.1, 0.0, 0.0, 0.1, 0.0, 1.0]  # the More samplers sliders, all off
+    values = [*GREEDY, *more, "paris\n"]
+    assert len(values) == len(SAMPLING)
+    _, history, stats = last(ui.send(Session(), QUESTION, [], "", "ChatML", *NO_GRAMMAR, -1, *values))
+    reply = history[-1]["content"]
+    assert reply and "paris" not in reply.lower(), stats
+    _, plain, _ = last(ui.send(Session(), QUESTION, [], "", "ChatML", *NO_GRAMMAR, -1, *GREEDY))
+    assert "Paris" in plain[-1]["content"]

@@ -92,6 +92,7 @@ class Sampling(BaseModel):
     dynatemp_range: float = Field(default=0.0, ge=0)
     dynatemp_exponent: float = Field(default=1.0, gt=0)
     sampler_order: list[str] | None = None
+    banned_strings: list[str] | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
@@ -142,7 +143,7 @@ class Sampling(BaseModel):
                 dry_multiplier=self.dry_multiplier, dry_base=self.dry_base, dry_allowed_length=self.dry_allowed_length,
                 xtc_threshold=self.xtc_threshold, xtc_probability=self.xtc_probability,
                 mirostat_tau=self.mirostat_tau, mirostat_eta=self.mirostat_eta, dynatemp_range=self.dynatemp_range,
-                dynatemp_exponent=self.dynatemp_exponent,
+                dynatemp_exponent=self.dynatemp_exponent, banned_strings=tuple(self.banned_strings or ()),
                 **({"dry_sequence_breakers": tuple(self.dry_sequence_breakers)}
                    if self.dry_sequence_breakers is not None else {}),
                 **({"sampler_order": tuple(self.sampler_order)} if self.sampler_order is not None else {}),

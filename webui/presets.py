@@ -16,7 +16,7 @@ NAME_PATTERN = re.compile(r"^[\w][\w .+-]{0,63}$")
 PRESET_FIELDS = ("temperature", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty", "max_new_tokens",
                  "presence_penalty", "frequency_penalty", "dry_multiplier", "dry_base", "dry_allowed_length",
                  "dry_sequence_breakers", "xtc_threshold", "xtc_probability", "mirostat_tau", "mirostat_eta",
-                 "dynatemp_range", "dynatemp_exponent", "sampler_order")
+                 "dynatemp_range", "dynatemp_exponent", "sampler_order", "banned_strings")
 
 
 class PresetError(ValueError):
@@ -59,7 +59,8 @@ def load_preset(folder: Path, name: str) -> dict:
 def save_preset(folder: Path, name: str, values: dict) -> str:
     name = check_name(name)
     known = {f.name for f in fields(SamplingParams)}
-    kept = {k: values[k] for k in PRESET_FIELDS if k in values and k in known}
+    kept = {k: list(values[k]) if isinstance(values[k], tuple) else values[k]
+            for k in PRESET_FIELDS if k in values and k in known}
     try:
         SamplingParams.from_dict(kept, source=f"preset {name!r}")
     except ValueError as exc:

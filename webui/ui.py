@@ -32,7 +32,8 @@ from webui.templates import TemplateError
 
 SAMPLING = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty",
             "presence_penalty", "frequency_penalty", "dry_multiplier", "dry_base", "dry_allowed_length",
-            "xtc_threshold", "xtc_probability", "mirostat_tau", "mirostat_eta", "dynatemp_range", "dynatemp_exponent")
+            "xtc_threshold", "xtc_probability", "mirostat_tau", "mirostat_eta", "dynatemp_range", "dynatemp_exponent",
+            "banned_strings")
 DEFAULT_PRESET = "Default"
 CSS = """
 #gen-stats, #model-status, #download-status, #model-download-status { min-height: 1.5em; }
@@ -77,6 +78,7 @@ def sampling_params(values: list, seed: float | None) -> SamplingParams:
     raw["max_new_tokens"] = int(raw["max_new_tokens"])
     raw["top_k"] = int(raw["top_k"])
     raw["dry_allowed_length"] = int(raw.get("dry_allowed_length", 2))
+    raw["banned_strings"] = tuple(line for line in str(raw.get("banned_strings") or "").splitlines() if line.strip())
     raw["seed"] = None if seed is None or seed < 0 else int(seed)
     return SamplingParams.from_dict(raw, source="sampling settings")
 
@@ -93,11 +95,8 @@ class WorkbenchUI:
         return presets.list_presets(self.state.presets_dir)
 
     def preset_values(self, name: str | None) -> list:
-        values = SamplingParams()
-        if name:
-            loaded = presets.load_preset(self.state.presets_dir, name)
-            return [loaded[k] for k in SAMPLING]
-        return [getattr(values, k) for k in SAMPLING]
+        values = presets.load_preset(self.state.presets_dir, name) if name else vars(SamplingParams())
+        return ["\n".join(values[k]) if k == "banned_strings" else values[k] for k in SAMPLING]
 
     def apply_preset(self, name: str):
         try:
@@ -634,6 +633,8 @@ class WorkbenchUI:
                                   elem_id="dynatemp-range"),
                         gr.Slider(0.1, 5, step=0.1, value=v[17], label="dynamic temperature exponent",
                                   elem_id="dynatemp-exponent"),
+                        gr.Textbox(value=v[18], lines=2, label="Banned strings (one per line; case ignored)",
+                                   placeholder="words the reply may never contain", elem_id="banned-strings"),
                     ]
                 c.seed = gr.Number(value=-1, precision=0, label="seed (-1 = random)", elem_id="seed")
                 with gr.Accordion("Structured output", open=False, elem_id="grammar-panel"):
