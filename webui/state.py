@@ -23,8 +23,11 @@ from backends.registry import all_backends, resolve_backend, suggested_backend
 from backends.sampling import SamplingParams
 from backends.weights import find_weight_files
 from webui import templates
+from webui.characters import CharacterLibrary
 from webui.chats import ChatStore
 from webui.settings import ModelSettings, SettingsStore
+
+SHIPPED_CHARACTERS = Path(__file__).resolve().parent.parent / "characters"
 
 
 class ModelNotLoaded(RuntimeError):
@@ -76,8 +79,16 @@ class AppState:
     _generations: weakref.WeakSet = field(default_factory=weakref.WeakSet)  # every unfinished one
 
     @property
+    def user_folder(self) -> Path:
+        return self.user_data or self.models_dir.parent / "user_data"
+
+    @property
     def chats(self) -> ChatStore:
-        return ChatStore((self.user_data or self.models_dir.parent / "user_data") / "chats")
+        return ChatStore(self.user_folder / "chats")
+
+    @property
+    def characters(self) -> CharacterLibrary:
+        return CharacterLibrary(SHIPPED_CHARACTERS, self.user_folder / "characters")
 
     @property
     def settings(self) -> SettingsStore:

@@ -20,6 +20,7 @@ from backends.constraints import Grammar, GrammarError
 from backends.generation import ContextOverflowError
 from backends.sampling import SamplingParams
 from webui import presets, templates
+from webui.character_panel import CharacterPanel, greeting_history
 from webui.chat import chat_turn, clean_history, notebook_turn, prompt_tokens
 from webui.chats import ChatError, title_of
 from webui.download import DownloadCancelled, DownloadError, DownloadProgress, DownloadRequest, Hub, format_bytes, download
@@ -88,6 +89,7 @@ class WorkbenchUI:
 
     def __init__(self, state: AppState):
         self.state = state
+        self.characters = CharacterPanel(state)
 
     # ---- presets -------------------------------------------------------------------------------------------------
 
@@ -281,9 +283,10 @@ class WorkbenchUI:
             update[self.gen.template] = chat.template
         return update
 
-    def new_chat(self, session: Session) -> dict:
+    def new_chat(self, session: Session, greeting: str = "") -> dict:
         session.chat_id = None
-        return {self.gen.chatbot: [], self.gen.stats: "", self.gen.chat_title: "", **self.chat_choices(session)}
+        return {self.gen.chatbot: greeting_history(greeting), self.gen.stats: "", self.gen.chat_title: "",
+                **self.chat_choices(session)}
 
     def rename_chat(self, session: Session, title: str) -> dict:
         try:
@@ -598,6 +601,7 @@ class WorkbenchUI:
                     c.show_tokens = gr.Button("Show the prompt's tokens", elem_id="show-prompt-tokens")
                     c.prompt_tokens = gr.Markdown("", elem_id="prompt-tokens")
             with gr.Column(scale=2):
+                c.characters = self.characters.build()
                 c.system = gr.Textbox(label="System message", lines=3, elem_id="system-message")
                 c.template = gr.Dropdown(start.templates, value=self.state.template, label="Chat template",
                                          elem_id="template")
@@ -711,8 +715,9 @@ class WorkbenchUI:
                               [gen.chatbot, gen.stats], queue=False)
         gen.impersonate.click(self.impersonate, [gen.session, gen.user_text, gen.chatbot, *inputs],
                               [gen.user_text, gen.stats], **QUIET)
-        gen.clear.click(self.new_chat, gen.session, chat_outputs, queue=False)
-        gen.chat_new.click(self.new_chat, gen.session, chat_outputs, queue=False)
+        gen.clear.click(self.new_chat, [gen.session, gen.characters.greeting], chat_outputs, queue=False)
+        gen.chat_new.click(self.new_chat, [gen.session, gen.characters.greeting], chat_outputs, queue=False)
+        self.characters.wire(gen.system, gen.chatbot)
         gen.chat_search.change(self.chat_choices, [gen.session, gen.chat_search], listed, queue=False)
         gen.chat_list.input(self.open_chat, [gen.session, gen.chat_list], chat_outputs, queue=False)
         gen.chat_rename.click(self.rename_chat, [gen.session, gen.chat_title], chat_outputs, queue=False)
