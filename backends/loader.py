@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -19,6 +20,8 @@ from backends.registry import all_backends, resolve_backend
 from backends.tokenizer import load_tokenizer
 from backends.weights import WeightsError, WeightStore, find_weight_files
 
+LINEARS_PER_LAYER = 7  # q, k, v, o, gate, up, down
+LoadProgress = Callable[[float, str], None]
 DEFAULT_CONTEXT = 8192  # the most a model is loaded with unless asked: its KV cache takes memory
 
 
@@ -89,11 +92,21 @@ def resolve_dtype(name: str, device: torch.device, backend: Backend | None = Non
 class _LinearBuilder:
     """The model's LinearFactory: each projection built from the stored tensors."""
 
-    def __init__(self, store: WeightStore, qconfig, backend: Backend, args: ModelArgs, dtype, device):
+    def __init__(self, store: WeightStore, qconfig, backend: Backend, args: ModelArgs, dtype, device,
+                 progress: LoadProgress | None = None):
         self.store, self.qconfig, self.backend = store, qconfig, backend
         self.args, self.dtype, self.device = args, dtype, device
+        self.progress = progress
+        self.built, self.total = 0, args.n_layers * LINEARS_PER_LAYER + 1  # and lm_head
 
     def __call__(self, name: str, in_features: int, out_features: int, bias: bool) -> Linear:
+        linear = self._build(name, in_features, out_features)
+        self.built += 1
+        if self.progress is not None:
+            self.progress(min(self.built / self.total, 1.0), f"{self.built} of {self.total} layers ({name})")
+        return linear
+
+    def _build(self, name: str, in_features: int, out_features: int) -> Linear:
         if f"{name}.qweight" in self.store:
             return self._quantized(name, in_features, out_features)
         weight_name = f"{name}.weight"
@@ -162,14 +175,16 @@ def model_ops(device: torch.device) -> TorchOps:
     return CudaOps(device)
 
 
-def build_model(model_dir: Path, options: LoadOptions) -> tuple[Transformer, ModelArgs, QuantConfig | None, str, torch.device, torch.dtype]:
+def build_model(model_dir: Path, options: LoadOptions, progress: LoadProgress | None = None
+                ) -> tuple[Transformer, ModelArgs, QuantConfig | None, str, torch.device, torch.dtype]:
     args = load_model_args(model_dir)
     qconfig = load_quant_config(model_dir)
     device = resolve_device(options.device)
     backend = resolve_backend(options.backend, device, qconfig)
     dtype = resolve_dtype(options.dtype, device, backend)
     store = WeightStore(find_weight_files(model_dir, qconfig, options.allow_pickle))
-    model = Transformer(args, _LinearBuilder(store, qconfig, backend, args, dtype, device), model_ops(device))
+    model = Transformer(args, _LinearBuilder(store, qconfig, backend, args, dtype, device, progress),
+                        model_ops(device))
     _load_plain(model, store, dtype, device)
     model.fuse_projections()
     model.decode_chain = backend.decode_chain(model)
@@ -180,11 +195,13 @@ def build_model(model_dir: Path, options: LoadOptions) -> tuple[Transformer, Mod
     return model, args, qconfig, backend.name, device, dtype
 
 
-def load_model(model_dir: str | Path, options: LoadOptions = LoadOptions()) -> LoadedModel:
+def load_model(model_dir: str | Path, options: LoadOptions = LoadOptions(),
+               progress: LoadProgress | None = None) -> LoadedModel:
+    """``progress(fraction, text)`` hears of each layer built (the weights' reading and conversion)."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise WeightsError(f"model folder {model_dir} does not exist")
-    model, args, qconfig, backend, device, dtype = build_model(model_dir, options)
+    model, args, qconfig, backend, device, dtype = build_model(model_dir, options, progress)
     context = options.context_length or default_context(args)
     config = engine_config(context, device, options.cache_tokens)
     decoder = None

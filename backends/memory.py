@@ -6,6 +6,7 @@ import ctypes
 import ctypes.util
 import functools
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,6 +94,28 @@ def memory_need(files: tuple[Path, ...], args: ModelArgs, qconfig: QuantConfig |
             weights += count * element
     kv = 2 * args.n_layers * cached_tokens * args.n_kv_heads * args.head_dim * element
     return MemoryNeed(weights, kv, device)
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory (Linux), else None."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_use(device: torch.device) -> str:
+    """What the app holds now on ``device`` and what is left, for the Model tab."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return (f"GPU memory ({torch.cuda.get_device_name(device)}): {gigabytes(torch.cuda.memory_allocated(device))} "
+                f"allocated by the app ({gigabytes(torch.cuda.memory_reserved(device))} reserved); "
+                f"{gigabytes(free)} free of {gigabytes(total)}.")
+    held, free = resident_bytes(), available_bytes(device)
+    parts = [f"the app holds {gigabytes(held)}" if held is not None else "",
+             f"{gigabytes(free)} available" if free is not None else ""]
+    return "RAM: " + ("; ".join(p for p in parts if p) or "not known on this system") + "."
 
 
 def available_bytes(device: torch.device) -> int | None:

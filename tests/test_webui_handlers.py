@@ -64,7 +64,12 @@ def test_local_models_and_broken_folder(ui):
 
 def test_load_chat_continue_regenerate(ui):
     assert last(ui.load(None, "auto", None, None, None, False)) == {ui.mdl.status: "**Error:** choose a model first"}
-    update = last(ui.load("SmolLM2-GPTQ", "reference", 512, "Auto (tokenizer)", "Deterministic", False))
+    updates = list(ui.load("SmolLM2-GPTQ", "reference", 512, "Auto (tokenizer)", "Deterministic", False))
+    update = updates[-1]
+    bars = [float(re.search(r'value="([0-9.]+)"', u[ui.mdl.load_progress]).group(1))
+            for u in updates if ui.mdl.load_progress in u]
+    assert bars[0] == 0.0 and bars[-1] == 1.0 and bars == sorted(bars), "the load bar only moves forward"
+    assert "loaded" in update[ui.mdl.load_progress] and "RAM:" in update[ui.mdl.memory]
     status = update[ui.mdl.status]
     assert "Loaded" in status and "context 512 tokens" in status, status
     assert update[ui.gen.template]["value"] == "Auto (tokenizer)" and update[ui.gen.preset]["value"] == "Deterministic"
@@ -150,8 +155,9 @@ def test_save_settings_then_select_shows_them(ui):
     assert "Saved settings" in info
     assert (backend["value"], context["value"], template["value"], preset["value"]) == (
         "reference", 1024, "Alpaca", "Precise")
-    assert ui.unload() == "Unloaded **SmolLM2-GPTQ**."
-    assert ui.unload() == "No model was loaded."
+    unloaded = ui.unload()
+    assert unloaded[ui.mdl.status] == "Unloaded **SmolLM2-GPTQ**." and "RAM:" in unloaded[ui.mdl.memory]
+    assert ui.unload()[ui.mdl.status] == "No model was loaded."
 
 
 def test_presets_apply_save_delete(ui):

@@ -14,7 +14,7 @@ import torch
 from backends.constraints import Grammar
 from backends.engine import cached_tokens
 from backends.generation import Generation
-from backends.loader import (LoadedModel, LoadOptions, default_context, load_model, resolve_device,
+from backends.loader import (LoadedModel, LoadOptions, LoadProgress, default_context, load_model, resolve_device,
                              resolve_dtype)
 from backends.memory import MemoryNeed, available_bytes, gigabytes, memory_need
 from backends.model_config import load_model_args
@@ -167,7 +167,8 @@ class AppState:
     def backends(self) -> list[str]:
         return ["auto", *all_backends()]
 
-    def load(self, name: str, settings: ModelSettings, allow_pickle: bool = False) -> LoadReport:
+    def load(self, name: str, settings: ModelSettings, allow_pickle: bool = False,
+             progress: LoadProgress | None = None) -> LoadReport:
         path = self.model_path(name)
         with self._load_lock:
             self.unload()
@@ -176,7 +177,7 @@ class AppState:
             options = LoadOptions(backend=settings.backend or "auto", context_length=settings.context_length,
                                   cache_tokens=settings.cache_tokens, allow_pickle=allow_pickle or self.allow_pickle)
             try:
-                loaded = load_model(path, options)
+                loaded = load_model(path, options, progress)
             except torch.OutOfMemoryError as exc:
                 self._free_memory()
                 raise MemoryError(f"out of memory while loading {name}: try a shorter context or a smaller model "

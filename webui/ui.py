@@ -27,7 +27,8 @@ from webui.download import DownloadCancelled, DownloadError, DownloadProgress, D
 from webui.repo_spec import RepoSpecError, parse_repo_spec
 from webui.session import Session
 from webui.settings import ModelSettings
-from backends.memory import gigabytes
+from backends.loader import resolve_device
+from backends.memory import gigabytes, memory_use
 from webui.state import AppState, ModelNotLoaded
 from webui.templates import TemplateError
 
@@ -400,16 +401,34 @@ class WorkbenchUI:
         if not name:
             yield {mdl.status: "**Error:** choose a model first"}
             return
-        yield {mdl.status: f"Loading **{name}**…"}
-        try:
-            settings = ModelSettings(backend=backend or "auto", context_length=int(context) if context else None,
-                                     template=template or None, preset=preset or None)
-            report = self.state.load(name, settings, allow_pickle=bool(allow_pickle))
-        except Exception as exc:  # noqa: BLE001 - any load failure is the user's to see
-            yield {mdl.status: error_text(exc)}
+        yield {mdl.status: f"Loading **{name}**…", mdl.load_progress: progress_html(0.0, "reading the model")}
+        progress: list[tuple[float, str]] = []
+        outcome: dict = {}
+
+        def work() -> None:
+            try:
+                settings = ModelSettings(backend=backend or "auto", context_length=int(context) if context else None,
+                                         template=template or None, preset=preset or None)
+                outcome["report"] = self.state.load(name, settings, allow_pickle=bool(allow_pickle),
+                                                    progress=lambda *step: progress.append(step))
+            except Exception as exc:  # noqa: BLE001 - any load failure is the user's to see
+                outcome["error"] = exc
+
+        worker = threading.Thread(target=work, name="load", daemon=True)
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.25)
+            if progress:
+                fraction, text = progress[-1]
+                yield {mdl.load_progress: progress_html(fraction, text if fraction < 1 else "starting the engine")}
+        if "error" in outcome:
+            yield {mdl.status: error_text(outcome["error"]), mdl.load_progress: progress_html(0.0, "failed"),
+                   mdl.memory: self.memory_text()}
             return
+        report = outcome["report"]
         used = report.settings
         update = {mdl.status: report.describe(), mdl.context: gr.update(value=used.context_length),
+                  mdl.load_progress: progress_html(1.0, "loaded"), mdl.memory: self.memory_text(),
                   mdl.template: gr.update(value=used.template), gen.template: gr.update(value=used.template)}
         preset_name = used.preset if used.preset in self.preset_choices() else None
         if preset_name:
@@ -420,9 +439,14 @@ class WorkbenchUI:
                 pass
         yield update
 
-    def unload(self) -> str:
+    def unload(self) -> dict:
         name = self.state.unload()
-        return f"Unloaded **{name}**." if name else "No model was loaded."
+        return {self.mdl.status: f"Unloaded **{name}**." if name else "No model was loaded.",
+                self.mdl.load_progress: progress_html(0.0, ""), self.mdl.memory: self.memory_text()}
+
+    def memory_text(self) -> str:
+        loaded = self.state.loaded
+        return memory_use(loaded.device if loaded else resolve_device("auto"))
 
     def save_settings(self, name, backend, context, template, preset) -> str:
         if not name:
@@ -524,6 +548,7 @@ class WorkbenchUI:
             self._wire_download(model_dl, mdl)
             demo.load(None, None, None, js=RESTORE_THEME)
             demo.load(self.select_model, mdl.select, mdl.fields)
+            demo.load(self.memory_text, None, mdl.memory)
             demo.load(self.chat_choices, [gen.session, gen.chat_search], [gen.chat_list, gen.chat_note])
         return demo
 
@@ -669,8 +694,11 @@ class WorkbenchUI:
             c.unload = gr.Button("Unload", elem_id="unload")
             c.reload = gr.Button("Reload", elem_id="reload")
             c.save = gr.Button("Save settings for this model", elem_id="save-settings")
+        c.load_progress = gr.HTML(progress_html(1.0 if state.loaded else 0.0, "loaded" if state.loaded else ""),
+                                  elem_id="load-progress")
         c.status = gr.Markdown(state.load_report.describe() if state.load_report else "No model loaded.",
                                elem_id="model-status")
+        c.memory = gr.Markdown("", elem_id="memory-use")
         c.fields = [c.info, c.backend, c.context, c.template, c.preset]  # what select_model fills
         return c
 
@@ -746,10 +774,11 @@ class WorkbenchUI:
         mdl.preset.input(lambda p: p, mdl.preset, gen.preset).then(
             self.apply_preset, mdl.preset, [*gen.sliders, gen.stats])
         load_inputs = [mdl.select, mdl.backend, mdl.context, mdl.template, mdl.preset, mdl.allow_pickle]
-        load_outputs = [mdl.status, mdl.context, mdl.template, gen.template, mdl.preset, gen.preset, *gen.sliders]
-        mdl.load.click(self.load, load_inputs, load_outputs)
-        mdl.reload.click(self.load, load_inputs, load_outputs)
-        mdl.unload.click(self.unload, None, mdl.status)
+        load_outputs = [mdl.status, mdl.load_progress, mdl.memory, mdl.context, mdl.template, gen.template, mdl.preset,
+                        gen.preset, *gen.sliders]
+        mdl.load.click(self.load, load_inputs, load_outputs, **QUIET)
+        mdl.reload.click(self.load, load_inputs, load_outputs, **QUIET)
+        mdl.unload.click(self.unload, None, [mdl.status, mdl.load_progress, mdl.memory])
         mdl.save.click(self.save_settings, [mdl.select, mdl.backend, mdl.context, mdl.template, mdl.preset],
                        mdl.status)
 
