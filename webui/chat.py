@@ -79,6 +79,30 @@ def chat_turn(state: AppState, history: list[Message], system: str, template: st
     yield Turn(history, describe_result(generation.result, loaded.context_length), done=True)
 
 
+def context_used(state: AppState, history: list[Message], system: str, template: str) -> tuple[int, int] | None:
+    """(tokens the chat takes in the prompt, the context length), or None with no model loaded."""
+    loaded = state.loaded
+    if loaded is None:
+        return None
+    if not history:
+        return 0, loaded.context_length
+    ids = templates.prompt_ids(loaded.tokenizer, template, with_system(history, system),
+                               continue_last=history[-1]["role"] == "assistant")
+    return len(ids), loaded.context_length
+
+
+def context_bar_html(used: tuple[int, int] | None) -> str:
+    """The bar under the chat: how much of the context the conversation fills (amber past 75%, red past 90%)."""
+    if used is None:
+        return '<div class="context-bar" data-used="0"><span>No model loaded.</span></div>'
+    tokens, context = used
+    share = tokens / context if context else 0.0
+    level = "full" if share > 0.9 else "high" if share > 0.75 else "ok"
+    return (f'<div class="context-bar {level}" data-used="{tokens}" data-context="{context}">'
+            f'<div class="context-track"><div class="context-fill" style="width:{min(share, 1):.1%}"></div></div>'
+            f'<span>Context: {tokens:,} of {context:,} tokens ({share:.0%})</span></div>')
+
+
 def prompt_tokens(state: AppState, history: list[Message], system: str, template: str) -> str:
     """The token ids the model receives for this chat (for its last reply, the prompt that reply answered),
     with each id's piece, as Markdown."""

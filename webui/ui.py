@@ -21,7 +21,7 @@ from backends.generation import ContextOverflowError
 from backends.sampling import SamplingParams
 from webui import presets, templates
 from webui.character_panel import CharacterPanel, greeting_history
-from webui.chat import chat_turn, clean_history, notebook_turn, prompt_tokens
+from webui.chat import chat_turn, clean_history, context_bar_html, context_used, notebook_turn, prompt_tokens
 from webui.chats import ChatError, title_of
 from webui.download import DownloadCancelled, DownloadError, DownloadProgress, DownloadRequest, Hub, format_bytes, download
 from webui.repo_spec import RepoSpecError, parse_repo_spec
@@ -37,9 +37,22 @@ SAMPLING = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "typical
             "xtc_threshold", "xtc_probability", "mirostat_tau", "mirostat_eta", "dynatemp_range", "dynatemp_exponent",
             "banned_strings")
 DEFAULT_PRESET = "Default"
+# Math as models write it (OpenChat's Math Correct mode, most instruction models): $$…$$ and \[…\] on their own
+# line, $…$ and \(…\) inline.
+LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "\\[", "right": "\\]", "display": True},
+         {"left": "$", "right": "$", "display": False}, {"left": "\\(", "right": "\\)", "display": False}]
 CSS = """
 #gen-stats, #model-status, #download-status, #model-download-status { min-height: 1.5em; }
 .dl-progress progress { width: 100%; height: 1.2em; }
+.context-bar { display: flex; align-items: center; gap: 0.6em; font-size: 0.85em; }
+.context-track { flex: 1; height: 0.5em; border-radius: 0.25em; background: var(--neutral-200); overflow: hidden; }
+.context-fill { height: 100%; background: var(--color-accent); }
+.context-bar.high .context-fill { background: #d97706; }
+.context-bar.full .context-fill { background: #dc2626; }
+@media (max-width: 640px) {  /* a phone: buttons wrap instead of squeezing, the chat keeps the height it needs */
+  #chatbot { height: 60vh !important; }
+  .gradio-container { padding: 0.25em !important; }
+}
 """
 # Gradio's dark theme is the "dark" class on the body; the choice is kept in the browser across reloads.
 TOGGLE_DARK = """() => {
@@ -350,6 +363,12 @@ class WorkbenchUI:
         session.stop()
         return "stopping…"
 
+    def context_bar(self, history, system: str, template: str) -> str:
+        try:
+            return context_bar_html(context_used(self.state, clean_history(history), system or "", template))
+        except (TemplateError, ValueError):
+            return context_bar_html(None)
+
     def show_prompt_tokens(self, history, system: str, template: str) -> str:
         try:
             return prompt_tokens(self.state, clean_history(history), system or "", template)
@@ -549,6 +568,7 @@ class WorkbenchUI:
             demo.load(None, None, None, js=RESTORE_THEME)
             demo.load(self.select_model, mdl.select, mdl.fields)
             demo.load(self.memory_text, None, mdl.memory)
+            demo.load(self.context_bar, [gen.chatbot, gen.system, gen.template], gen.context_bar)
             demo.load(self.chat_choices, [gen.session, gen.chat_search], [gen.chat_list, gen.chat_note])
         return demo
 
@@ -589,7 +609,8 @@ class WorkbenchUI:
                                                         elem_id="branch-at", minimum=1)
                                 c.chat_branch = gr.Button("Branch", elem_id="chat-branch", min_width=60)
                             c.chat_note = gr.Markdown("", elem_id="chat-note")
-                        c.chatbot = gr.Chatbot(elem_id="chatbot", height=460, label="Chat")
+                        c.chatbot = gr.Chatbot(elem_id="chatbot", height=460, label="Chat", buttons=["copy", "copy_all"],
+                                               latex_delimiters=LATEX)
                         c.user_text = gr.Textbox(elem_id="chat-input", placeholder="Type a message…",
                                                  show_label=False, lines=2)
                         with gr.Row():
@@ -621,6 +642,7 @@ class WorkbenchUI:
                         with gr.Accordion("Token probabilities", open=False, elem_id="token-view-panel"):
                             c.token_view = gr.Markdown("Generate to see each new token's probability and the "
                                                        "most likely alternatives.", elem_id="token-view")
+                c.context_bar = gr.HTML(context_bar_html(None), elem_id="context-bar")
                 c.stats = gr.Markdown("", elem_id="gen-stats")
                 with gr.Accordion("Prompt tokens", open=False, elem_id="prompt-tokens-panel"):
                     c.show_tokens = gr.Button("Show the prompt's tokens", elem_id="show-prompt-tokens")
@@ -753,6 +775,10 @@ class WorkbenchUI:
         gen.chat_branch.click(self.branch_chat, [gen.session, gen.branch_at], chat_outputs, queue=False)
         gen.chat_export.click(self.export_chat, gen.session, gen.chat_export, queue=False)
         gen.chat_import.upload(self.import_chat, [gen.session, gen.chat_import], chat_outputs, queue=False)
+        gen.chatbot.change(self.context_bar, [gen.chatbot, gen.system, gen.template], gen.context_bar, queue=False,
+                           trigger_mode="always_last", show_progress="hidden")
+        gen.template.change(self.context_bar, [gen.chatbot, gen.system, gen.template], gen.context_bar, queue=False,
+                            show_progress="hidden")
         gen.show_tokens.click(self.show_prompt_tokens, [gen.chatbot, gen.system, gen.template], gen.prompt_tokens,
                               queue=False)
         gen.stop.click(self.stop, gen.session, gen.stats, queue=False)
@@ -776,8 +802,9 @@ class WorkbenchUI:
         load_inputs = [mdl.select, mdl.backend, mdl.context, mdl.template, mdl.preset, mdl.allow_pickle]
         load_outputs = [mdl.status, mdl.load_progress, mdl.memory, mdl.context, mdl.template, gen.template, mdl.preset,
                         gen.preset, *gen.sliders]
-        mdl.load.click(self.load, load_inputs, load_outputs, **QUIET)
-        mdl.reload.click(self.load, load_inputs, load_outputs, **QUIET)
+        for button in (mdl.load, mdl.reload):
+            button.click(self.load, load_inputs, load_outputs, **QUIET).then(
+                self.context_bar, [gen.chatbot, gen.system, gen.template], gen.context_bar, **QUIET)
         mdl.unload.click(self.unload, None, [mdl.status, mdl.load_progress, mdl.memory])
         mdl.save.click(self.save_settings, [mdl.select, mdl.backend, mdl.context, mdl.template, mdl.preset],
                        mdl.status)
