@@ -24,6 +24,12 @@ def last(stream):
     return out
 
 
+def said(ui, stream) -> tuple[str | None, list, str]:
+    """A chat handler's last update as (input box, or None where it stays; history; stats line)."""
+    update = last(stream)
+    return update.get(ui.gen.user_text), update[ui.gen.chatbot], update[ui.gen.stats]
+
+
 def link_model(source: Path, target: Path) -> None:
     """A model folder of symlinks to a cached fixture checkpoint."""
     target.mkdir(parents=True)
@@ -48,17 +54,18 @@ def ui(tmp_path_factory, smollm2_branch):
 
 
 def test_nothing_loaded_is_explained(ui):
-    text, history, stats = last(ui.send(Session(), QUESTION, [], "", "ChatML", *NO_GRAMMAR, -1, *GREEDY))
+    text, history, stats = said(ui, ui.send(Session(), QUESTION, [], "", "ChatML", *NO_GRAMMAR, -1, *GREEDY))
     assert text == QUESTION and history == [] and "no model is loaded" in stats
 
 
 def test_local_models_and_broken_folder(ui):
     assert ui.state.local_models() == ["broken", "SmolLM2-GPTQ"]
-    info, *_ = ui.select_model("broken")
-    assert info.startswith("**Error:**")
-    info, backend, context, template, preset = ui.select_model("SmolLM2-GPTQ")
+    broken = ui.select_model("broken")
+    assert broken[ui.mdl.info].startswith("**Error:**")
+    update = ui.select_model("SmolLM2-GPTQ")
+    info = update[ui.mdl.info]
     assert "4-bit GPTQ, group size 128" in info and "model.safetensors" in info
-    assert backend["value"] == "cpu"  # on a CPU-only machine, GPTQ weights stay packed
+    assert update[ui.mdl.backend] == "cpu"  # on a CPU-only machine, GPTQ weights stay packed
     assert "With the cpu backend at" in info and "it needs about" in info and "of RAM" in info
 
 
@@ -74,7 +81,7 @@ def test_load_chat_continue_regenerate(ui):
     assert "Loaded" in status and "context 512 tokens" in status, status
     assert update[ui.gen.template]["value"] == "Auto (tokenizer)" and update[ui.gen.preset]["value"] == "Deterministic"
     assert update[ui.gen.sliders[1]] == 0, "Deterministic's temperature reaches the slider"
-    _, history, stats = last(ui.send(Session(), QUESTION, [], "", "Auto (tokenizer)", *NO_GRAMMAR, -1, *GREEDY))
+    _, history, stats = said(ui, ui.send(Session(), QUESTION, [], "", "Auto (tokenizer)", *NO_GRAMMAR, -1, *GREEDY))
     assert history[0] == {"role": "user", "content": QUESTION}
     reply = history[1]["content"]
     assert "Paris" in reply and "tokens/s" in stats
@@ -82,33 +89,34 @@ def test_load_chat_continue_regenerate(ui):
     assert re.search(r"context used: (\d+) of 512 tokens", stats), stats
     assert int(re.search(r"context used: (\d+)", stats).group(1)) >= used
 
-    _, again, _ = last(ui.regenerate(Session(), history, "", "Auto (tokenizer)", *NO_GRAMMAR, -1, *GREEDY))
+    _, again, _ = said(ui, ui.regenerate(Session(), history, "", "Auto (tokenizer)", *NO_GRAMMAR, -1, *GREEDY))
     assert again == history, "greedy regeneration repeats the reply"
 
     cut = [history[0], {"role": "assistant", "content": "The capital of France"}]
-    _, continued, _ = last(ui.continue_reply(Session(), cut, "", "Auto (tokenizer)", *NO_GRAMMAR, -1, *GREEDY))
+    _, continued, _ = said(ui, ui.continue_reply(Session(), cut, "", "Auto (tokenizer)", *NO_GRAMMAR, -1, *GREEDY))
     assert continued[1]["content"].startswith("The capital of France ")
     assert "Paris" in continued[1]["content"]
 
-    _, _, stats = last(ui.continue_reply(Session(), history[:1], "", "Auto (tokenizer)", *NO_GRAMMAR, -1, *GREEDY))
+    _, _, stats = said(ui, ui.continue_reply(Session(), history[:1], "", "Auto (tokenizer)", *NO_GRAMMAR, -1, *GREEDY))
     assert "no reply to continue" in stats
 
 
 def test_too_long_a_message_is_given_back(ui):
     long_text = "word " * 600
-    text, history, stats = last(ui.send(Session(), long_text, [], "", "ChatML", *NO_GRAMMAR, -1, *GREEDY))
+    text, history, stats = said(ui, ui.send(Session(), long_text, [], "", "ChatML", *NO_GRAMMAR, -1, *GREEDY))
     assert text == long_text and history == [] and "context length is 512" in stats
 
 
 def test_bad_sampling_values_are_explained(ui):
     values = list(GREEDY)
     values[2] = 0.0  # top_p
-    text, _, stats = last(ui.send(Session(), QUESTION, [], "", "ChatML", *NO_GRAMMAR, -1, *values))
+    text, _, stats = said(ui, ui.send(Session(), QUESTION, [], "", "ChatML", *NO_GRAMMAR, -1, *values))
     assert text == QUESTION and "top_p" in stats
 
 
 def test_notebook_continues_raw_text(ui):
-    text, stats, view = last(ui.notebook(Session(), "The capital of France is", *NO_GRAMMAR, -1, *[8, *GREEDY[1:]]))
+    done = last(ui.notebook(Session(), "The capital of France is", *NO_GRAMMAR, -1, *[8, *GREEDY[1:]]))
+    text, stats, view = done[ui.gen.notebook], done[ui.gen.stats], done[ui.gen.token_view]
     assert isinstance(text, str), stats
     assert text.startswith("The capital of France is") and len(text) > len("The capital of France is")
     assert "8 tokens" in stats or "stopped: eos" in stats
@@ -124,11 +132,11 @@ def test_notebook_continues_raw_text(ui):
 
 def test_structured_output_fields(ui):
     schema = '{"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]}'
-    _, history, stats = last(ui.send(Session(), QUESTION, [], "", "ChatML", "JSON Schema", schema, -1, *GREEDY))
+    _, history, stats = said(ui, ui.send(Session(), QUESTION, [], "", "ChatML", "JSON Schema", schema, -1, *GREEDY))
     assert json.loads(history[-1]["content"])["city"], stats
-    text, history, stats = last(ui.send(Session(), QUESTION, [], "", "ChatML", "regular expression", "", -1, *GREEDY))
+    text, history, stats = said(ui, ui.send(Session(), QUESTION, [], "", "ChatML", "regular expression", "", -1, *GREEDY))
     assert "write the regular expression" in stats and text == QUESTION, "the message is given back"
-    text, _, stats = last(ui.send(Session(), QUESTION, [], "", "ChatML", "JSON Schema", "{oops", -1, *GREEDY))
+    text, _, stats = said(ui, ui.send(Session(), QUESTION, [], "", "ChatML", "JSON Schema", "{oops", -1, *GREEDY))
     assert "not valid JSON" in stats and text == QUESTION
 
 
@@ -141,9 +149,9 @@ def test_stop_cancels_its_own_session_only(ui):
     next(beside)
     next(beside)
     ui.stop(mine)
-    _, history, stats = last(stream)
+    _, history, stats = said(ui, stream)
     assert "stopped: cancelled" in stats and history[-1]["role"] == "assistant"
-    _, _, other_stats = last(beside)
+    _, _, other_stats = said(ui, beside)
     assert "stopped: length" in other_stats, "the other session's generation ran to its end"
 
 
@@ -151,38 +159,39 @@ def test_save_settings_then_select_shows_them(ui):
     message = ui.save_settings("SmolLM2-GPTQ", "reference", 1024, "Alpaca", "Precise")
     assert "saved" in message
     assert ui.state.settings.get("SmolLM2-GPTQ") == ModelSettings("reference", 1024, "Alpaca", "Precise")
-    info, backend, context, template, preset = ui.select_model("SmolLM2-GPTQ")
-    assert "Saved settings" in info
-    assert (backend["value"], context["value"], template["value"], preset["value"]) == (
-        "reference", 1024, "Alpaca", "Precise")
+    update = ui.select_model("SmolLM2-GPTQ")
+    assert "Saved settings" in update[ui.mdl.info]
+    assert [update[c] for c in (ui.mdl.backend, ui.mdl.context, ui.mdl.template, ui.mdl.preset)] == [
+        "reference", 1024, "Alpaca", "Precise"]
     unloaded = ui.unload()
     assert unloaded[ui.mdl.status] == "Unloaded **SmolLM2-GPTQ**." and "RAM:" in unloaded[ui.mdl.memory]
     assert ui.unload()[ui.mdl.status] == "No model was loaded."
 
 
 def test_presets_apply_save_delete(ui):
-    *values, message = ui.apply_preset("Deterministic")
-    assert values[1] == 0 and "applied" in message
+    applied = ui.apply_preset("Deterministic")
+    assert applied[ui.gen.sliders[1]] == 0 and "applied" in applied[ui.gen.stats]
     mine = [99, 0.4, 0.9, 12, 0.0, 1.0, 1.1, 0.2, 0.3, 0.8, 1.75, 3, 0.1, 0.5, 0.0, 0.1, 0.3, 1.0, "Paris\nLondon"]
-    choice, _, message = ui.save_preset("Mine", *mine)
-    assert choice["value"] == "Mine" and "Mine" in choice["choices"] and "saved" in message
+    saved = ui.save_preset("Mine", *mine)
+    choice = saved[ui.gen.preset]
+    assert choice["value"] == "Mine" and "Mine" in choice["choices"] and "saved" in saved[ui.gen.stats]
+    assert saved[ui.mdl.preset]["choices"] == choice["choices"], "the Model tab's preset list follows"
     assert ui.preset_values("Mine") == mine, "the More samplers sliders are saved too"
-    _, _, message = ui.save_preset("../x", *GREEDY)
-    assert message.startswith("**Error:**")
-    choice, _, message = ui.delete_preset("Mine")
-    assert "Mine" not in choice["choices"] and "deleted" in message
-    *_, message = ui.apply_preset("Mine")
-    assert "does not exist" in message
+    assert ui.save_preset("../x", *GREEDY)[ui.gen.stats].startswith("**Error:**")
+    deleted = ui.delete_preset("Mine")
+    assert "Mine" not in deleted[ui.gen.preset]["choices"] and "deleted" in deleted[ui.gen.stats]
+    missing = ui.apply_preset("Mine")
+    assert set(missing) == {ui.gen.stats} and "does not exist" in missing[ui.gen.stats], "the sliders stay"
 
 
 def test_chats_are_saved_and_come_back(ui):
     mine = Session()
     last(ui.load("SmolLM2-GPTQ", "cpu", 512, "Auto (tokenizer)", "Deterministic", False))
-    _, history, _ = last(ui.send(mine, QUESTION, [], "Be brief.", "ChatML", *NO_GRAMMAR, -1, *GREEDY))
+    _, history, _ = said(ui, ui.send(mine, QUESTION, [], "Be brief.", "ChatML", *NO_GRAMMAR, -1, *GREEDY))
     saved = ui.state.chats.load(mine.chat_id)
     assert saved.messages == history and saved.system == "Be brief." and saved.template == "ChatML"
     assert saved.title == QUESTION
-    _, longer, _ = last(ui.send(mine, "And of Italy?", history, "Be brief.", "ChatML", *NO_GRAMMAR, -1, *GREEDY))
+    _, longer, _ = said(ui, ui.send(mine, "And of Italy?", history, "Be brief.", "ChatML", *NO_GRAMMAR, -1, *GREEDY))
     assert ui.state.chats.load(mine.chat_id).messages == longer, "the same chat grows"
 
     other = Session()  # another window, or the app after a restart
@@ -210,27 +219,27 @@ def test_chats_are_saved_and_come_back(ui):
 def test_message_tools(ui):
     session = Session()
     last(ui.load("SmolLM2-GPTQ", "cpu", 512, "Auto (tokenizer)", "Deterministic", False))
-    _, history, _ = last(ui.send_with_reply_start(session, QUESTION, "The answer is", [], "", "ChatML",
+    _, history, _ = said(ui, ui.send_with_reply_start(session, QUESTION, "The answer is", [], "", "ChatML",
                                                   *NO_GRAMMAR, -1, *GREEDY))
     assert history[-1]["role"] == "assistant" and history[-1]["content"].startswith("The answer is")
     assert len(history[-1]["content"]) > len("The answer is")
-    _, history, _ = last(ui.send(session, "Thanks!", history, "", "ChatML", *NO_GRAMMAR, -1, *GREEDY))
+    _, history, _ = said(ui, ui.send(session, "Thanks!", history, "", "ChatML", *NO_GRAMMAR, -1, *GREEDY))
     assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
 
-    _, edited, _ = last(ui.edit_message(session, 1, "What is the capital of Italy?", history, "", "ChatML",
+    _, edited, _ = said(ui, ui.edit_message(session, 1, "What is the capital of Italy?", history, "", "ChatML",
                                         *NO_GRAMMAR, -1, *GREEDY))
     assert [m["role"] for m in edited] == ["user", "assistant"] and edited[0]["content"].endswith("Italy?")
     assert "Rome" in edited[1]["content"]
     assert ui.state.chats.load(session.chat_id).messages == edited, "the edit is saved"
-    _, unchanged, stats = last(ui.edit_message(session, 2, "x", edited, "", "ChatML", *NO_GRAMMAR, -1, *GREEDY))
+    _, unchanged, stats = said(ui, ui.edit_message(session, 2, "x", edited, "", "ChatML", *NO_GRAMMAR, -1, *GREEDY))
     assert unchanged == edited and "yours are 1" in stats
 
-    kept, note = ui.delete_last_turn(session, edited, "", "ChatML")
-    assert kept == [] and note == "Last turn deleted."
-    assert ui.delete_last_turn(session, [], "", "ChatML")[1].startswith("**Error:**")
+    deleted = ui.delete_last_turn(session, edited, "", "ChatML")
+    assert deleted[ui.gen.chatbot] == [] and deleted[ui.gen.stats] == "Last turn deleted."
+    assert ui.delete_last_turn(session, [], "", "ChatML")[ui.gen.stats].startswith("**Error:**")
 
-    text, stats = last(ui.impersonate(session, "I would like to know", edited, "", "ChatML", *NO_GRAMMAR, -1,
-                                      *GREEDY))
+    written = last(ui.impersonate(session, "I would like to know", edited, "", "ChatML", *NO_GRAMMAR, -1, *GREEDY))
+    text, stats = written[ui.gen.user_text], written[ui.gen.stats]
     assert isinstance(text, str), stats
     assert text.startswith("I would like to know") and len(text) > len("I would like to know"), stats
 
@@ -239,8 +248,8 @@ def test_banned_strings_from_the_ui_keep_a_word_out_of_the_reply(ui):
     more = [0.0, 0.0, 0.0, 1.75, 2, 0.1, 0.0, 0.0, 0.1, 0.0, 1.0]  # the More samplers sliders, all off
     values = [*GREEDY, *more, "paris\n"]
     assert len(values) == len(SAMPLING)
-    _, history, stats = last(ui.send(Session(), QUESTION, [], "", "ChatML", *NO_GRAMMAR, -1, *values))
+    _, history, stats = said(ui, ui.send(Session(), QUESTION, [], "", "ChatML", *NO_GRAMMAR, -1, *values))
     reply = history[-1]["content"]
     assert reply and "paris" not in reply.lower(), stats
-    _, plain, _ = last(ui.send(Session(), QUESTION, [], "", "ChatML", *NO_GRAMMAR, -1, *GREEDY))
+    _, plain, _ = said(ui, ui.send(Session(), QUESTION, [], "", "ChatML", *NO_GRAMMAR, -1, *GREEDY))
     assert "Paris" in plain[-1]["content"]

@@ -114,46 +114,55 @@ class WorkbenchUI:
         values = presets.load_preset(self.state.presets_dir, name) if name else vars(SamplingParams())
         return ["\n".join(values[k]) if k == "banned_strings" else values[k] for k in SAMPLING]
 
-    def apply_preset(self, name: str):
+    def apply_preset(self, name: str) -> dict:
         try:
-            return [*self.preset_values(name), f"Preset **{name}** applied."]
+            return {**dict(zip(self.gen.sliders, self.preset_values(name))), self.gen.stats: f"Preset **{name}** applied."}
         except presets.PresetError as exc:
-            return [*[gr.update() for _ in SAMPLING], error_text(exc)]
+            return {self.gen.stats: error_text(exc)}
 
-    def save_preset(self, name: str, *values):
+    def save_preset(self, name: str, *values) -> dict:
         try:
             params = sampling_params(list(values), None)
             saved = presets.save_preset(self.state.presets_dir, name, {k: getattr(params, k) for k in SAMPLING})
         except (ValueError, OSError) as exc:
-            return gr.update(), gr.update(), error_text(exc)
+            return {self.gen.stats: error_text(exc)}
         choices = self.preset_choices()
-        return (gr.update(choices=choices, value=saved), gr.update(choices=choices), f"Preset **{saved}** saved.")
+        return {self.gen.preset: gr.update(choices=choices, value=saved), self.mdl.preset: gr.update(choices=choices),
+                self.gen.stats: f"Preset **{saved}** saved."}
 
-    def delete_preset(self, name: str):
+    def delete_preset(self, name: str) -> dict:
         try:
             presets.delete_preset(self.state.presets_dir, name)
         except (ValueError, OSError) as exc:
-            return gr.update(), gr.update(), error_text(exc)
+            return {self.gen.stats: error_text(exc)}
         choices = self.preset_choices()
-        return (gr.update(choices=choices, value=None), gr.update(choices=choices), f"Preset **{name}** deleted.")
+        return {self.gen.preset: gr.update(choices=choices, value=None), self.mdl.preset: gr.update(choices=choices),
+                self.gen.stats: f"Preset **{name}** deleted."}
 
     # ---- text generation -----------------------------------------------------------------------------------------
+
+    def _said(self, history, stats: str, text: str | None = None) -> dict:
+        """A chat update: the history and the stats line, and the input box when ``text`` is given."""
+        update = {self.gen.chatbot: history, self.gen.stats: stats}
+        if text is not None:
+            update[self.gen.user_text] = text
+        return update
 
     def send(self, session: Session, text: str, history, system: str, template: str, grammar_kind: str,
              grammar_source: str, seed, *values):
         history = clean_history(history)
         if not text.strip():
-            yield text, history, "**Error:** type a message first"
+            yield self._said(history, "**Error:** type a message first", text)
             return
         try:
             params = sampling_params(list(values), seed)
             grammar = grammar_of(grammar_kind, grammar_source)
             self.state.require_model()
         except (ValueError, ModelNotLoaded) as exc:
-            yield text, history, error_text(exc)
+            yield self._said(history, error_text(exc), text)
             return
         asked = history + [{"role": "user", "content": text}]
-        yield "", asked, "generating…"
+        yield self._said(asked, "generating…", "")
         yield from self._stream(session, asked, system, template, params, restore_on_overflow=text, grammar=grammar)
 
     def regenerate(self, session: Session, history, system: str, template: str, grammar_kind: str,
@@ -162,7 +171,7 @@ class WorkbenchUI:
         while history and history[-1]["role"] == "assistant":
             history = history[:-1]
         if not history:
-            yield gr.update(), history, "**Error:** nothing to regenerate"
+            yield self._said(history, "**Error:** nothing to regenerate")
             return
         yield from self._guarded(session, history, system, template, (grammar_kind, grammar_source), seed, values)
 
@@ -170,7 +179,7 @@ class WorkbenchUI:
                        grammar_source: str, seed, *values):
         history = clean_history(history)
         if not history or history[-1]["role"] != "assistant":
-            yield gr.update(), history, "**Error:** there is no reply to continue"
+            yield self._said(history, "**Error:** there is no reply to continue")
             return
         yield from self._guarded(session, history, system, template, (grammar_kind, grammar_source), seed, values,
                                  continue_last=True)
@@ -180,10 +189,10 @@ class WorkbenchUI:
         """Send, with the reply made to begin with ``start`` (the model continues it)."""
         history = clean_history(history)
         if not text.strip() or not start:
-            yield text, history, "**Error:** type a message and the words the reply starts with"
+            yield self._said(history, "**Error:** type a message and the words the reply starts with", text)
             return
         asked = history + [{"role": "user", "content": text}, {"role": "assistant", "content": start}]
-        yield "", asked, "generating…"
+        yield self._said(asked, "generating…", "")
         yield from self._guarded(session, asked, system, template, (grammar_kind, grammar_source), seed, values,
                                  continue_last=True)
 
@@ -195,14 +204,14 @@ class WorkbenchUI:
         index = int(number or 0) - 1
         if not 0 <= index < len(history) or history[index]["role"] != "user":
             users = [str(i + 1) for i, m in enumerate(history) if m["role"] == "user"]
-            yield gr.update(), history, (f"**Error:** message {index + 1} is not one of yours; yours are "
-                                         f"{', '.join(users) or 'none yet'}")
+            yield self._said(history, f"**Error:** message {index + 1} is not one of yours; yours are "
+                                      f"{', '.join(users) or 'none yet'}")
             return
         if not (new_text or "").strip():
-            yield gr.update(), history, "**Error:** type the message's new text"
+            yield self._said(history, "**Error:** type the message's new text")
             return
         edited = history[:index] + [{"role": "user", "content": new_text}]
-        yield gr.update(), edited, "generating…"
+        yield self._said(edited, "generating…")
         yield from self._guarded(session, edited, system, template, (grammar_kind, grammar_source), seed, values)
 
     def delete_last_turn(self, session: Session, history, system: str, template: str):
@@ -210,10 +219,10 @@ class WorkbenchUI:
         history = clean_history(history)
         users = [i for i, m in enumerate(history) if m["role"] == "user"]
         if not users:
-            return history, "**Error:** there is no turn to delete"
+            return self._said(history, "**Error:** there is no turn to delete")
         kept = history[: users[-1]]
         self.autosave(session, kept, system, template)
-        return kept, "Last turn deleted."
+        return self._said(kept, "Last turn deleted.")
 
     def impersonate(self, session: Session, text: str, history, system: str, template: str, grammar_kind: str,
                     grammar_source: str, seed, *values):
@@ -223,20 +232,18 @@ class WorkbenchUI:
             params = sampling_params(list(values), seed)
             grammar = grammar_of(grammar_kind, grammar_source)
             open_turn = history + [{"role": "user", "content": text or ""}]
-            reply = ""
             for turn in chat_turn(self.state, open_turn, system or "", template, params, True,
                                   session.new_generation(), grammar):
-                reply = turn.history[-1]["content"]
-                yield reply, turn.stats
+                yield {self.gen.user_text: turn.history[-1]["content"], self.gen.stats: turn.stats}
         except Exception as exc:  # noqa: BLE001 - shown; the typed text stays
-            yield gr.update(), error_text(exc)
+            yield {self.gen.stats: error_text(exc)}
 
     def _guarded(self, session, history, system, template, grammar_fields, seed, values, continue_last=False):
         try:
             params = sampling_params(list(values), seed)
             grammar = grammar_of(*grammar_fields)
         except ValueError as exc:
-            yield gr.update(), history, error_text(exc)
+            yield self._said(history, error_text(exc))
             return
         yield from self._stream(session, history, system, template, params, continue_last=continue_last,
                                 grammar=grammar)
@@ -250,14 +257,14 @@ class WorkbenchUI:
                 last = turn.history
                 if turn.done:  # saved before the browser sees the end, so a finished reply is on disk
                     self.autosave(session, last, system, template)
-                yield gr.update(), turn.history, turn.stats
+                yield self._said(turn.history, turn.stats)
         except (ContextOverflowError, TemplateError, GrammarError) as exc:
             if restore_on_overflow is not None:  # give the message back rather than lose it
-                yield restore_on_overflow, history[:-1], error_text(exc)
+                yield self._said(history[:-1], error_text(exc), restore_on_overflow)
             else:
-                yield gr.update(), history, error_text(exc)
+                yield self._said(history, error_text(exc))
         except Exception as exc:  # noqa: BLE001 - shown to the user, the chat so far is kept
-            yield gr.update(), last, error_text(exc)
+            yield self._said(last, error_text(exc))
             self.autosave(session, last, system, template)
 
     # ---- saved chats ---------------------------------------------------------------------------------------------
@@ -350,13 +357,14 @@ class WorkbenchUI:
         return {**self.open_chat(session, chat.id), **self.chat_choices(session)}
 
     def notebook(self, session: Session, prompt: str, grammar_kind: str, grammar_source: str, seed, *values):
-        """Streams (text, stats, token view)."""
+        gen = self.gen
         try:
             params = sampling_params(list(values), seed)
             grammar = grammar_of(grammar_kind, grammar_source)
-            yield from notebook_turn(self.state, prompt, params, session.new_generation(), grammar)
+            for text, stats, view in notebook_turn(self.state, prompt, params, session.new_generation(), grammar):
+                yield {gen.notebook: text, gen.stats: stats, gen.token_view: view}
         except Exception as exc:  # noqa: BLE001 - the prompt stays in the box
-            yield gr.update(), error_text(exc), gr.update()
+            yield {gen.stats: error_text(exc)}
 
     @staticmethod
     def stop(session: Session) -> str:
@@ -382,25 +390,23 @@ class WorkbenchUI:
         value = current if current in choices else (choices[0] if choices else None)
         return gr.update(choices=choices, value=value)
 
-    def select_model(self, name: str | None):
+    def select_model(self, name: str | None) -> dict:
         """Fills the settings fields: saved settings for this model, else suggestions."""
+        mdl = self.mdl
         if not name:
-            return "No model selected.", *([gr.update()] * 4)
+            return {mdl.info: "No model selected."}
         try:
             info = self.state.describe_folder(name)
             saved = self.state.settings.get(name)
             settings = saved or self.state.suggested_settings(name)
         except Exception as exc:  # noqa: BLE001 - a broken folder is reported, not fatal
-            return error_text(exc), *([gr.update()] * 4)
+            return {mdl.info: error_text(exc)}
         note = " Saved settings found and filled in." if saved is not None else ""
-        return (
-            info + note + self.memory_note(name, settings),
-            gr.update(value=settings.backend),
-            gr.update(value=settings.context_length),
-            gr.update(value=settings.template or templates.AUTO),
-            # no saved preset: keep the one in use
-            gr.update(value=settings.preset) if settings.preset in self.preset_choices() else gr.update(),
-        )
+        update = {mdl.info: info + note + self.memory_note(name, settings), mdl.backend: settings.backend,
+                  mdl.context: settings.context_length, mdl.template: settings.template or templates.AUTO}
+        if settings.preset in self.preset_choices():  # no saved preset: keep the one in use
+            update[mdl.preset] = settings.preset
+        return update
 
     def memory_note(self, name: str, settings: ModelSettings) -> str:
         try:
@@ -481,27 +487,33 @@ class WorkbenchUI:
 
     # ---- download ------------------------------------------------------------------------------------------------
 
-    def list_branches(self, repo: str, token: str, allow_pickle: bool):
+    def list_branches(self, panel: SimpleNamespace, repo: str, token: str, allow_pickle: bool) -> dict:
+        """The branch table and choice of ``panel`` (the Download tab's or the Model tab's download box)."""
         try:
             spec = parse_repo_spec(repo)
             hub = Hub(token=token or None)
             branches = [spec.branch] if spec.branch else hub.branches(spec)
             infos = [hub.branch_info(replace(spec, branch=b), allow_pickle) for b in branches]
         except (RepoSpecError, DownloadError) as exc:
-            return gr.update(value=[]), gr.update(choices=[], value=None), error_text(exc)
+            return {panel.table: [], panel.branch: gr.update(choices=[], value=None), panel.status: error_text(exc)}
         rows = [[i.name, i.describe_quant(), format_bytes(i.download_bytes), format_bytes(i.vram_bytes)] for i in infos]
         chosen = spec.branch or (branches[0] if branches else None)
         message = f"{len(infos)} branch(es) in **{spec.owner}/{spec.repo}**. Choose one and press Download."
-        return gr.update(value=rows), gr.update(choices=branches, value=chosen), message
+        return {panel.table: rows, panel.branch: gr.update(choices=branches, value=chosen), panel.status: message}
 
-    def download(self, session: Session, repo: str, branch: str, token: str, allow_pickle: bool):
-        """Streams (progress bar, status, folder name once done)."""
+    def download(self, panel: SimpleNamespace, session: Session, repo: str, branch: str, token: str,
+                 allow_pickle: bool):
+        """Streams ``panel``'s progress bar and status, and once done the new folder's name."""
+
+        def shown(fraction: float, bar: str, status: str, folder: str | None = None) -> dict:
+            return {panel.progress: progress_html(fraction, bar), panel.status: status, panel.downloaded: folder}
+
         try:
             spec = parse_repo_spec(repo)
             if branch:
                 spec = replace(spec, branch=branch)
         except RepoSpecError as exc:
-            yield "", error_text(exc), None
+            yield {panel.progress: "", panel.status: error_text(exc), panel.downloaded: None}
             return
         progress: list[DownloadProgress] = []
         outcome: dict = {}
@@ -517,20 +529,19 @@ class WorkbenchUI:
 
         worker = threading.Thread(target=work, name="download", daemon=True)
         worker.start()
-        yield progress_html(0.0, f"Starting {spec}…"), f"Downloading **{spec}**…", None
+        yield shown(0.0, f"Starting {spec}…", f"Downloading **{spec}**…")
         while worker.is_alive():
             worker.join(0.3)
             if progress:
                 p = progress[-1]
-                yield progress_html(p.fraction, p.describe()), f"Downloading **{spec}**…", None
+                yield shown(p.fraction, p.describe(), f"Downloading **{spec}**…")
         if "path" in outcome:
             path: Path = outcome["path"]
-            yield (progress_html(1.0, "done"), f"Downloaded **{spec}** to `{path}`. It is now in the Model tab.",
-                   path.name)
+            yield shown(1.0, "done", f"Downloaded **{spec}** to `{path}`. It is now in the Model tab.", path.name)
         elif isinstance(outcome.get("error"), DownloadCancelled):
-            yield progress_html(0.0, "cancelled"), "Download cancelled; run it again to resume.", None
+            yield shown(0.0, "cancelled", "Download cancelled; run it again to resume.")
         else:
-            yield progress_html(0.0, "failed"), error_text(outcome.get("error", RuntimeError("stopped"))), None
+            yield shown(0.0, "failed", error_text(outcome.get("error", RuntimeError("stopped"))))
 
     def show_downloaded(self, name: str | None, current: str | None):
         return self.refresh_models(name or current)
@@ -810,9 +821,15 @@ class WorkbenchUI:
                        mdl.status)
 
     def _wire_download(self, dl: SimpleNamespace, mdl: SimpleNamespace) -> None:
-        dl.list.click(self.list_branches, [dl.repo, dl.token, dl.allow_pickle], [dl.table, dl.branch, dl.status])
-        dl.repo.submit(self.list_branches, [dl.repo, dl.token, dl.allow_pickle], [dl.table, dl.branch, dl.status])
-        dl.download.click(self.download, [dl.session, dl.repo, dl.branch, dl.token, dl.allow_pickle],
+        def list_branches(repo: str, token: str, allow_pickle: bool) -> dict:
+            return self.list_branches(dl, repo, token, allow_pickle)
+
+        def download(session: Session, repo: str, branch: str, token: str, allow_pickle: bool):
+            yield from self.download(dl, session, repo, branch, token, allow_pickle)
+
+        dl.list.click(list_branches, [dl.repo, dl.token, dl.allow_pickle], [dl.table, dl.branch, dl.status])
+        dl.repo.submit(list_branches, [dl.repo, dl.token, dl.allow_pickle], [dl.table, dl.branch, dl.status])
+        dl.download.click(download, [dl.session, dl.repo, dl.branch, dl.token, dl.allow_pickle],
                           [dl.progress, dl.status, dl.downloaded], **QUIET
                           ).then(self.show_downloaded, [dl.downloaded, mdl.select], mdl.select)
         dl.cancel.click(self.cancel_download, dl.session, dl.status, queue=False)
