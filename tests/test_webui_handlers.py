@@ -171,7 +171,8 @@ def test_save_settings_then_select_shows_them(ui):
 def test_presets_apply_save_delete(ui):
     applied = ui.apply_preset("Deterministic")
     assert applied[ui.gen.sliders[1]] == 0 and "applied" in applied[ui.gen.stats]
-    mine = [99, 0.4, 0.9, 12, 0.0, 1.0, 1.1, 0.2, 0.3, 0.8, 1.75, 3, 0.1, 0.5, 0.0, 0.1, 0.3, 1.0, "Paris\nLondon"]
+    mine = [99, 0.4, 0.9, 12, 0.0, 1.0, 1.1, 0.2, 0.3, 0.8, 1.75, 3, 0.1, 0.5, 0.0, 0.1, 0.3, 1.0, "Paris\nLondon",
+            "min_p, temperature, top_k, top_p, typical_p, xtc"]
     saved = ui.save_preset("Mine", *mine)
     choice = saved[ui.gen.preset]
     assert choice["value"] == "Mine" and "Mine" in choice["choices"] and "saved" in saved[ui.gen.stats]
@@ -244,9 +245,15 @@ def test_message_tools(ui):
     assert text.startswith("I would like to know") and len(text) > len("I would like to know"), stats
 
 
+def test_a_bad_sampler_order_is_explained(ui):
+    values = [*GREEDY, *[0.0, 0.0, 0.0, 1.75, 2, 0.1, 0.0, 0.0, 0.1, 0.0, 1.0], "", "top_k, top_p"]
+    text, _, stats = said(ui, ui.send(Session(), QUESTION, [], "", "ChatML", *NO_GRAMMAR, -1, *values))
+    assert text == QUESTION and "sampler_order" in stats and "must name each of" in stats
+
+
 def test_banned_strings_from_the_ui_keep_a_word_out_of_the_reply(ui):
     more = [0.0, 0.0, 0.0, 1.75, 2, 0.1, 0.0, 0.0, 0.1, 0.0, 1.0]  # the More samplers sliders, all off
-    values = [*GREEDY, *more, "paris\n"]
+    values = [*GREEDY, *more, "paris\n", ""]
     assert len(values) == len(SAMPLING)
     _, history, stats = said(ui, ui.send(Session(), QUESTION, [], "", "ChatML", *NO_GRAMMAR, -1, *values))
     reply = history[-1]["content"]

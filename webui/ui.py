@@ -18,7 +18,7 @@ import gradio as gr
 
 from backends.constraints import Grammar, GrammarError
 from backends.generation import ContextOverflowError
-from backends.sampling import SamplingParams
+from backends.sampling import SAMPLERS, SamplingParams
 from webui import presets, templates
 from webui.character_panel import CharacterPanel, greeting_history
 from webui.chat import chat_turn, clean_history, context_bar_html, context_used, notebook_turn, prompt_tokens
@@ -35,7 +35,7 @@ from webui.templates import TemplateError
 SAMPLING = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty",
             "presence_penalty", "frequency_penalty", "dry_multiplier", "dry_base", "dry_allowed_length",
             "xtc_threshold", "xtc_probability", "mirostat_tau", "mirostat_eta", "dynatemp_range", "dynatemp_exponent",
-            "banned_strings")
+            "banned_strings", "sampler_order")
 DEFAULT_PRESET = "Default"
 # Math as models write it (OpenChat's Math Correct mode, most instruction models): $$…$$ and \[…\] on their own
 # line, $…$ and \(…\) inline.
@@ -94,6 +94,11 @@ def sampling_params(values: list, seed: float | None) -> SamplingParams:
     raw["top_k"] = int(raw["top_k"])
     raw["dry_allowed_length"] = int(raw.get("dry_allowed_length", 2))
     raw["banned_strings"] = tuple(line for line in str(raw.get("banned_strings") or "").splitlines() if line.strip())
+    order = [name.strip() for name in str(raw.get("sampler_order") or "").split(",") if name.strip()]
+    if order:
+        raw["sampler_order"] = tuple(order)
+    else:
+        raw.pop("sampler_order", None)
     raw["seed"] = None if seed is None or seed < 0 else int(seed)
     return SamplingParams.from_dict(raw, source="sampling settings")
 
@@ -112,7 +117,8 @@ class WorkbenchUI:
 
     def preset_values(self, name: str | None) -> list:
         values = presets.load_preset(self.state.presets_dir, name) if name else vars(SamplingParams())
-        return ["\n".join(values[k]) if k == "banned_strings" else values[k] for k in SAMPLING]
+        joined = {"banned_strings": "\n", "sampler_order": ", "}
+        return [joined[k].join(values[k]) if k in joined else values[k] for k in SAMPLING]
 
     def apply_preset(self, name: str) -> dict:
         try:
@@ -697,6 +703,8 @@ class WorkbenchUI:
                                   elem_id="dynatemp-exponent"),
                         gr.Textbox(value=v[18], lines=2, label="Banned strings (one per line; case ignored)",
                                    placeholder="words the reply may never contain", elem_id="banned-strings"),
+                        gr.Textbox(value=v[19], label=f"Sampler order (each of {', '.join(SAMPLERS)} once)",
+                                   elem_id="sampler-order"),
                     ]
                 c.seed = gr.Number(value=-1, precision=0, label="seed (-1 = random)", elem_id="seed")
                 with gr.Accordion("Structured output", open=False, elem_id="grammar-panel"):
