@@ -1,0 +1,70 @@
+"""The AVX-512 VNNI 4-bit matmul (kernels/cpu_q4.cpp): built once with the machine's C++ compiler through
+torch's extension loader (cached under ~/.cache/torch_extensions), and its weight layout.
+
+``load()`` returns the module, or None with the reason in ``why_not()`` (no compiler, no AVX-512 VNNI):
+the cpu backend then stays on torch's int4 kernel and says so.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("gptq_workbench.cpu_q4")
+SOURCE = Path(__file__).with_name("cpu_q4.cpp")
+TILE = 16  # output columns of one packed tile
+BLOCK = 32  # the activations' int8 block
+_failure: list[str] = []
+
+
+@functools.cache
+def load():
+    if os.environ.get("GPTQ_WORKBENCH_NO_CPU_KERNEL"):
+        _failure.append("turned off by GPTQ_WORKBENCH_NO_CPU_KERNEL")
+        return None
+    try:
+        from torch.utils.cpp_extension import load as build
+
+        module = build(name="gptq_workbench_cpu_q4", sources=[str(SOURCE)], extra_cflags=["-O3"], verbose=False)
+    except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, a failed build: the reason is kept
+        _failure.append(f"the AVX-512 kernel did not build ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
+        log.warning("%s", _failure[-1])
+        return None
+    if not module.supported():
+        _failure.append("this CPU has no AVX-512 VNNI")
+        return None
+    return module
+
+
+def why_not() -> str:
+    load()
+    return _failure[-1] if _failure else ""
+
+
+def takes(in_features: int, out_features: int, group: int) -> bool:
+    return out_features % TILE == 0 and in_features % group == 0 and group % BLOCK == 0
+
+
+def pack(q: torch.Tensor) -> torch.Tensor:
+    """q ``[K, N]`` (values 0..15) -> ``[N/16, K/8, 64]`` uint8: for each tile of 16 columns and each 8 k, column
+    r's bytes 4r..4r+3 hold k0..k3 in their low nibbles and k4..k7 in their high ones."""
+    k, n = q.shape
+    chunks = q.to(torch.uint8).reshape(k // 8, 2, 4, n // TILE, TILE)  # [c, half, i, t, r]
+    byte = chunks[:, 0] | (chunks[:, 1] << 4)  # [c, i, t, r]
+    return byte.permute(2, 0, 3, 1).contiguous().reshape(n // TILE, k // 8, 64)
+
+
+def tile_params(values: torch.Tensor) -> torch.Tensor:
+    """A per-(group, column) float ``[G, N]`` -> ``[N/16, G, 16]``, the order the kernel reads."""
+    g, n = values.shape
+    return values.float().reshape(g, n // TILE, TILE).permute(1, 0, 2).contiguous()
+
+
+def matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zero_scales: torch.Tensor,
+           group: int) -> torch.Tensor:
+    """x ``[M, K]`` -> fp32 ``[M, N]``."""
+    return load().q4_matmul(x.float().contiguous(), packed, scales, zero_scales, group)
