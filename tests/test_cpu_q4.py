@@ -1,0 +1,65 @@
+"""The AVX-512 VNNI 4-bit matmul (kernels/cpu_q4.cpp) against the dequantized weights in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import cpu_q4
+
+pytestmark = pytest.mark.skipif(cpu_q4.load() is None, reason=f"the kernel does not run here: {cpu_q4.why_not()}")
+
+
+def reference(x, q, scales, zeros, group):
+    g = torch.arange(q.shape[0]) // group
+    return x.double() @ ((q.double() - zeros.double()[g]) * scales.double()[g])
+
+
+@pytest.mark.parametrize("k, n, group", [(256, 64, 32), (576, 192, 64), (512, 1536, 128), (1536, 576, 1536)])
+@pytest.mark.parametrize("m", [1, 3, 5, 130])
+def test_matches_the_dequantized_weights(k, n, group, m):
+    gen = torch.Generator().manual_seed(k + n + m)
+    q = torch.randint(0, 16, (k, n), generator=gen)
+    scales = torch.rand(k // group, n, generator=gen) * 0.02 + 1e-3
+    zeros = torch.randint(0, 16, (k // group, n), generator=gen).float()
+    x = torch.randn(m, k, generator=gen)
+    x[:, 7] *= 50  # an outlier channel, as LLM activations have
+    y = cpu_q4.matmul(x, cpu_q4.pack(q), cpu_q4.tile_params(scales), cpu_q4.tile_params(zeros * scales), group)
+    expected = reference(x, q, scales, zeros, group)
+    assert y.shape == (m, n) and y.dtype == torch.float32
+    assert ((y.double() - expected).norm() / expected.norm()).item() < 2e-4  # bf16 activations alone: ~3e-3
+    # every row alone, and each row at its place: no row's numbers leak into another's
+    torch.testing.assert_close(y[-1:], cpu_q4.matmul(x[-1:], cpu_q4.pack(q), cpu_q4.tile_params(scales),
+                                                     cpu_q4.tile_params(zeros * scales), group))
+
+
+def test_the_packed_layout():
+    k, n = 16, 32
+    q = torch.arange(k * n).reshape(k, n) % 16
+    packed = cpu_q4.pack(q)
+    assert packed.shape == (n // 16, k // 8, 64) and packed.dtype == torch.uint8
+    # tile 1, k 8..15, column 16 + 3: bytes 12..15 hold k 8..11 (low nibbles) and 12..15 (high)
+    column = 16 + 3
+    chunk = packed[1, 1, 12:16]
+    assert (chunk & 0xF).tolist() == q[8:12, column].tolist()
+    assert (chunk >> 4).tolist() == q[12:16, column].tolist()
+
+
+def test_shapes_it_cannot_take_are_named():
+    assert cpu_q4.takes(4096, 11008, 128) and cpu_q4.takes(576, 192, 64)
+    assert not cpu_q4.takes(4096, 11000, 128)  # columns in tiles of 16
+    assert not cpu_q4.takes(576, 192, 128)  # the group must divide K
+    assert not cpu_q4.takes(64, 64, 16)  # and be whole activation blocks of 32
+
+
+def test_the_cpu_backend_runs_it_on_every_4bit_layer(smollm2_branch):
+    from backends.loader import LoadOptions, load_model
+
+    loaded = load_model(smollm2_branch("gptq-4bit-32g-actorder_True"), LoadOptions(backend="cpu", device="cpu",
+                                                                                   context_length=256))
+    try:
+        assert "AVX-512 VNNI" in loaded.backend_note
+        layer = loaded.model.layers[0]
+        assert layer.self_attn.qkv_proj.vnni and layer.mlp.gate_up_proj.vnni and layer.mlp.down_proj.vnni
+    finally:
+        loaded.engine.close()
