@@ -4,7 +4,9 @@ A step holds several sequences' new tokens side by side (``[T]``): one token of 
 a chunk of each prefilling prompt. The projections run on all of them at once; attention runs per
 sequence, on its own keys:
 - on a GPU, decoding sequences (one token each) attend in one launch of kernels/paged_attention.py;
-- a prompt chunk, and on the CPU every sequence, attends alone in torch's SDPA, masked causally from its
+- on the CPU, with a bf16 cache, decoding sequences attend through kernels/cpu_q4.cpp, which reads the keys
+  in place from their blocks, each (sequence, head) alone;
+- a prompt chunk, and any other sequence, attends alone in torch's SDPA, masked causally from its
   first position, over its keys (a slice of the pool where its blocks are consecutive, else a gather).
 Either way a sequence's result does not depend on its neighbours in the step (a padded batch would change
 the kernels' reduction order, and in bf16 flip tokens).
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 
 from backends.model import apply_rotary
 from backends.paged_cache import KVPool
+from kernels import cpu_q4
 
 
 
@@ -105,7 +108,8 @@ class PagedStep:
         self.write_slots = torch.tensor(slots, dtype=torch.long, device=device)
         self.positions = torch.tensor([p for s in segments for p in range(s.first_position, s.kv_len)],
                                       dtype=torch.long, device=device)
-        batch = kernel_takes(pool, n_heads)
+        self.on_cpu = cpu_q4.attention_takes(pool.k)  # decoding rows through the CPU kernel
+        batch = kernel_takes(pool, n_heads) or self.on_cpu
         self.batched = [s for s in segments if batch and s.length == 1]
         self.alone = [s for s in segments if not (batch and s.length == 1)]
         self.keys = [self._key_slots(s) for s in self.alone]
@@ -149,8 +153,9 @@ class PagedStep:
                 attn_mask=mask, enable_gqa=gqa)[0]
         if self.batched:
             queries = q[:, self.batch_rows].transpose(0, 1)  # [B, Hq, D]
-            attended = _kernel().paged_decode_attention(queries, cache_k, cache_v, self.table, self.lens,
-                                                     self.pool.shape.block_size, self.window)
+            attend = cpu_q4.paged_decode_attention if self.on_cpu else _kernel().paged_decode_attention
+            attended = attend(queries, cache_k, cache_v, self.table, self.lens, self.pool.shape.block_size,
+                              self.window)
             out[:, self.batch_rows] = attended.transpose(0, 1)
         return out.transpose(0, 1).reshape(t, -1)
 

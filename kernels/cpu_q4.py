@@ -1,4 +1,5 @@
-"""The AVX-512 VNNI 4-bit matmul (kernels/cpu_q4.cpp): built once with the machine's C++ compiler through
+"""The CPU kernels of kernels/cpu_q4.cpp (the AVX-512 VNNI 4-bit matmul, and one-token attention over the
+paged bf16 cache): built once with the machine's C++ compiler through
 torch's extension loader (cached under ~/.cache/torch_extensions), and its weight layout.
 
 ``load()`` returns the module, or None with the reason in ``why_not()`` (no compiler, no AVX-512 VNNI):
@@ -29,7 +30,10 @@ def load():
     try:
         from torch.utils.cpp_extension import load as build
 
-        module = build(name="gptq_workbench_cpu_q4", sources=[str(SOURCE)], extra_cflags=["-O3"], verbose=False)
+        # -fopenmp: at::parallel_for is inline OpenMP; without it the kernel runs on one thread. The library it
+        # links (libgomp.so.1) resolves to the one torch has loaded already, so both share one thread pool.
+        module = build(name="gptq_workbench_cpu_q4", sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp"],
+                       extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, a failed build: the reason is kept
         _failure.append(f"the AVX-512 kernel did not build ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
         log.warning("%s", _failure[-1])
@@ -62,6 +66,21 @@ def tile_params(values: torch.Tensor) -> torch.Tensor:
     """A per-(group, column) float ``[G, N]`` -> ``[N/16, G, 16]``, the order the kernel reads."""
     g, n = values.shape
     return values.float().reshape(g, n // TILE, TILE).permute(1, 0, 2).contiguous()
+
+
+def attention_takes(cache: torch.Tensor) -> bool:
+    """Whether the paged decode attention reads this cache (bf16, head size a multiple of 16)."""
+    return cache.device.type == "cpu" and cache.dtype == torch.bfloat16 and cache.shape[-1] % 16 == 0 \
+        and load() is not None
+
+
+def paged_decode_attention(queries: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, table: torch.Tensor,
+                           lens: torch.Tensor, block_size: int, window: int | None) -> torch.Tensor:
+    """queries ``[B, Hq, D]`` (each sequence's one token, at position ``lens - 1``), one layer's cache
+    ``[Hkv, slots, D]`` -> ``[B, Hq, D]`` in the queries' dtype."""
+    out = load().paged_decode_attention(queries.float().contiguous(), cache_k, cache_v, table, lens, block_size,
+                                        window or 0)
+    return out.to(queries.dtype)
 
 
 def matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zero_scales: torch.Tensor,

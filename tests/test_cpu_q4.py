@@ -63,3 +63,28 @@ def test_the_cpu_backend_runs_it_on_every_4bit_layer(smollm2_branch):
         assert layer.self_attn.qkv_proj.vnni and layer.mlp.gate_up_proj.vnni and layer.mlp.down_proj.vnni
     finally:
         loaded.engine.close()
+
+
+@pytest.mark.parametrize("window", [None, 20])
+def test_paged_decode_attention_reads_the_blocks_in_place(window):
+    """Each sequence's one query over its keys, scattered over the pool's blocks (GQA 4:1), against softmax
+    attention over the keys gathered in order, in fp32."""
+    import math
+
+    gen = torch.Generator().manual_seed(3)
+    hq, hkv, d, bs, blocks = 8, 2, 64, 16, 40
+    k = torch.randn(hkv, blocks * bs, d, generator=gen).bfloat16()
+    v = torch.randn(hkv, blocks * bs, d, generator=gen).bfloat16()
+    lens = torch.tensor([37, 5, 300], dtype=torch.int32)
+    order = torch.randperm(blocks, generator=gen)
+    table = torch.stack([order[:19], order[19:38], order[21:40]]).int()
+    q = torch.randn(3, hq, d, generator=gen).bfloat16()
+    out = cpu_q4.paged_decode_attention(q, k, v, table, lens, bs, window)
+    assert out.shape == q.shape and out.dtype == torch.bfloat16
+    for b, length in enumerate(lens.tolist()):
+        slots = torch.tensor([int(table[b][j // bs]) * bs + j % bs for j in range(length)])
+        slots = slots[0 if window is None else max(0, length - window):]
+        keys = k[:, slots].float().repeat_interleave(hq // hkv, 0)
+        values = v[:, slots].float().repeat_interleave(hq // hkv, 0)
+        expected = torch.softmax(q[b].float().unsqueeze(1) @ keys.transpose(1, 2) / math.sqrt(d), -1) @ values
+        torch.testing.assert_close(out[b].float(), expected[:, 0], atol=8e-3, rtol=8e-3)  # bf16 output
