@@ -4,8 +4,8 @@ A step holds several sequences' new tokens side by side (``[T]``): one token of 
 a chunk of each prefilling prompt. The projections run on all of them at once; attention runs per
 sequence, on its own keys:
 - on a GPU, decoding sequences (one token each) attend in one launch of kernels/paged_attention.py;
-- on the CPU, with a bf16 cache, decoding sequences attend through kernels/cpu_q4.cpp, which reads the keys
-  in place from their blocks, each (sequence, head) alone;
+- on the CPU, with a bf16 cache, every row (a decoding token, or a prompt token) attends through
+  kernels/cpu_q4.cpp, which reads the keys in place from their blocks, each (row, head) alone;
 - a prompt chunk, and any other sequence, attends alone in torch's SDPA, masked causally from its
   first position, over its keys (a slice of the pool where its blocks are consecutive, else a gather).
 Either way a sequence's result does not depend on its neighbours in the step (a padded batch would change
@@ -108,10 +108,16 @@ class PagedStep:
         self.write_slots = torch.tensor(slots, dtype=torch.long, device=device)
         self.positions = torch.tensor([p for s in segments for p in range(s.first_position, s.kv_len)],
                                       dtype=torch.long, device=device)
-        self.on_cpu = cpu_q4.attention_takes(pool.k)  # decoding rows through the CPU kernel
-        batch = kernel_takes(pool, n_heads) or self.on_cpu
-        self.batched = [s for s in segments if batch and s.length == 1]
-        self.alone = [s for s in segments if not (batch and s.length == 1)]
+        self.on_cpu = cpu_q4.attention_takes(pool.k)
+        if self.on_cpu:  # every row alone through the CPU kernel, prompt rows too: no result depends on how a
+            # prompt was cut into chunks or on what shared its step (SDPA over a chunk did, in the last bits)
+            self.batched = [Segment(s.start + i, 1, s.first_position + i, s.blocks)
+                            for s in segments for i in range(s.length)]
+            self.alone = []
+        else:
+            batch = kernel_takes(pool, n_heads)
+            self.batched = [s for s in segments if batch and s.length == 1]
+            self.alone = [s for s in segments if not (batch and s.length == 1)]
         self.keys = [self._key_slots(s) for s in self.alone]
         self.masks = [self._mask(s, dtype) for s in self.alone]
         if self.batched:
