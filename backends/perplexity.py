@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from backends.engine import TokenLogprob
+from backends.paged_attention import PagedStep, Segment
+from backends.paged_cache import BLOCK_SIZE, CacheShape, KVPool
 
 
 def perplexity(loaded, text: str, window: int | None = None) -> float:
@@ -31,6 +33,19 @@ def perplexity(loaded, text: str, window: int | None = None) -> float:
     return math.exp(total_nll / count)
 
 
+def paged_logits(loaded, ids: list[int]) -> torch.Tensor:
+    """Every position's logits ``[len(ids), vocab]`` through the engine's attention (on a scratch cache), so
+    a prompt scores as the engine would generate after it (the CPU's attention kernel is not torch's SDPA)."""
+    args, bs = loaded.args, BLOCK_SIZE
+    blocks = -(-len(ids) // bs)
+    pool = KVPool(CacheShape(args.n_layers, args.n_kv_heads, args.head_dim, blocks, bs), loaded.dtype,
+                  loaded.device)
+    step = PagedStep(pool, [Segment(0, len(ids), 0, tuple(range(blocks)))], args.sliding_window, loaded.dtype,
+                     args.n_heads)
+    tokens = torch.tensor(ids, device=loaded.device)
+    return loaded.model.forward_paged(tokens, step.positions, step, torch.arange(len(ids), device=loaded.device))
+
+
 def prompt_logprobs(loaded, ids: list[int], top: int) -> list[TokenLogprob | None]:
     """Each token's log-probability given the tokens before it (None for the first), with the ``top`` most
     likely tokens at its position: what an evaluation harness asks for with ``echo``."""
@@ -38,7 +53,7 @@ def prompt_logprobs(loaded, ids: list[int], top: int) -> list[TokenLogprob | Non
         raise ValueError(f"the text has {len(ids)} tokens but the context length is {loaded.context_length}")
     with loaded.engine.model_lock, torch.inference_mode():
         tokens = torch.tensor([ids], device=loaded.device)
-        logits = loaded.model(tokens, torch.arange(len(ids), device=loaded.device), cached=False)[0, :-1]
+        logits = paged_logits(loaded, ids)[:-1]
         lp = torch.log_softmax(logits.float(), dim=-1)
         chosen = lp.gather(-1, tokens[0, 1:].view(-1, 1)).view(-1).tolist()
         best = lp.topk(max(top, 1), dim=-1)
