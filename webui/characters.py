@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from webui.files import atomic_write_text
+from webui.files import atomic_write_text, read_yaml_mapping
 from webui.presets import NAME_PATTERN
 
 FIELDS = ("system", "greeting", "description")
@@ -60,15 +60,7 @@ class CharacterLibrary:
 
     def load(self, name: str) -> Character:
         path, shipped = self._path(name)
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise CharacterError(f"{path.name} is not valid YAML: {exc}") from exc
-        if not isinstance(raw, dict):
-            raise CharacterError(f"{path.name} must be a mapping with a 'system' text")
-        unknown = sorted(set(raw) - set(FIELDS))
-        if unknown:
-            raise CharacterError(f"{path.name}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(FIELDS)}")
+        raw = read_yaml_mapping(path, FIELDS, CharacterError, "with a 'system' text")
         values = {k: raw.get(k) or "" for k in FIELDS}
         if not all(isinstance(v, str) for v in values.values()):
             raise CharacterError(f"{path.name}: {', '.join(FIELDS)} must be text")

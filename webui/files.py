@@ -6,6 +6,24 @@ import os
 import tempfile
 from pathlib import Path
 
+import yaml
+
+
+def read_yaml_mapping(path: Path, allowed: tuple[str, ...], error: type[ValueError], holds: str,
+                      key_kind: str = "field") -> dict:
+    """A YAML file that must be a mapping of ``allowed`` keys; ``error`` with a message for the user if not
+    (``holds``: what the mapping should hold, for that message)."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise error(f"{path.name} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise error(f"{path.name} must be a mapping {holds}")
+    unknown = sorted(set(raw) - set(allowed))
+    if unknown:
+        raise error(f"{path.name}: unknown {key_kind}(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+    return raw
+
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write next to `path`, flush to disk, then rename over it; on any error the old file stays."""

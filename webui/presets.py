@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from backends.sampling import SamplingParams
-from webui.files import atomic_write_text
+from webui.files import atomic_write_text, read_yaml_mapping
 
 NAME_PATTERN = re.compile(r"^[\w][\w .+-]{0,63}$")
 # What a preset holds: the sampling knobs, not per-request stops or seeds.
@@ -39,15 +39,7 @@ def load_preset(folder: Path, name: str) -> dict:
     path = folder / f"{check_name(name)}.yaml"
     if not path.is_file():
         raise PresetError(f"preset {name!r} does not exist in {folder}")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise PresetError(f"{path.name} is not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise PresetError(f"{path.name} must be a mapping of sampling parameters")
-    unknown = sorted(set(raw) - set(PRESET_FIELDS))
-    if unknown:
-        raise PresetError(f"{path.name}: unknown setting(s) {', '.join(unknown)}; allowed: {', '.join(PRESET_FIELDS)}")
+    raw = read_yaml_mapping(path, PRESET_FIELDS, PresetError, "of sampling parameters", key_kind="setting")
     try:
         params = SamplingParams.from_dict(raw, source=path.name)
     except ValueError as exc:
