@@ -5,14 +5,16 @@ At load, act-order checkpoints get ``q_perm`` (rows sorted by group) and
 run, and the activations are permuted to match at run time (the layout is
 shared with the triton backend, backends/packed_linear.py).
 
-Decode (up to 4 rows) runs the CUDA GEMV (kernels/q4_gemv.cu, built with nvcc
+Up to 4 rows (decode) run the CUDA GEMV (kernels/q4_gemv.cu, built with nvcc
 on first use), which also finishes the layer's neighbours in the same kernel:
 the residual add after o_proj and down_proj, and SiLU(gate) * up after the
 fused gate/up projection, whose columns are interleaved in 128-column tiles
-for it. Where the CUDA kernel cannot be built (no nvcc) or cannot run (the CPU
-under TRITON_INTERPRET=1, as in the tests), the Triton GEMV takes its place
-and says so in the load report. Longer inputs dequantize the layer to fp16 and
-use cuBLAS, as ExLlama does above its row threshold.
+for it. Where the CUDA kernels cannot be built (no nvcc) or cannot run (the
+CPU under TRITON_INTERPRET=1, as in the tests), the Triton GEMV takes its place
+and says so in the load report. 5 to 32 rows (a batch of decoding sequences)
+run the CUDA tensor-core matmul (kernels/q4_mma.cu) on the same tensors, more
+rows the Triton matmul, and long inputs dequantize the layer to fp16 and use
+cuBLAS, as ExLlama does above its row threshold.
 """
 
 from __future__ import annotations
@@ -27,9 +29,12 @@ from backends.base import GPTQTensors
 from backends.packed_linear import PackedGPTQLinear
 from backends.quant_config import QuantConfig
 from backends.weights import WeightsError
-from kernels import cuda_lib, q4_gemv, triton_gptq
+from kernels import cuda_lib, q4_gemv, q4_mma, triton_gptq
 
-GEMV_MAX_ROWS = q4_gemv.MAX_ROWS  # up to here the CUDA GEMV; above, the Triton matmul (kernels.triton_gptq)
+GEMV_MAX_ROWS = q4_gemv.MAX_ROWS  # up to here the CUDA GEMV; above, the tensor-core matmul
+# Up to here the tensor-core matmul; above, the Triton matmul and, past its range, dequantize + cuBLAS
+# (kernels.triton_gptq). At 64 rows the tensor-core kernel was slower than Triton's on the H200.
+MMA_MAX_ROWS = 32
 
 
 @functools.cache
@@ -92,9 +97,24 @@ class ExllamaLinear(PackedGPTQLinear):
         return torch.cat((tiles[..., 0, :].flatten(-2), tiles[..., 1, :].flatten(-2)), dim=-1)
 
     def _cuda_rows(self, x: torch.Tensor) -> bool:
-        """Whether the CUDA GEMV takes these rows ``[M, K]`` (once cast to fp16)."""
-        return (x.is_cuda and x.shape[0] <= GEMV_MAX_ROWS and cuda_gemv_unavailable(x.device) is None
-                and q4_gemv.supports(self.out_features, self.in_features, self.group_size))
+        """Whether a CUDA kernel takes these rows ``[M, K]`` (once cast to fp16): the GEMV or the tensor-core
+        matmul, both of which gather the rows through q_perm themselves."""
+        m = x.shape[0]
+        if not x.is_cuda or m > MMA_MAX_ROWS or cuda_gemv_unavailable(x.device) is not None:
+            return False
+        if m <= GEMV_MAX_ROWS:
+            return q4_gemv.supports(self.out_features, self.in_features, self.group_size)
+        return q4_mma.supports(self.out_features, self.in_features, self.group_size)
+
+    def cuda_matmul(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        """``norm(x) @ W`` by the CUDA kernels for rows in checkpoint order: the GEMV up to 4 rows, the
+        tensor-core matmul up to 64."""
+        if x.shape[0] <= GEMV_MAX_ROWS:
+            return self.cuda_gemv(x, norm)
+        if norm is not None:
+            raise ValueError("the tensor-core matmul takes normalized rows")
+        return q4_mma.q4_mma(x, self.qweight, self.scales, self.qzeros, self.zero_offset, self.group_size,
+                             perm=self.q_perm32)
 
     def cuda_gemv(self, x: torch.Tensor | None, norm: nn.Module | None = None, **options) -> torch.Tensor:
         """The CUDA GEMV of rows ``x`` in checkpoint order (it gathers them through q_perm itself), RMS-normed
@@ -106,12 +126,13 @@ class ExllamaLinear(PackedGPTQLinear):
                                self.workspace, perm=self.q_perm32, norm=folded, **options)
 
     def _rows(self, x: torch.Tensor, norm: nn.Module | None = None) -> tuple[torch.Tensor, bool, nn.Module | None]:
-        """fp16 rows ``[M, K]`` of ``norm(x)``, whether the CUDA GEMV takes them (then in checkpoint order,
-        for the kernel gathers through q_perm while staging them; else already permuted), and the norm the
-        kernel still has to apply (None where it was applied here)."""
+        """fp16 rows ``[M, K]`` of ``norm(x)``, whether a CUDA kernel takes them (then in checkpoint order,
+        for the kernels gather through q_perm while staging them; else already permuted), and the norm the
+        GEMV still has to apply (None where it was applied here)."""
         x2 = x.reshape(-1, self.in_features)
         cuda = self._cuda_rows(x2)  # on the device, row count and shape: the cast below changes none of them
-        if norm is not None and not (cuda and x2.dtype == norm.weight.dtype == torch.float16):
+        gemv = cuda and x2.shape[0] <= GEMV_MAX_ROWS
+        if norm is not None and not (gemv and x2.dtype == norm.weight.dtype == torch.float16):
             x2, norm = norm(x2), None
         x2 = x2.to(torch.float16).contiguous()
         if cuda:
@@ -127,7 +148,7 @@ class ExllamaLinear(PackedGPTQLinear):
 
     def _project(self, x: torch.Tensor, x2: torch.Tensor, cuda: bool, norm: nn.Module | None) -> torch.Tensor:
         """The layer's output for input ``x`` from its prepared rows ``x2`` (see :meth:`_rows`)."""
-        y = self.cuda_gemv(x2, norm) if cuda else self.matmul(x2)
+        y = self.cuda_matmul(x2, norm) if cuda else self.matmul(x2)
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         if self.bias is not None:
             y = y + self.bias
@@ -140,7 +161,7 @@ class ExllamaLinear(PackedGPTQLinear):
     def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """``residual + self(x)``, the add in the GEMV's epilogue where it can be."""
         x2, cuda, _ = self._rows(x)
-        if cuda and self.bias is None and residual.dtype == torch.float16:
+        if cuda and x2.shape[0] <= GEMV_MAX_ROWS and self.bias is None and residual.dtype == torch.float16:
             return self.cuda_gemv(x2, residual=residual.contiguous()).view(residual.shape)
         return residual + self._project(x, x2, cuda, None)
 
@@ -151,9 +172,9 @@ class ExllamaLinear(PackedGPTQLinear):
             return super().silu_mul(x, norm)
         x2, cuda, norm = self._rows(x, norm)
         half = self.out_features // 2
-        if cuda:
+        if cuda and x2.shape[0] <= GEMV_MAX_ROWS:
             y = self.cuda_gemv(x2, norm, silu_mul=True)
         else:
-            tiles = self.matmul(x2).view(x2.shape[0], -1, 2, q4_gemv.TILE_N)
+            tiles = (self.cuda_matmul(x2, norm) if cuda else self.matmul(x2)).view(x2.shape[0], -1, 2, q4_gemv.TILE_N)
             y = (F.silu(tiles[:, :, 0].float()) * tiles[:, :, 1].float()).to(torch.float16).reshape(-1, half)
         return y.to(x.dtype).view(*x.shape[:-1], half)

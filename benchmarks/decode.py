@@ -58,6 +58,7 @@ def bench_own(path: Path, backend: str, decode_tokens: int) -> dict:
     assert result.decode_steps == decode_tokens, result
     row = {"backend": loaded.backend, "decode_tok_s": result.tokens_per_second, "ttft_ms": ttft * 1e3,
            "peak_gb": torch.cuda.max_memory_allocated() / 1e9, "weight_bytes": weight_bytes(loaded.model)}
+    loaded.engine.close()  # its thread holds the model: without this the next backend's peak counts both
     del loaded
     gc.collect()
     torch.cuda.empty_cache()

@@ -80,28 +80,64 @@ def bench_shape(k: int, n: int, bw: float) -> list[dict]:
 SMALL_MS = (1, 2, 4, 8, 16, 32, 64)
 
 
-def small_batches(shapes: dict[str, tuple[int, int]]) -> None:
-    """The batch sizes of many decoding sequences: the fused kernel next to fp16 cuBLAS at M = 1..64, 4-bit
-    g128 (and 8-bit g128 at M = 16), weights past L2. Targets: M=16 at most 0.45x cuBLAS's time, M=64 0.6x,
-    8-bit M=16 0.7x."""
-    print("| shape | bits | " + " | ".join(f"M={m}" for m in SMALL_MS) + " |")
-    print("|---|---|" + "---|" * len(SMALL_MS))
+def small_batches(shapes: dict[str, tuple[int, int]], only: str | None = None) -> None:
+    """The batch sizes of many decoding sequences: each kernel next to fp16 cuBLAS at M = 1..64, 4-bit g128
+    (and 8-bit g128 at M = 16), weights past L2. Targets: M=16 at most 0.45x cuBLAS's time, M=64 0.6x,
+    8-bit M=16 0.7x. "cuda": as the exllama backend runs them, the GEMV (kernels/q4_gemv.cu) up to M = 4, above
+    it the tensor-core matmul (kernels/q4_mma.cu), "triton": the fused tl.dot kernel (M = 1 the Triton GEMV)."""
+    from kernels import q4_gemv, q4_mma
+
+    print("| shape | bits | kernel | " + " | ".join(f"M={m}" for m in SMALL_MS) + " |")
+    print("|---|---|---|" + "---|" * len(SMALL_MS))
     for name, (k, n) in shapes.items():
         dense = cold_copies([torch.randn(k, n, device="cuda", dtype=torch.float16) * 0.02])
-        for bits in (4, 8):
+        for bits in (4,) if only == "cuda" else (4, 8):
             t = layer(k, n, bits)
             w = PackedWeight(t["qweight"], t["scales"], t["qzeros"], bits, 1, 128)
             copies = cold_copies(w.tensors)
-            cells = []
-            for m in SMALL_MS if bits == 4 else (16,):
+            kernels = {"triton": lambda x, t_: triton_gptq.gptq_matmul(x, w.on(t_))}
+            if bits == 4:
+                ws = q4_gemv.Workspace(n, torch.device("cuda"))
+
+                def cuda(x, t_):
+                    if x.shape[0] <= q4_gemv.MAX_ROWS:
+                        return q4_gemv.q4_gemv(x, t_[0], t_[1], t_[2], 1, 128, ws)
+                    return q4_mma.q4_mma(x, t_[0], t_[1], t_[2], 1, 128)
+
+                kernels = {"cuda": cuda, **kernels}
+            kernels = {name_: call for name_, call in kernels.items() if only in (None, name_)}
+            for kernel, call in kernels.items():
+                cells = []
+                for m in SMALL_MS if bits == 4 else (16,):
+                    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+                    run = in_turn(copies, lambda t_: call(x, t_))
+                    run()
+                    us_q, us_d = graph_us(run), graph_us(in_turn(dense, lambda d: x @ d[0]))
+                    cells.append(f"{us_q:.1f} µs / {us_d:.1f} = {us_q / us_d:.2f}x")
+                if bits == 8:
+                    cells = ["-"] * SMALL_MS.index(16) + cells + ["-"] * (len(SMALL_MS) - SMALL_MS.index(16) - 1)
+                print(f"| {name} ({k}x{n}) | {bits} | {kernel} | " + " | ".join(cells) + " |", flush=True)
+
+
+def check_mma(shapes: dict[str, tuple[int, int]]) -> None:
+    """The tensor-core matmul against the fp32 dequantized reference at M = 16 and 64: g128, g32 act-order
+    (regrouped as the exllama backend loads it), no groups."""
+    from kernels import q4_mma
+
+    for name, (k, n) in shapes.items():
+        for gs, act in ((128, False), (32, True), (-1, False)):
+            t = layer(k, n, 4, gs, act, sym=True, seed=k + n)
+            kernel_gs = k if gs == -1 else gs
+            qweight, perm, _ = contiguous_layout(t["qweight"], t["g_idx"], 4, kernel_gs)
+            perm32 = perm.to(torch.int32).contiguous() if perm is not None else None
+            worst = 0.0
+            for m in (16, 64):
                 x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-                run_gptq = in_turn(copies, lambda t: triton_gptq.gptq_matmul(x, w.on(t)))
-                run_gptq()
-                us_q, us_d = graph_us(run_gptq), graph_us(in_turn(dense, lambda d: x @ d[0]))
-                cells.append(f"{us_q:.1f} µs / {us_d:.1f} = {us_q / us_d:.2f}x")
-            if bits == 8:
-                cells = ["-"] * SMALL_MS.index(16) + cells + ["-"] * (len(SMALL_MS) - SMALL_MS.index(16) - 1)
-            print(f"| {name} ({k}x{n}) | {bits} | " + " | ".join(cells) + " |", flush=True)
+                ref = reference_matmul(x.float(), t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, 1)
+                y = q4_mma.q4_mma(x, qweight, t["scales"], t["qzeros"], 1, kernel_gs, perm=perm32)
+                worst = max(worst, relative_error(y, ref))
+            print(f"  mma {name:18} g{gs:<4} act={act!s:5} rel.err {worst:.2e} {'ok' if worst < 3e-3 else 'FAIL'}",
+                  flush=True)
 
 
 def gemv_configs(k: int, n: int) -> tuple[list[tuple[float, triton_gptq.LaunchConfig]], float]:
@@ -126,6 +162,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="7B shapes only")
     parser.add_argument("--small-m", action="store_true", help="only M = 1..64 next to fp16 cuBLAS")
+    parser.add_argument("--kernel", choices=["cuda", "triton"], help="with --small-m: only this kernel's rows")
     parser.add_argument("--gemv-configs", action="store_true",
                         help="only M = 1: the three fastest GEMV configurations at every shape, and the largest "
                              "error of any configuration")
@@ -138,7 +175,9 @@ def main() -> None:
     print(f"device copy bandwidth (read+write): {bw / 1e9:.0f} GB/s", flush=True)
     shapes = {name: kn for name, kn in SHAPES.items() if not (opts.quick and name.startswith("13B"))}
     if opts.small_m:
-        small_batches(shapes)
+        if opts.kernel != "triton":
+            check_mma(shapes)
+        small_batches(shapes, opts.kernel)
         return
     if opts.gemv_configs:
         print("| shape | µs | of copy BW | configuration |\n|---|---|---|---|")

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "q4_gemv.cu", HERE / "decode_attention.cu", HERE / "head_gemv.cu")
+SOURCES = (HERE / "q4_gemv.cu", HERE / "decode_attention.cu", HERE / "head_gemv.cu", HERE / "q4_mma.cu")
 HEADERS = (HERE / "launch.cuh", HERE / "q4_chunk.cuh", HERE / "row_rms.cuh")  # included by the sources: part of the library's version
 
 
@@ -65,6 +65,8 @@ def library(arch: str) -> ctypes.CDLL:
     lib.decode_attention.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     lib.head_gemv.restype = ctypes.c_int
     lib.head_gemv.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    lib.q4_mma.restype = ctypes.c_int
+    lib.q4_mma.argtypes = [ctypes.c_void_p] + [ctypes.c_int] * 3 + [ctypes.c_void_p]
     return lib
 
 

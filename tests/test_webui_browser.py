@@ -117,6 +117,7 @@ def test_download_load_chat_save_restart(hub, browser, tmp_path):
         # Switch template; the Model tab follows, and its settings are saved with a shorter context.
         choose(page, "template", "ChatML")
         page.locator("#clear").click()
+        expect(page.locator('#chatbot [data-testid="bot"]')).to_have_count(0)  # chat() counts replies from here
         reply, _ = chat(page, QUESTION)
         assert "Paris" in reply
         open_tab(page, "Model")
