@@ -147,6 +147,10 @@ class PagedStep:
                sin: torch.Tensor) -> torch.Tensor:
         """q ``[T, Hq * D]``, k and v ``[T, Hkv * D]`` -> attention output ``[T, Hq * D]``; k (rotated) and v are
         written to the cache first."""
+        if self.on_cpu:  # rotary, the cache writes and every row's attention in one call
+            return cpu_q4.rope_store_attend(q, k, v, cos, sin, self.pool.k[layer], self.pool.v[layer],
+                                            self.write_slots, self.table, self.lens, self.pool.shape.block_size,
+                                            self.window)
         t = q.shape[0]
         q = rotate_and_store(self.pool, layer, self.n_heads, q, k, v, cos, sin, self.write_slots)
         cache_k, cache_v = self.pool.k[layer], self.pool.v[layer]  # [Hkv, slots, D]

@@ -16,6 +16,7 @@
 #include <cmath>
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -140,21 +141,24 @@ void rows_of_tile(const uint8_t* w, const float* s, const float* zs, const Quant
 bool supported() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512vnni"); }
 
-// x [M, K] float32; packed [N/16, K/8, 64] uint8; scales, zero_scales [N/16, groups, 16] float32.
-torch::Tensor q4_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, torch::Tensor zero_scales,
-                        int64_t group) {
+namespace {
+
+void check_weights(const torch::Tensor& packed, const torch::Tensor& scales, const torch::Tensor& zero_scales,
+                   int64_t K, int64_t group) {
   TORCH_CHECK(supported(), "this CPU has no AVX-512 VNNI");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous float32 [M, K]");
   TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.is_contiguous() && packed.dim() == 3, "packed");
-  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0) * kTile;
   TORCH_CHECK(packed.size(1) * 8 == K && packed.size(2) == 64, "packed does not match K");
   TORCH_CHECK(K % group == 0 && group % kBlock == 0, "the group must divide K and be a multiple of 32");
   TORCH_CHECK(scales.is_contiguous() && zero_scales.is_contiguous() && scales.size(1) == K / group, "scales");
-  const QuantizedRows xr = quantize_rows(x.data_ptr<float>(), M, K, group);
-  auto y = torch::empty({M, N}, x.options());
+}
+
+// y [M, N] (float) = x [M, K] (float) . W
+void matmul_into(const float* x, int64_t M, int64_t K, const torch::Tensor& packed, const torch::Tensor& scales,
+                 const torch::Tensor& zero_scales, int64_t group, float* out) {
+  const int64_t N = packed.size(0) * kTile;
+  const QuantizedRows xr = quantize_rows(x, M, K, group);
   const uint8_t* w = packed.data_ptr<uint8_t>();
   const float *s = scales.data_ptr<float>(), *zs = zero_scales.data_ptr<float>();
-  float* out = y.data_ptr<float>();
   const int64_t tiles = N / kTile, groups = K / group;
   for (int64_t m0 = 0; m0 < M; m0 += kPanel) {
     const int64_t m1 = std::min(M, m0 + kPanel);
@@ -169,7 +173,118 @@ torch::Tensor q4_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
       }
     });
   }
+}
+
+inline float round_bf16(float v) { return static_cast<float>(c10::BFloat16(v)); }
+
+// e^x: x = n ln2 + r, |r| <= ln2 / 2, e^r by its Taylor polynomial to r^6 (relative error about 1e-7), times
+// 2^n by vscalefps (so large x give inf, as they should). Below -87 the result is 0 or a denormal either way.
+__attribute__((target("avx512f")))
+inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+  __m512 poly = _mm512_set1_ps(1.f / 720.f);
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.f / 120.f));
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.f / 24.f));
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.f / 6.f));
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(0.5f));
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.f));
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(poly, n);
+}
+
+// 16 floats rounded to bf16 (to nearest even, as torch rounds), and bf16 <-> float for 16 lanes.
+__attribute__((target("avx512f,avx512bw,avx512bf16,avx512vl")))
+inline __m256i to_bf16(__m512 v) { return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)); }
+
+__attribute__((target("avx512f,avx512bw")))
+inline __m512 from_bf16(__m256i v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+__attribute__((target("avx512f,avx512bw,avx512bf16,avx512vl")))
+inline __m512 rounded(__m512 v) { return from_bf16(to_bf16(v)); }
+
+// The layer step's end, 16 columns at a time: y (float [M, N]) rounded to bf16, plus the residual, or
+// silu(gate) * up of its halves (each step rounded as torch's bf16 ops round).
+__attribute__((target("avx512f,avx512bw,avx512bf16,avx512vl")))
+void finish_rows(const float* y, int64_t M, int64_t N, const at::BFloat16* residual, bool glu, at::BFloat16* out) {
+  const int64_t width = glu ? N / 2 : N;
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t n = 0; n < width; n += 16) {
+      const __mmask16 valid = width - n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (width - n)) - 1);
+      const __m512 v = rounded(_mm512_maskz_loadu_ps(valid, y + m * N + n));
+      __m512 o = v;
+      if (glu) {
+        const __m512 up = rounded(_mm512_maskz_loadu_ps(valid, y + m * N + width + n));
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), v));
+        o = _mm512_mul_ps(rounded(_mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.f), e))), up);
+      } else if (residual) {
+        o = _mm512_add_ps(from_bf16(_mm256_maskz_loadu_epi16(valid, residual + m * width + n)), v);
+      }
+      _mm256_mask_storeu_epi16(out + m * width + n, valid, to_bf16(o));
+    }
+  }
+}
+
+}  // namespace
+
+// x [M, K] float32; packed [N/16, K/8, 64] uint8; scales, zero_scales [N/16, groups, 16] float32.
+torch::Tensor q4_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, torch::Tensor zero_scales,
+                        int64_t group) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous float32 [M, K]");
+  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0) * kTile;
+  check_weights(packed, scales, zero_scales, K, group);
+  auto y = torch::empty({M, N}, x.options());
+  matmul_into(x.data_ptr<float>(), M, K, packed, scales, zero_scales, group, y.data_ptr<float>());
   return y;
+}
+
+// A layer of the bf16 model in one call, rounding to bf16 where the model's torch steps would: x [M, K] bf16,
+// optionally RMS-normalized first (norm_weight [K] bf16: x * rsqrt(mean(x^2) + eps) in fp32, times the weight,
+// rounded) and gathered through perm [K] int64 (act-order rows sorted by group); the projection rounded to bf16;
+// then with residual [M, N] bf16: residual + it; with glu (columns [gate | up]): silu(gate) * up, [M, N / 2].
+torch::Tensor q4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, torch::Tensor zero_scales,
+                        int64_t group, c10::optional<torch::Tensor> norm_weight, double eps,
+                        c10::optional<torch::Tensor> perm, c10::optional<torch::Tensor> residual, bool glu) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16 && x.is_contiguous(), "x: contiguous bf16 [M, K]");
+  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0) * kTile;
+  check_weights(packed, scales, zero_scales, K, group);
+  TORCH_CHECK(!norm_weight || (norm_weight->scalar_type() == torch::kBFloat16 && norm_weight->numel() == K &&
+                               norm_weight->is_contiguous()), "norm_weight: bf16 [K]");
+  TORCH_CHECK(!perm || (perm->scalar_type() == torch::kInt64 && perm->numel() == K && perm->is_contiguous()),
+              "perm: int64 [K]");
+  TORCH_CHECK(!residual || (residual->scalar_type() == torch::kBFloat16 && residual->is_contiguous() &&
+                            residual->numel() == M * N), "residual: contiguous bf16 [M, N]");
+  TORCH_CHECK(!(glu && residual) && (!glu || N % 2 == 0), "glu: an even N, and no residual");
+  const auto* xp = x.data_ptr<at::BFloat16>();
+  const at::BFloat16* wp = norm_weight ? norm_weight->data_ptr<at::BFloat16>() : nullptr;
+  const int64_t* pp = perm ? perm->data_ptr<int64_t>() : nullptr;
+  std::vector<float> rows(M * K);
+  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    std::vector<float> normed(K);
+    for (int64_t m = m0; m < m1; ++m) {
+      const at::BFloat16* src = xp + m * K;
+      for (int64_t k = 0; k < K; ++k) normed[k] = static_cast<float>(src[k]);
+      if (wp) {
+        double squares = 0.0;
+        for (int64_t k = 0; k < K; ++k) squares += static_cast<double>(normed[k]) * normed[k];
+        const float inv = 1.f / std::sqrt(static_cast<float>(squares / K) + static_cast<float>(eps));
+        for (int64_t k = 0; k < K; ++k) normed[k] = round_bf16(static_cast<float>(wp[k]) * (normed[k] * inv));
+      }
+      float* dst = rows.data() + m * K;
+      for (int64_t k = 0; k < K; ++k) dst[k] = normed[pp ? pp[k] : k];
+    }
+  });
+  std::vector<float> y(M * N);
+  matmul_into(rows.data(), M, K, packed, scales, zero_scales, group, y.data());
+  auto out = torch::empty({M, glu ? N / 2 : N}, x.options());
+  finish_rows(y.data(), M, N, residual ? residual->data_ptr<at::BFloat16>() : nullptr, glu,
+              out.data_ptr<at::BFloat16>());
+  return out;
 }
 
 // ---- one-token attention over the paged bf16 KV cache ----------------------------------------------------
@@ -185,33 +300,79 @@ inline __m512 bf16x16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
 
+// Positions are visited a block's run at a time: the run from position j (its length), and its row in the cache.
+inline int64_t run_at(const int32_t* blocks, int64_t j, int64_t end, int64_t block_size, int64_t* slot) {
+  const int64_t off = j % block_size;
+  *slot = static_cast<int64_t>(blocks[j / block_size]) * block_size + off;
+  return std::min(block_size - off, end - j);
+}
+
+// One (row, head): C = head_dim / 16 vectors. Scores four keys at a time (independent sums), the softmax's
+// exponentials 16 at a time, then the values key by key into C accumulators, each row of V read once.
+template <int C>
 __attribute__((target("avx512f,avx512bw")))
 void attend_row(const float* q, const uint16_t* k, const uint16_t* v, const int32_t* blocks, int64_t begin,
-                int64_t end, int64_t block_size, int64_t head_dim, float scale, float* out, std::vector<float>& p) {
-  p.resize(end - begin);
-  float best = -INFINITY;
-  for (int64_t j = begin; j < end; ++j) {
-    const int64_t slot = static_cast<int64_t>(blocks[j / block_size]) * block_size + j % block_size;
-    const uint16_t* kj = k + slot * head_dim;
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t d = 0; d < head_dim; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), bf16x16(kj + d), acc);
-    const float score = _mm512_reduce_add_ps(acc) * scale;
-    p[j - begin] = score;
-    best = std::max(best, score);
-  }
-  float total = 0.f;
-  for (auto& x : p) {
-    x = std::exp(x - best);
-    total += x;
-  }
-  for (int64_t d = 0; d < head_dim; d += 16) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t j = begin; j < end; ++j) {
-      const int64_t slot = static_cast<int64_t>(blocks[j / block_size]) * block_size + j % block_size;
-      acc = _mm512_fmadd_ps(_mm512_set1_ps(p[j - begin]), bf16x16(v + slot * head_dim + d), acc);
+                int64_t end, int64_t block_size, float scale, float* out, std::vector<float>& p) {
+  constexpr int64_t D = 16 * C;
+  p.resize(end - begin + 16);
+  float* score = p.data();
+  __m512 qv[C];
+  for (int c = 0; c < C; ++c) qv[c] = _mm512_mul_ps(_mm512_loadu_ps(q + 16 * c), _mm512_set1_ps(scale));
+  for (int64_t j = begin, slot = 0, run = 0; j < end; j += run) {
+    run = run_at(blocks, j, end, block_size, &slot);
+    const uint16_t* kr = k + slot * D;
+    float* sr = score + (j - begin);
+    int64_t i = 0;
+    for (; i + 4 <= run; i += 4) {
+      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+      for (int c = 0; c < C; ++c) {
+        a0 = _mm512_fmadd_ps(qv[c], bf16x16(kr + (i + 0) * D + 16 * c), a0);
+        a1 = _mm512_fmadd_ps(qv[c], bf16x16(kr + (i + 1) * D + 16 * c), a1);
+        a2 = _mm512_fmadd_ps(qv[c], bf16x16(kr + (i + 2) * D + 16 * c), a2);
+        a3 = _mm512_fmadd_ps(qv[c], bf16x16(kr + (i + 3) * D + 16 * c), a3);
+      }
+      sr[i] = _mm512_reduce_add_ps(a0);
+      sr[i + 1] = _mm512_reduce_add_ps(a1);
+      sr[i + 2] = _mm512_reduce_add_ps(a2);
+      sr[i + 3] = _mm512_reduce_add_ps(a3);
     }
-    _mm512_storeu_ps(out + d, _mm512_mul_ps(acc, _mm512_set1_ps(1.f / total)));
+    for (; i < run; ++i) {
+      __m512 a = _mm512_setzero_ps();
+      for (int c = 0; c < C; ++c) a = _mm512_fmadd_ps(qv[c], bf16x16(kr + i * D + 16 * c), a);
+      sr[i] = _mm512_reduce_add_ps(a);
+    }
   }
+  const int64_t n = end - begin;
+  float best = -INFINITY;
+  for (int64_t i = 0; i < n; ++i) best = std::max(best, score[i]);
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 valid = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid, score + i), _mm512_set1_ps(best)));
+    _mm512_mask_storeu_ps(score + i, valid, e);
+    total = _mm512_add_ps(total, _mm512_maskz_mov_ps(valid, e));
+  }
+  __m512 acc[C];
+  for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
+  for (int64_t j = begin, slot = 0, run = 0; j < end; j += run) {
+    run = run_at(blocks, j, end, block_size, &slot);
+    const uint16_t* vr = v + slot * D;
+    for (int64_t i = 0; i < run; ++i) {
+      const __m512 pj = _mm512_set1_ps(score[j - begin + i]);
+      for (int c = 0; c < C; ++c) acc[c] = _mm512_fmadd_ps(pj, bf16x16(vr + i * D + 16 * c), acc[c]);
+    }
+  }
+  const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(total));
+  for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(acc[c], inv));
+}
+
+using AttendRow = void (*)(const float*, const uint16_t*, const uint16_t*, const int32_t*, int64_t, int64_t, int64_t,
+                           float, float*, std::vector<float>&);
+
+template <int... C>
+AttendRow attend_row_for(int64_t chunks, std::integer_sequence<int, C...>) {
+  AttendRow table[] = {nullptr, &attend_row<C + 1>...};
+  return chunks >= 1 && chunks <= static_cast<int64_t>(sizeof...(C)) ? table[chunks] : nullptr;
 }
 
 }  // namespace
@@ -225,7 +386,8 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k, torch::Te
   TORCH_CHECK(k.scalar_type() == torch::kBFloat16 && k.is_contiguous() && v.is_contiguous() && k.dim() == 3, "k, v");
   TORCH_CHECK(table.scalar_type() == torch::kInt32 && lens.scalar_type() == torch::kInt32, "table, lens: int32");
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(0), slots = k.size(1);
-  TORCH_CHECK(D % 16 == 0 && k.size(2) == D && Hq % Hkv == 0, "head sizes");
+  TORCH_CHECK(D % 16 == 0 && D <= 256 && k.size(2) == D && Hq % Hkv == 0, "head sizes");
+  const AttendRow attend = attend_row_for(D / 16, std::make_integer_sequence<int, 16>{});
   auto out = torch::empty_like(q);
   const auto* kp = reinterpret_cast<const uint16_t*>(k.data_ptr<at::BFloat16>());
   const auto* vp = reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>());
@@ -240,8 +402,86 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k, torch::Te
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / Hq, h = r % Hq, kvh = h / group, len = lp[b];
       const int64_t begin = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-      attend_row(qp + r * D, kp + kvh * slots * D, vp + kvh * slots * D, tp + b * width, begin, len, block_size, D,
-                 scale, op + r * D, p);
+      attend(qp + r * D, kp + kvh * slots * D, vp + kvh * slots * D, tp + b * width, begin, len, block_size, scale,
+             op + r * D, p);
+    }
+  });
+  return out;
+}
+
+// A step's attention in one call, as backends/paged_attention.py's torch steps would compute it, each row a
+// sequence's token at position lens - 1: q, k, v [T, H * D] bf16 (rows may be strided: views of the fused
+// projection); cos, sin [T, D] float32. Rotary (half-rotation layout) on q and k, rounded to bf16; k and v
+// written to their slots (write_slots [T] int64) of this layer's cache [Hkv, slots, D]; then every row's
+// query over its keys, rounded to bf16: [T, Hq * D]. All writes come before any read, so a prompt row sees
+// the keys of the rows before it in the same step.
+torch::Tensor rope_store_attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor cos,
+                                torch::Tensor sin, torch::Tensor cache_k, torch::Tensor cache_v,
+                                torch::Tensor write_slots, torch::Tensor table, torch::Tensor lens, int64_t block_size,
+                                int64_t window) {
+  TORCH_CHECK(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"), "this CPU has no AVX-512");
+  const int64_t T = q.size(0), Hkv = cache_k.size(0), slots = cache_k.size(1), D = cache_k.size(2);
+  TORCH_CHECK(D % 16 == 0 && D <= 256 && q.size(1) % D == 0, "head sizes");
+  const int64_t Hq = q.size(1) / D, group = Hq / Hkv;
+  for (const auto* t : {&q, &k, &v}) {
+    TORCH_CHECK(t->scalar_type() == torch::kBFloat16 && t->dim() == 2 && t->size(0) == T && t->stride(1) == 1,
+                "q, k, v: bf16 [T, H * D], rows contiguous");
+  }
+  TORCH_CHECK(k.size(1) == Hkv * D && v.size(1) == Hkv * D && Hq % Hkv == 0, "k, v: [T, Hkv * D]");
+  TORCH_CHECK(cache_k.scalar_type() == torch::kBFloat16 && cache_k.is_contiguous() && cache_v.is_contiguous() &&
+              cache_v.sizes() == cache_k.sizes(), "cache: bf16 [Hkv, slots, D]");
+  TORCH_CHECK(cos.scalar_type() == torch::kFloat32 && sin.scalar_type() == torch::kFloat32 && cos.is_contiguous() &&
+              sin.is_contiguous() && cos.numel() == T * D && sin.numel() == T * D, "cos, sin: float32 [T, D]");
+  TORCH_CHECK(write_slots.scalar_type() == torch::kInt64 && write_slots.numel() == T, "write_slots: int64 [T]");
+  TORCH_CHECK(table.scalar_type() == torch::kInt32 && table.dim() == 2 && table.size(0) == T &&
+              lens.scalar_type() == torch::kInt32 && lens.numel() == T, "table [T, W], lens [T]: int32");
+  const AttendRow attend = attend_row_for(D / 16, std::make_integer_sequence<int, 16>{});
+  const auto *qp = q.data_ptr<at::BFloat16>(), *kp = k.data_ptr<at::BFloat16>(), *vp = v.data_ptr<at::BFloat16>();
+  const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+  auto* ck = cache_k.data_ptr<at::BFloat16>();
+  auto* cv = cache_v.data_ptr<at::BFloat16>();
+  const int64_t* ws = write_slots.data_ptr<int64_t>();
+  const auto table_c = table.contiguous();
+  const int32_t *tp = table_c.data_ptr<int32_t>(), *lp = lens.data_ptr<int32_t>();
+  for (int64_t t = 0; t < T; ++t) TORCH_CHECK(ws[t] >= 0 && ws[t] < slots, "a write slot is out of the cache");
+  std::vector<float> queries(T * Hq * D);
+  const int64_t half = D / 2, heads = Hq + 2 * Hkv;
+  at::parallel_for(0, T * heads, 8, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t t = r / heads, h = r % heads;
+      const float *c = cp + t * D, *sn = sp + t * D;
+      if (h >= Hq + Hkv) {  // v: stored as it is
+        const int64_t kvh = h - Hq - Hkv;
+        std::copy(vp + t * v.stride(0) + kvh * D, vp + t * v.stride(0) + (kvh + 1) * D, cv + (kvh * slots + ws[t]) * D);
+        continue;
+      }
+      const at::BFloat16* x = h < Hq ? qp + t * q.stride(0) + h * D : kp + t * k.stride(0) + (h - Hq) * D;
+      for (int64_t i = 0; i < D; ++i) {
+        const float rotated = i < half ? -static_cast<float>(x[i + half]) : static_cast<float>(x[i - half]);
+        const float value = round_bf16(static_cast<float>(x[i]) * c[i] + rotated * sn[i]);
+        if (h < Hq) {
+          queries[(t * Hq + h) * D + i] = value;
+        } else {
+          ck[((h - Hq) * slots + ws[t]) * D + i] = c10::BFloat16(value);
+        }
+      }
+    }
+  });
+  auto out = torch::empty({T, Hq * D}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  auto* op = out.data_ptr<at::BFloat16>();
+  const int64_t width = table_c.size(1);
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  const auto* kc = reinterpret_cast<const uint16_t*>(ck);
+  const auto* vc = reinterpret_cast<const uint16_t*>(cv);
+  at::parallel_for(0, T * Hq, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<float> p;
+    float row[256];
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t t = r / Hq, h = r % Hq, kvh = h / group, len = lp[t];
+      const int64_t begin = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      attend(queries.data() + r * D, kc + kvh * slots * D, vc + kvh * slots * D, tp + t * width, begin, len,
+             block_size, scale, row, p);
+      for (int64_t i = 0; i < D; ++i) op[r * D + i] = c10::BFloat16(row[i]);
     }
   });
   return out;
@@ -250,5 +490,7 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k, torch::Te
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("supported", &supported);
   m.def("q4_matmul", &q4_matmul);
+  m.def("q4_linear", &q4_linear);
   m.def("paged_decode_attention", &paged_decode_attention);
+  m.def("rope_store_attend", &rope_store_attend);
 }

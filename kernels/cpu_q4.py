@@ -69,8 +69,9 @@ def tile_params(values: torch.Tensor) -> torch.Tensor:
 
 
 def attention_takes(cache: torch.Tensor) -> bool:
-    """Whether the paged decode attention reads this cache (bf16, head size a multiple of 16)."""
+    """Whether the paged decode attention reads this cache (bf16, head size a multiple of 16 up to 256)."""
     return cache.device.type == "cpu" and cache.dtype == torch.bfloat16 and cache.shape[-1] % 16 == 0 \
+        and cache.shape[-1] <= 256 \
         and load() is not None
 
 
@@ -87,3 +88,22 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zero_sca
            group: int) -> torch.Tensor:
     """x ``[M, K]`` -> fp32 ``[M, N]``."""
     return load().q4_matmul(x.float().contiguous(), packed, scales, zero_scales, group)
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zero_scales: torch.Tensor, group: int, *,
+           norm: tuple[torch.Tensor, float] | None = None, perm: torch.Tensor | None = None,
+           residual: torch.Tensor | None = None, glu: bool = False) -> torch.Tensor:
+    """A bf16 layer step in one call: bf16 rows ``x`` ``[M, K]``, RMS-normalized by ``norm`` (weight, eps) and
+    gathered through ``perm`` first; the bf16 projection, plus ``residual`` ``[M, N]``, or with ``glu``
+    ``silu(gate) * up`` of its halves. Rounded to bf16 where the model's torch steps round."""
+    weight, eps = norm if norm is not None else (None, 0.0)
+    return load().q4_linear(x.contiguous(), packed, scales, zero_scales, group, weight, eps, perm, residual, glu)
+
+
+def rope_store_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      cache_k: torch.Tensor, cache_v: torch.Tensor, write_slots: torch.Tensor, table: torch.Tensor,
+                      lens: torch.Tensor, block_size: int, window: int | None) -> torch.Tensor:
+    """A step's rotary, cache writes and attention, each row a sequence's token at position ``lens - 1``: q, k, v
+    bf16 ``[T, H * D]``, cos/sin fp32 ``[T, D]``, this layer's cache ``[Hkv, slots, D]`` -> bf16 ``[T, Hq * D]``."""
+    return load().rope_store_attend(q, k, v, cos.float().contiguous(), sin.float().contiguous(), cache_k, cache_v,
+                                    write_slots, table, lens, block_size, window or 0)

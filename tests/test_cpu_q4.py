@@ -88,3 +88,71 @@ def test_paged_decode_attention_reads_the_blocks_in_place(window):
         values = v[:, slots].float().repeat_interleave(hq // hkv, 0)
         expected = torch.softmax(q[b].float().unsqueeze(1) @ keys.transpose(1, 2) / math.sqrt(d), -1) @ values
         torch.testing.assert_close(out[b].float(), expected[:, 0], atol=8e-3, rtol=8e-3)  # bf16 output
+
+
+def _torch_steps(x, q, scales, zeros, group, norm_weight, eps, perm):
+    """The bf16 model's steps in torch: RMSNorm rounded to bf16, the act-order gather, the projection rounded."""
+    xf = x.float()
+    normed = (norm_weight.float() * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps))).to(torch.bfloat16)
+    rows = normed[:, perm] if perm is not None else normed
+    y = cpu_q4.matmul(rows, cpu_q4.pack(q), cpu_q4.tile_params(scales), cpu_q4.tile_params(zeros * scales), group)
+    return rows, y.to(torch.bfloat16)
+
+
+def _mostly_equal(a: torch.Tensor, b: torch.Tensor) -> None:
+    """bf16 results of the same arithmetic in another order: equal but for a rare last-bit rounding."""
+    torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-2 * float(b.float().abs().mean()))
+    assert (a == b).float().mean() > 0.98
+
+
+@pytest.mark.parametrize("m, act_order", [(1, False), (3, True), (17, True)])
+def test_one_call_layer_step_matches_the_torch_steps(m, act_order):
+    """cpu_q4.linear: the input's RMSNorm, the act-order gather, the residual add and SiLU(gate) * up around the
+    matmul, as the model's torch steps compute them in bf16."""
+    k, n, group, eps = 512, 256, 128, 1e-5
+    gen = torch.Generator().manual_seed(m)
+    q = torch.randint(0, 16, (k, n), generator=gen)
+    scales = torch.rand(k // group, n, generator=gen) * 0.02 + 1e-3
+    zeros = torch.randint(0, 16, (k // group, n), generator=gen).float()
+    x = (torch.randn(m, k, generator=gen) * 3).to(torch.bfloat16)
+    norm_weight = (torch.rand(k, generator=gen) + 0.5).to(torch.bfloat16)
+    perm = torch.randperm(k, generator=gen) if act_order else None
+    residual = torch.randn(m, n, generator=gen).to(torch.bfloat16)
+    args = (cpu_q4.pack(q), cpu_q4.tile_params(scales), cpu_q4.tile_params(zeros * scales), group)
+    rows, expected = _torch_steps(x, q, scales, zeros, group, norm_weight, eps, perm)
+    _mostly_equal(cpu_q4.linear(x, *args, norm=(norm_weight, eps), perm=perm), expected)
+    plain = cpu_q4.matmul(rows, *args).to(torch.bfloat16)
+    assert torch.equal(cpu_q4.linear(rows, *args), plain)
+    assert torch.equal(cpu_q4.linear(rows, *args, residual=residual), residual + plain)
+    gate, up = plain.chunk(2, dim=-1)
+    _mostly_equal(cpu_q4.linear(rows, *args, glu=True), torch.nn.functional.silu(gate) * up)  # exp: not Sleef's
+
+
+def test_one_call_attention_step_matches_the_torch_steps():
+    """cpu_q4.rope_store_attend against rotary in torch, index_copy_ into the cache and the decode kernel: three
+    sequences' rows (a prompt chunk of four, two decoding tokens) in one step, the chunk's later rows seeing its
+    earlier ones' keys."""
+    from backends.model import apply_rotary
+
+    gen = torch.Generator().manual_seed(5)
+    hq, hkv, d, bs, blocks = 8, 2, 64, 16, 12
+    shape = (hkv, blocks * bs, d)
+    cache = [torch.randn(shape, generator=gen).bfloat16() for _ in range(2)]
+    table = torch.tensor([[3, 7, 0], [3, 7, 0], [3, 7, 0], [3, 7, 0], [5, 0, 0], [9, 2, 11]], dtype=torch.int32)
+    lens = torch.tensor([18, 19, 20, 21, 9, 40], dtype=torch.int32)
+    slots = torch.tensor([int(table[t][(n - 1) // bs]) * bs + (n - 1) % bs for t, n in enumerate(lens.tolist())])
+    positions = lens.long() - 1
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    emb = torch.cat([positions.float()[:, None] * inv_freq] * 2, dim=-1)
+    cos, sin = emb.cos(), emb.sin()
+    qkv = torch.randn(6, (hq + 2 * hkv) * d, generator=gen).bfloat16()
+    q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+    ours = [c.clone() for c in cache]
+    out = cpu_q4.rope_store_attend(q, k, v, cos, sin, ours[0], ours[1], slots, table, lens, bs, None)
+    theirs = [c.clone() for c in cache]
+    rotated_q = apply_rotary(q.view(6, hq, d).transpose(0, 1), cos, sin)
+    theirs[0].index_copy_(1, slots, apply_rotary(k.view(6, hkv, d).transpose(0, 1), cos, sin))
+    theirs[1].index_copy_(1, slots, v.view(6, hkv, d).transpose(0, 1))
+    expected = cpu_q4.paged_decode_attention(rotated_q.transpose(0, 1), *theirs, table, lens, bs, None)
+    assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+    _mostly_equal(out, expected.reshape(6, hq * d))
