@@ -231,15 +231,7 @@ __global__ void __launch_bounds__(WARPS * 32) q4_mma_kernel(const Q4MmaArgs a) {
   }
   __syncthreads();
 
-  float acc[CT][2][MT][4];
-#pragma unroll
-  for (int l = 0; l < CT; ++l)
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-#pragma unroll
-      for (int j = 0; j < MT; ++j)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) acc[l][h][j][c] = 0.f;
+  float acc[CT][2][MT][4] = {};
 
   // This lane's B fragments: row g of x, its word row's 8 rows of K in the step.
   const uint4* xl = reinterpret_cast<const uint4*>(xs + (size_t)g * stride + w_begin * STEP + 8 * q);
