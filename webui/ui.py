@@ -373,9 +373,10 @@ class WorkbenchUI:
             yield {gen.stats: error_text(exc)}
 
     @staticmethod
-    def stop(session: Session) -> str:
+    def stop(session: Session) -> None:
+        # No output: the generation's own last update says "stopped: cancelled". A "stopping…" written here could
+        # reach the browser after that update (this call is not queued, the stream is) and stay there.
         session.stop()
-        return "stopping…"
 
     def context_bar(self, history, system: str, template: str) -> str:
         try:
@@ -800,11 +801,11 @@ class WorkbenchUI:
                             show_progress="hidden")
         gen.show_tokens.click(self.show_prompt_tokens, [gen.chatbot, gen.system, gen.template], gen.prompt_tokens,
                               queue=False)
-        gen.stop.click(self.stop, gen.session, gen.stats, queue=False)
+        gen.stop.click(self.stop, gen.session, None, queue=False)
         gen.notebook_go.click(self.notebook, [gen.session, gen.notebook, gen.grammar_kind, gen.grammar_source,
                                               gen.seed, *gen.sliders], [gen.notebook, gen.stats, gen.token_view],
                               **QUIET)
-        gen.notebook_stop.click(self.stop, gen.session, gen.stats, queue=False)
+        gen.notebook_stop.click(self.stop, gen.session, None, queue=False)
         # The Model tab shows the same template and preset; .input fires on user changes only, so no loops.
         gen.preset.input(self.apply_preset, gen.preset, [*gen.sliders, gen.stats]).then(
             lambda p: p, gen.preset, mdl.preset)
