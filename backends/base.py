@@ -124,6 +124,11 @@ class Backend:
         Transformer), or None."""
         return None
 
+    def model_ops(self, device: torch.device) -> "TorchOps | None":
+        """The model's non-linear steps (a backends.model TorchOps) this backend brings, or None: the
+        device's."""
+        return None
+
     def note(self, device: torch.device) -> str:
         """What the user should know about how it runs here (the load report), or ""."""
         return ""

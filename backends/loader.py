@@ -184,7 +184,7 @@ def build_model(model_dir: Path, options: LoadOptions, progress: LoadProgress | 
     dtype = resolve_dtype(options.dtype, device, backend)
     store = WeightStore(find_weight_files(model_dir, qconfig, options.allow_pickle))
     model = Transformer(args, _LinearBuilder(store, qconfig, backend, args, dtype, device, progress),
-                        model_ops(device))
+                        backend.model_ops(device) or model_ops(device))
     _load_plain(model, store, dtype, device)
     model.fuse_projections()
     model.decode_chain = backend.decode_chain(model)

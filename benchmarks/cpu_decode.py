@@ -36,7 +36,8 @@ def rss() -> int:
 
 
 def write_q4_0_gguf(path: Path, size: str, vocab_gguf: Path, seed: int = 0) -> Path:
-    """A Llama GGUF of ``size`` with random Q4_0 weights (fp16 block scales of 0.002) and Llama-2's vocabulary."""
+    """A Llama GGUF of ``size`` with random weights, typed as llama.cpp's Q4_0 quantizer types them, and Llama-2's
+    vocabulary."""
     import gguf
 
     shape = config(size)
@@ -66,35 +67,43 @@ def write_q4_0_gguf(path: Path, size: str, vocab_gguf: Path, seed: int = 0) -> P
     writer.add_eos_token_id(2)
     writer.add_unk_token_id(0)
     rng = np.random.default_rng(seed)
-    scale = np.frombuffer(np.float16(0.002).tobytes(), dtype=np.uint8)
-    tensors: list[tuple[str, tuple[int, int] | int]] = [("token_embd.weight", (VOCAB, h))]
+    q4_0, q6_k = gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q6_K
+    # llama.cpp's own Q4_0 quantizer (llama-quant.cpp) keeps output.weight in Q6_K: so does this file.
+    tensors: list[tuple[str, tuple[int, int] | int, object]] = [("token_embd.weight", (VOCAB, h), q4_0)]
     for i in range(layers):
         b = f"blk.{i}"
-        tensors += [(f"{b}.attn_norm.weight", h), (f"{b}.attn_q.weight", (h, h)), (f"{b}.attn_k.weight", (h, h)),
-                    (f"{b}.attn_v.weight", (h, h)), (f"{b}.attn_output.weight", (h, h)),
-                    (f"{b}.ffn_norm.weight", h), (f"{b}.ffn_gate.weight", (f, h)), (f"{b}.ffn_up.weight", (f, h)),
-                    (f"{b}.ffn_down.weight", (h, f))]
-    tensors += [("output_norm.weight", h), ("output.weight", (VOCAB, h))]
+        tensors += [(f"{b}.attn_norm.weight", h, None), (f"{b}.attn_q.weight", (h, h), q4_0),
+                    (f"{b}.attn_k.weight", (h, h), q4_0), (f"{b}.attn_v.weight", (h, h), q4_0),
+                    (f"{b}.attn_output.weight", (h, h), q4_0), (f"{b}.ffn_norm.weight", h, None),
+                    (f"{b}.ffn_gate.weight", (f, h), q4_0), (f"{b}.ffn_up.weight", (f, h), q4_0),
+                    (f"{b}.ffn_down.weight", (h, f), q4_0)]
+    tensors += [("output_norm.weight", h, None), ("output.weight", (VOCAB, h), q6_k)]
 
-    def data(shape) -> np.ndarray:
-        if isinstance(shape, int):
+    def data(shape, kind) -> np.ndarray:
+        if kind is None:
             return np.ones(shape, dtype=np.float32)
         rows, cols = shape
-        blocks = rng.integers(0, 256, (rows, cols // 32, 18), dtype=np.uint8)
-        blocks[:, :, :2] = scale
-        return blocks.reshape(rows, cols // 32 * 18)
+        if kind == q4_0:  # block of 32: fp16 scale, 16 bytes of nibbles; weights 0.002 * (q - 8)
+            blocks = rng.integers(0, 256, (rows, cols // 32, 18), dtype=np.uint8)
+            blocks[:, :, :2] = np.frombuffer(np.float16(0.002).tobytes(), dtype=np.uint8)
+        else:  # Q6_K, block of 256: ql[128], qh[64], int8 scales[16], fp16 d; weights d * scale * (q - 32)
+            blocks = rng.integers(0, 256, (rows, cols // 256, 210), dtype=np.uint8)
+            blocks[:, :, 192:208] = 4
+            blocks[:, :, 208:] = np.frombuffer(np.float16(1.25e-4).tobytes(), dtype=np.uint8)
+        return blocks.reshape(rows, -1)
 
-    for name, shape in tensors:
-        dims = (shape,) if isinstance(shape, int) else (shape[0], shape[1] // 32 * 18)
-        dtype = np.float32 if isinstance(shape, int) else np.uint8
-        nbytes = int(np.prod(dims)) * np.dtype(dtype).itemsize
-        writer.add_tensor_info(name, dims, np.dtype(dtype), nbytes,
-                               raw_dtype=None if isinstance(shape, int) else gguf.GGMLQuantizationType.Q4_0)
+    for name, shape, kind in tensors:
+        if kind is None:
+            writer.add_tensor_info(name, (shape,), np.dtype(np.float32), shape * 4)
+            continue
+        rows, cols = shape
+        row_bytes = cols // 32 * 18 if kind == q4_0 else cols // 256 * 210
+        writer.add_tensor_info(name, (rows, row_bytes), np.dtype(np.uint8), rows * row_bytes, raw_dtype=kind)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for _, shape in tensors:
-        writer.write_tensor_data(data(shape))
+    for _, shape, kind in tensors:
+        writer.write_tensor_data(data(shape, kind))
     writer.close()
     return path
 

@@ -76,8 +76,8 @@ QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, int64_t group)
 
 template <int MB>
 __attribute__((target("avx512f,avx512bw,avx512vnni")))
-void tile_rows(const uint8_t* w, const float* s, const float* zs, const QuantizedRows& xr, int64_t m0,
-               int64_t K, int64_t group, float* y, int64_t N, int64_t col) {
+void tile_rows(const uint8_t* w, const uint16_t* s, const float* zs, float zero, const QuantizedRows& xr,
+               int64_t m0, int64_t K, int64_t group, float* y, int64_t N, int64_t col) {
   const int64_t blocks = K / kBlock, groups = K / group, per_group = group / kBlock;
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   __m512 out[MB];
@@ -115,7 +115,8 @@ void tile_rows(const uint8_t* w, const float* s, const float* zs, const Quantize
         acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(second), _mm512_set1_ps(xr.scale2[at]), acc[m]);
       }
     }
-    const __m512 sg = _mm512_loadu_ps(s + g * kTile), zg = _mm512_loadu_ps(zs + g * kTile);
+    const __m512 sg = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + g * kTile)));
+    const __m512 zg = zs ? _mm512_loadu_ps(zs + g * kTile) : _mm512_mul_ps(sg, _mm512_set1_ps(zero));
     for (int m = 0; m < MB; ++m) {
       out[m] = _mm512_fmadd_ps(sg, acc[m], out[m]);
       out[m] = _mm512_fnmadd_ps(zg, _mm512_set1_ps(xr.sums[(m0 + m) * groups + g]), out[m]);
@@ -128,11 +129,11 @@ constexpr int kRows = 4;        // rows of x held in registers at once
 constexpr int64_t kPanel = 128;  // rows of x a pass over the weights takes (their int8 form stays in L2)
 
 template <int MB>
-void rows_of_tile(const uint8_t* w, const float* s, const float* zs, const QuantizedRows& xr, int64_t m,
-                  int64_t m_end, int64_t K, int64_t group, float* y, int64_t N, int64_t col) {
-  for (; m + MB <= m_end; m += MB) tile_rows<MB>(w, s, zs, xr, m, K, group, y, N, col);
+void rows_of_tile(const uint8_t* w, const uint16_t* s, const float* zs, float zero, const QuantizedRows& xr,
+                  int64_t m, int64_t m_end, int64_t K, int64_t group, float* y, int64_t N, int64_t col) {
+  for (; m + MB <= m_end; m += MB) tile_rows<MB>(w, s, zs, zero, xr, m, K, group, y, N, col);
   if constexpr (MB > 1) {
-    for (; m < m_end; ++m) tile_rows<1>(w, s, zs, xr, m, K, group, y, N, col);
+    for (; m < m_end; ++m) tile_rows<1>(w, s, zs, zero, xr, m, K, group, y, N, col);
   }
 }
 
@@ -143,33 +144,48 @@ bool supported() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_sup
 
 namespace {
 
-void check_weights(const torch::Tensor& packed, const torch::Tensor& scales, const torch::Tensor& zero_scales,
-                   int64_t K, int64_t group) {
+// A layer's packed weights: packed [N/16, K/8, 64] uint8; scales [N/16, groups, 16] fp16 (GPTQ stores them in
+// fp16); the zero points as zero_scales (z * s, float32, same shape) or, where every group has the same z (a
+// symmetric checkpoint), that one z: its z * s is formed from the scale, and the float32 table is not read.
+struct Weights {
+  const uint8_t* packed;
+  const uint16_t* scales;
+  const float* zero_scales;
+  float zero;
+  int64_t K, N, group;
+};
+
+Weights weights_of(const torch::Tensor& packed, const torch::Tensor& scales,
+                   const c10::optional<torch::Tensor>& zero_scales, double zero, int64_t K, int64_t group) {
   TORCH_CHECK(supported(), "this CPU has no AVX-512 VNNI");
   TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.is_contiguous() && packed.dim() == 3, "packed");
   TORCH_CHECK(packed.size(1) * 8 == K && packed.size(2) == 64, "packed does not match K");
   TORCH_CHECK(K % group == 0 && group % kBlock == 0, "the group must divide K and be a multiple of 32");
-  TORCH_CHECK(scales.is_contiguous() && zero_scales.is_contiguous() && scales.size(1) == K / group, "scales");
+  const int64_t tiles = packed.size(0), groups = K / group;
+  TORCH_CHECK(scales.scalar_type() == torch::kHalf && scales.is_contiguous() && scales.numel() == tiles * groups * kTile,
+              "scales: contiguous fp16 [N/16, groups, 16]");
+  TORCH_CHECK(!zero_scales || (zero_scales->scalar_type() == torch::kFloat32 && zero_scales->is_contiguous() &&
+                               zero_scales->numel() == scales.numel()), "zero_scales: contiguous float32, as scales");
+  return {packed.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()),
+          zero_scales ? zero_scales->data_ptr<float>() : nullptr, static_cast<float>(zero), K, tiles * kTile, group};
 }
 
 // y [M, N] (float) = x [M, K] (float) . W
-void matmul_into(const float* x, int64_t M, int64_t K, const torch::Tensor& packed, const torch::Tensor& scales,
-                 const torch::Tensor& zero_scales, int64_t group, float* out) {
-  const int64_t N = packed.size(0) * kTile;
+void matmul_into(const float* x, int64_t M, const Weights& w, float* out) {
+  const int64_t K = w.K, N = w.N, group = w.group;
   const QuantizedRows xr = quantize_rows(x, M, K, group);
-  const uint8_t* w = packed.data_ptr<uint8_t>();
-  const float *s = scales.data_ptr<float>(), *zs = zero_scales.data_ptr<float>();
   const int64_t tiles = N / kTile, groups = K / group;
   for (int64_t m0 = 0; m0 < M; m0 += kPanel) {
     const int64_t m1 = std::min(M, m0 + kPanel);
     at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
-        const uint8_t* wt = w + t * (K / 8) * 64;
-        const float *st = s + t * groups * kTile, *zt = zs + t * groups * kTile;
+        const uint8_t* wt = w.packed + t * (K / 8) * 64;
+        const uint16_t* st = w.scales + t * groups * kTile;
+        const float* zt = w.zero_scales ? w.zero_scales + t * groups * kTile : nullptr;
         if (m1 - m0 == 1)
-          rows_of_tile<1>(wt, st, zt, xr, m0, m1, K, group, out, N, t * kTile);
+          rows_of_tile<1>(wt, st, zt, w.zero, xr, m0, m1, K, group, out, N, t * kTile);
         else
-          rows_of_tile<kRows>(wt, st, zt, xr, m0, m1, K, group, out, N, t * kTile);
+          rows_of_tile<kRows>(wt, st, zt, w.zero, xr, m0, m1, K, group, out, N, t * kTile);
       }
     });
   }
@@ -196,21 +212,41 @@ inline __m512 exp512(__m512 x) {
   return _mm512_scalef_ps(poly, n);
 }
 
-// 16 floats rounded to bf16 (to nearest even, as torch rounds), and bf16 <-> float for 16 lanes.
-__attribute__((target("avx512f,avx512bw,avx512bf16,avx512vl")))
-inline __m256i to_bf16(__m512 v) { return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)); }
+// 16 floats rounded to bf16 (to nearest even, as torch's c10::BFloat16 rounds, denormals kept, NaN stays NaN),
+// and bf16 <-> float for 16 lanes. In integer steps, not vcvtneps2bf16: AVX-512 VNNI CPUs before Zen 4 and
+// Cooper Lake (Cascade Lake, Ice Lake) lack that instruction, and it flushes denormals.
+__attribute__((target("avx512f")))
+inline __m256i to_bf16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i up = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  up = _mm512_mask_mov_epi32(up, nan, _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40)));
+  return _mm512_cvtepi32_epi16(up);
+}
 
 __attribute__((target("avx512f,avx512bw")))
 inline __m512 from_bf16(__m256i v) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
 }
 
-__attribute__((target("avx512f,avx512bw,avx512bf16,avx512vl")))
+__attribute__((target("avx512f,avx512bw")))
 inline __m512 rounded(__m512 v) { return from_bf16(to_bf16(v)); }
+
+// A bf16 row as floats, RMS-normalized when weight is given (x * rsqrt(mean(x^2) + eps) in fp32, times the
+// weight, rounded to bf16: the model's RMSNorm step).
+void normalized_row(const at::BFloat16* src, int64_t K, const at::BFloat16* weight, double eps, float* out) {
+  for (int64_t k = 0; k < K; ++k) out[k] = static_cast<float>(src[k]);
+  if (!weight) return;
+  double squares = 0.0;
+  for (int64_t k = 0; k < K; ++k) squares += static_cast<double>(out[k]) * out[k];
+  const float inv = 1.f / std::sqrt(static_cast<float>(squares / K) + static_cast<float>(eps));
+  for (int64_t k = 0; k < K; ++k) out[k] = round_bf16(static_cast<float>(weight[k]) * (out[k] * inv));
+}
 
 // The layer step's end, 16 columns at a time: y (float [M, N]) rounded to bf16, plus the residual, or
 // silu(gate) * up of its halves (each step rounded as torch's bf16 ops round).
-__attribute__((target("avx512f,avx512bw,avx512bf16,avx512vl")))
+__attribute__((target("avx512f,avx512bw,avx512vl")))
 void finish_rows(const float* y, int64_t M, int64_t N, const at::BFloat16* residual, bool glu, at::BFloat16* out) {
   const int64_t width = glu ? N / 2 : N;
   for (int64_t m = 0; m < M; ++m) {
@@ -233,13 +269,13 @@ void finish_rows(const float* y, int64_t M, int64_t N, const at::BFloat16* resid
 }  // namespace
 
 // x [M, K] float32; packed [N/16, K/8, 64] uint8; scales, zero_scales [N/16, groups, 16] float32.
-torch::Tensor q4_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, torch::Tensor zero_scales,
-                        int64_t group) {
+torch::Tensor q4_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor scales,
+                        c10::optional<torch::Tensor> zero_scales, double zero, int64_t group) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous float32 [M, K]");
-  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0) * kTile;
-  check_weights(packed, scales, zero_scales, K, group);
-  auto y = torch::empty({M, N}, x.options());
-  matmul_into(x.data_ptr<float>(), M, K, packed, scales, zero_scales, group, y.data_ptr<float>());
+  const int64_t M = x.size(0);
+  const Weights w = weights_of(packed, scales, zero_scales, zero, x.size(1), group);
+  auto y = torch::empty({M, w.N}, x.options());
+  matmul_into(x.data_ptr<float>(), M, w, y.data_ptr<float>());
   return y;
 }
 
@@ -247,12 +283,14 @@ torch::Tensor q4_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
 // optionally RMS-normalized first (norm_weight [K] bf16: x * rsqrt(mean(x^2) + eps) in fp32, times the weight,
 // rounded) and gathered through perm [K] int64 (act-order rows sorted by group); the projection rounded to bf16;
 // then with residual [M, N] bf16: residual + it; with glu (columns [gate | up]): silu(gate) * up, [M, N / 2].
-torch::Tensor q4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, torch::Tensor zero_scales,
-                        int64_t group, c10::optional<torch::Tensor> norm_weight, double eps,
+torch::Tensor q4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scales,
+                        c10::optional<torch::Tensor> zero_scales, double zero, int64_t group,
+                        c10::optional<torch::Tensor> norm_weight, double eps,
                         c10::optional<torch::Tensor> perm, c10::optional<torch::Tensor> residual, bool glu) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16 && x.is_contiguous(), "x: contiguous bf16 [M, K]");
-  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0) * kTile;
-  check_weights(packed, scales, zero_scales, K, group);
+  const int64_t M = x.size(0), K = x.size(1);
+  const Weights w = weights_of(packed, scales, zero_scales, zero, K, group);
+  const int64_t N = w.N;
   TORCH_CHECK(!norm_weight || (norm_weight->scalar_type() == torch::kBFloat16 && norm_weight->numel() == K &&
                                norm_weight->is_contiguous()), "norm_weight: bf16 [K]");
   TORCH_CHECK(!perm || (perm->scalar_type() == torch::kInt64 && perm->numel() == K && perm->is_contiguous()),
@@ -267,20 +305,13 @@ torch::Tensor q4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
   at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
     std::vector<float> normed(K);
     for (int64_t m = m0; m < m1; ++m) {
-      const at::BFloat16* src = xp + m * K;
-      for (int64_t k = 0; k < K; ++k) normed[k] = static_cast<float>(src[k]);
-      if (wp) {
-        double squares = 0.0;
-        for (int64_t k = 0; k < K; ++k) squares += static_cast<double>(normed[k]) * normed[k];
-        const float inv = 1.f / std::sqrt(static_cast<float>(squares / K) + static_cast<float>(eps));
-        for (int64_t k = 0; k < K; ++k) normed[k] = round_bf16(static_cast<float>(wp[k]) * (normed[k] * inv));
-      }
+      normalized_row(xp + m * K, K, wp, eps, normed.data());
       float* dst = rows.data() + m * K;
       for (int64_t k = 0; k < K; ++k) dst[k] = normed[pp ? pp[k] : k];
     }
   });
   std::vector<float> y(M * N);
-  matmul_into(rows.data(), M, K, packed, scales, zero_scales, group, y.data());
+  matmul_into(rows.data(), M, w, y.data());
   auto out = torch::empty({M, glu ? N / 2 : N}, x.options());
   finish_rows(y.data(), M, N, residual ? residual->data_ptr<at::BFloat16>() : nullptr, glu,
               out.data_ptr<at::BFloat16>());
@@ -487,10 +518,90 @@ torch::Tensor rope_store_attend(torch::Tensor q, torch::Tensor k, torch::Tensor 
   return out;
 }
 
+// ---- the model's head: final RMSNorm and the dense bf16 lm_head ---------------------------------------------
+// torch's bf16 matmul reads this 32000 x 4096 weight (262 MB, the largest single read of a 7B decode step) at
+// about 20 GB/s here; this reads it at the memory's rate, 8 weight rows at a time against each row of x. The
+// products of two bf16 are exact in fp32 and each logit's sum runs in one fixed order whatever M is, so a
+// row's logits do not depend on the other rows (prompt scoring equals generation).
+
+namespace {
+
+constexpr int kHeadRows = 8;       // weight rows a pass holds accumulators for
+constexpr int64_t kHeadPanel = 64;  // rows of x a pass over the weights takes (they stay in L2)
+
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+inline __m512 bf16x16_masked(const at::BFloat16* p, __mmask16 valid) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(valid, p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+template <int R>
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+void head_pass(const at::BFloat16* x, int64_t K, const at::BFloat16* w, float* y) {
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 valid = K - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - k)) - 1);
+    const __m512 xv = bf16x16_masked(x + k, valid);
+    for (int r = 0; r < R; ++r) {
+      if ((k & 31) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k) + kPrefetch, _MM_HINT_T0);
+      acc[r] = _mm512_fmadd_ps(bf16x16_masked(w + r * K + k, valid), xv, acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) y[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+}  // namespace
+
+// x [M, K] bf16, norm_weight [K] bf16, weight [N, K] bf16 -> float32 logits [M, N] of norm(x) · weight^T.
+torch::Tensor norm_head(torch::Tensor x, torch::Tensor norm_weight, double eps, torch::Tensor weight) {
+  TORCH_CHECK(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"), "this CPU has no AVX-512");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16 && x.is_contiguous(), "x: contiguous bf16 [M, K]");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == K && weight.scalar_type() == torch::kBFloat16 &&
+              weight.is_contiguous(), "weight: contiguous bf16 [N, K]");
+  TORCH_CHECK(norm_weight.scalar_type() == torch::kBFloat16 && norm_weight.numel() == K &&
+              norm_weight.is_contiguous(), "norm_weight: bf16 [K]");
+  const int64_t N = weight.size(0);
+  std::vector<at::BFloat16> rows(M * K);
+  {
+    std::vector<float> normed(K);
+    for (int64_t m = 0; m < M; ++m) {
+      normalized_row(x.data_ptr<at::BFloat16>() + m * K, K, norm_weight.data_ptr<at::BFloat16>(), eps, normed.data());
+      for (int64_t k = 0; k < K; ++k) rows[m * K + k] = c10::BFloat16(normed[k]);  // already bf16 values
+    }
+  }
+  auto y = torch::empty({M, N}, x.options().dtype(torch::kFloat32));
+  float* yp = y.data_ptr<float>();
+  const at::BFloat16* wp = weight.data_ptr<at::BFloat16>();
+  const int64_t passes = (N + kHeadRows - 1) / kHeadRows;
+  at::parallel_for(0, passes, 16, [&](int64_t p0, int64_t p1) {
+    float out[kHeadRows];
+    for (int64_t m0 = 0; m0 < M; m0 += kHeadPanel) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t n = p * kHeadRows, count = std::min<int64_t>(kHeadRows, N - n);
+        for (int64_t m = m0; m < std::min(M, m0 + kHeadPanel); ++m) {
+          for (int64_t r = 0; r < count; r += (count - r >= kHeadRows ? kHeadRows : 1)) {
+            if (count - r >= kHeadRows) {
+              head_pass<kHeadRows>(rows.data() + m * K, K, wp + (n + r) * K, out);
+              std::copy(out, out + kHeadRows, yp + m * N + n + r);
+            } else {
+              head_pass<1>(rows.data() + m * K, K, wp + (n + r) * K, out);
+              yp[m * N + n + r] = out[0];
+            }
+          }
+        }
+      }
+    }
+  });
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("supported", &supported);
   m.def("q4_matmul", &q4_matmul);
   m.def("q4_linear", &q4_linear);
   m.def("paged_decode_attention", &paged_decode_attention);
   m.def("rope_store_attend", &rope_store_attend);
+  m.def("norm_head", &norm_head);
 }

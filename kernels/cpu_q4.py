@@ -62,10 +62,11 @@ def pack(q: torch.Tensor) -> torch.Tensor:
     return byte.permute(2, 0, 3, 1).contiguous().reshape(n // TILE, k // 8, 64)
 
 
-def tile_params(values: torch.Tensor) -> torch.Tensor:
-    """A per-(group, column) float ``[G, N]`` -> ``[N/16, G, 16]``, the order the kernel reads."""
+def tile_params(values: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A per-(group, column) ``[G, N]`` -> ``[N/16, G, 16]`` in ``dtype``, the order the kernel reads: the scales
+    in fp16 (as GPTQ stores them), the zero points' z * s in float32."""
     g, n = values.shape
-    return values.float().reshape(g, n // TILE, TILE).permute(1, 0, 2).contiguous()
+    return values.to(dtype).reshape(g, n // TILE, TILE).permute(1, 0, 2).contiguous()
 
 
 def attention_takes(cache: torch.Tensor) -> bool:
@@ -84,20 +85,26 @@ def paged_decode_attention(queries: torch.Tensor, cache_k: torch.Tensor, cache_v
     return out.to(queries.dtype)
 
 
-def matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zero_scales: torch.Tensor,
+def matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | float,
            group: int) -> torch.Tensor:
-    """x ``[M, K]`` -> fp32 ``[M, N]``."""
-    return load().q4_matmul(x.float().contiguous(), packed, scales, zero_scales, group)
+    """x ``[M, K]`` -> fp32 ``[M, N]``. ``scales``: fp16 tile params; ``zeros``: float32 tile params of z * s, or
+    the one z of every group (a symmetric checkpoint: 8 for 4-bit)."""
+    return load().q4_matmul(x.float().contiguous(), packed, scales, *_zero_args(zeros), group)
 
 
-def linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zero_scales: torch.Tensor, group: int, *,
+def _zero_args(zeros: torch.Tensor | float) -> tuple[torch.Tensor | None, float]:
+    return (zeros, 0.0) if isinstance(zeros, torch.Tensor) else (None, float(zeros))
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | float, group: int, *,
            norm: tuple[torch.Tensor, float] | None = None, perm: torch.Tensor | None = None,
            residual: torch.Tensor | None = None, glu: bool = False) -> torch.Tensor:
     """A bf16 layer step in one call: bf16 rows ``x`` ``[M, K]``, RMS-normalized by ``norm`` (weight, eps) and
     gathered through ``perm`` first; the bf16 projection, plus ``residual`` ``[M, N]``, or with ``glu``
     ``silu(gate) * up`` of its halves. Rounded to bf16 where the model's torch steps round."""
     weight, eps = norm if norm is not None else (None, 0.0)
-    return load().q4_linear(x.contiguous(), packed, scales, zero_scales, group, weight, eps, perm, residual, glu)
+    return load().q4_linear(x.contiguous(), packed, scales, *_zero_args(zeros), group, weight, eps, perm, residual,
+                            glu)
 
 
 def rope_store_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -107,3 +114,9 @@ def rope_store_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
     bf16 ``[T, H * D]``, cos/sin fp32 ``[T, D]``, this layer's cache ``[Hkv, slots, D]`` -> bf16 ``[T, Hq * D]``."""
     return load().rope_store_attend(q, k, v, cos.float().contiguous(), sin.float().contiguous(), cache_k, cache_v,
                                     write_slots, table, lens, block_size, window or 0)
+
+
+def norm_head(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor) -> torch.Tensor:
+    """The model's head: bf16 rows ``x`` ``[M, K]`` RMS-normalized (bf16 ``norm_weight``), times the dense bf16
+    ``weight`` ``[N, K]`` transposed -> fp32 logits ``[M, N]``, each row's independent of the others."""
+    return load().norm_head(x.contiguous(), norm_weight.contiguous(), eps, weight.contiguous())

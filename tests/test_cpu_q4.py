@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
 from kernels import cpu_q4
 
-pytestmark = pytest.mark.skipif(cpu_q4.load() is None, reason=f"the kernel does not run here: {cpu_q4.why_not()}")
+needs_kernel = pytest.mark.skipif(cpu_q4.load() is None, reason=f"the kernel does not run here: {cpu_q4.why_not()}")
+
+
+def test_the_kernel_builds_where_the_cpu_can_run_it():
+    """A build that breaks must fail here, not turn every kernel test below into a skip."""
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if "avx512_vnni" not in flags or shutil.which("c++") is None:
+        pytest.skip("no AVX-512 VNNI or no C++ compiler here")
+    assert cpu_q4.load() is not None, cpu_q4.why_not()
 
 
 def reference(x, q, scales, zeros, group):
@@ -15,24 +26,29 @@ def reference(x, q, scales, zeros, group):
     return x.double() @ ((q.double() - zeros.double()[g]) * scales.double()[g])
 
 
+@needs_kernel
 @pytest.mark.parametrize("k, n, group", [(256, 64, 32), (576, 192, 64), (512, 1536, 128), (1536, 576, 1536)])
 @pytest.mark.parametrize("m", [1, 3, 5, 130])
-def test_matches_the_dequantized_weights(k, n, group, m):
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_matches_the_dequantized_weights(k, n, group, m, symmetric):
+    """Asymmetric zero points as a float32 table of z * s; a symmetric checkpoint's one z (8) as a number."""
     gen = torch.Generator().manual_seed(k + n + m)
     q = torch.randint(0, 16, (k, n), generator=gen)
-    scales = torch.rand(k // group, n, generator=gen) * 0.02 + 1e-3
-    zeros = torch.randint(0, 16, (k // group, n), generator=gen).float()
+    scales = (torch.rand(k // group, n, generator=gen) * 0.02 + 1e-3).half().float()  # GPTQ keeps them in fp16
+    zeros = torch.full((k // group, n), 8.0) if symmetric else torch.randint(0, 16, (k // group, n), generator=gen).float()
     x = torch.randn(m, k, generator=gen)
     x[:, 7] *= 50  # an outlier channel, as LLM activations have
-    y = cpu_q4.matmul(x, cpu_q4.pack(q), cpu_q4.tile_params(scales), cpu_q4.tile_params(zeros * scales), group)
+    args = (cpu_q4.pack(q), cpu_q4.tile_params(scales, torch.float16),
+            8.0 if symmetric else cpu_q4.tile_params(zeros * scales), group)
+    y = cpu_q4.matmul(x, *args)
     expected = reference(x, q, scales, zeros, group)
     assert y.shape == (m, n) and y.dtype == torch.float32
     assert ((y.double() - expected).norm() / expected.norm()).item() < 2e-4  # bf16 activations alone: ~3e-3
     # every row alone, and each row at its place: no row's numbers leak into another's
-    torch.testing.assert_close(y[-1:], cpu_q4.matmul(x[-1:], cpu_q4.pack(q), cpu_q4.tile_params(scales),
-                                                     cpu_q4.tile_params(zeros * scales), group))
+    torch.testing.assert_close(y[-1:], cpu_q4.matmul(x[-1:], *args))
 
 
+@needs_kernel
 def test_the_packed_layout():
     k, n = 16, 32
     q = torch.arange(k * n).reshape(k, n) % 16
@@ -45,6 +61,7 @@ def test_the_packed_layout():
     assert (chunk >> 4).tolist() == q[12:16, column].tolist()
 
 
+@needs_kernel
 def test_shapes_it_cannot_take_are_named():
     assert cpu_q4.takes(4096, 11008, 128) and cpu_q4.takes(576, 192, 64)
     assert not cpu_q4.takes(4096, 11000, 128)  # columns in tiles of 16
@@ -52,6 +69,7 @@ def test_shapes_it_cannot_take_are_named():
     assert not cpu_q4.takes(64, 64, 16)  # and be whole activation blocks of 32
 
 
+@needs_kernel
 def test_the_cpu_backend_runs_it_on_every_4bit_layer(smollm2_branch):
     from backends.loader import LoadOptions, load_model
 
@@ -61,10 +79,16 @@ def test_the_cpu_backend_runs_it_on_every_4bit_layer(smollm2_branch):
         assert "AVX-512 VNNI" in loaded.backend_note
         layer = loaded.model.layers[0]
         assert layer.self_attn.qkv_proj.vnni and layer.mlp.gate_up_proj.vnni and layer.mlp.down_proj.vnni
+        # and the head: its kernel's logits, not torch's bf16 matmul's (which rounds each to bf16)
+        x = torch.randn(1, 3, loaded.args.hidden_size).bfloat16()
+        logits = loaded.model.head(x)
+        expected = cpu_q4.norm_head(x[0], loaded.model.norm.weight, loaded.model.norm.eps, loaded.model.lm_head.weight)
+        assert torch.equal(logits[0], expected)
     finally:
         loaded.engine.close()
 
 
+@needs_kernel
 @pytest.mark.parametrize("window", [None, 20])
 def test_paged_decode_attention_reads_the_blocks_in_place(window):
     """Each sequence's one query over its keys, scattered over the pool's blocks (GQA 4:1), against softmax
@@ -95,8 +119,12 @@ def _torch_steps(x, q, scales, zeros, group, norm_weight, eps, perm):
     xf = x.float()
     normed = (norm_weight.float() * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps))).to(torch.bfloat16)
     rows = normed[:, perm] if perm is not None else normed
-    y = cpu_q4.matmul(rows, cpu_q4.pack(q), cpu_q4.tile_params(scales), cpu_q4.tile_params(zeros * scales), group)
+    y = cpu_q4.matmul(rows, *_kernel_args(q, scales, zeros, group))
     return rows, y.to(torch.bfloat16)
+
+
+def _kernel_args(q, scales, zeros, group):
+    return cpu_q4.pack(q), cpu_q4.tile_params(scales, torch.float16), cpu_q4.tile_params(zeros * scales), group
 
 
 def _mostly_equal(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -105,6 +133,7 @@ def _mostly_equal(a: torch.Tensor, b: torch.Tensor) -> None:
     assert (a == b).float().mean() > 0.98
 
 
+@needs_kernel
 @pytest.mark.parametrize("m, act_order", [(1, False), (3, True), (17, True)])
 def test_one_call_layer_step_matches_the_torch_steps(m, act_order):
     """cpu_q4.linear: the input's RMSNorm, the act-order gather, the residual add and SiLU(gate) * up around the
@@ -112,13 +141,13 @@ def test_one_call_layer_step_matches_the_torch_steps(m, act_order):
     k, n, group, eps = 512, 256, 128, 1e-5
     gen = torch.Generator().manual_seed(m)
     q = torch.randint(0, 16, (k, n), generator=gen)
-    scales = torch.rand(k // group, n, generator=gen) * 0.02 + 1e-3
+    scales = (torch.rand(k // group, n, generator=gen) * 0.02 + 1e-3).half().float()
     zeros = torch.randint(0, 16, (k // group, n), generator=gen).float()
     x = (torch.randn(m, k, generator=gen) * 3).to(torch.bfloat16)
     norm_weight = (torch.rand(k, generator=gen) + 0.5).to(torch.bfloat16)
     perm = torch.randperm(k, generator=gen) if act_order else None
     residual = torch.randn(m, n, generator=gen).to(torch.bfloat16)
-    args = (cpu_q4.pack(q), cpu_q4.tile_params(scales), cpu_q4.tile_params(zeros * scales), group)
+    args = _kernel_args(q, scales, zeros, group)
     rows, expected = _torch_steps(x, q, scales, zeros, group, norm_weight, eps, perm)
     _mostly_equal(cpu_q4.linear(x, *args, norm=(norm_weight, eps), perm=perm), expected)
     plain = cpu_q4.matmul(rows, *args).to(torch.bfloat16)
@@ -128,6 +157,7 @@ def test_one_call_layer_step_matches_the_torch_steps(m, act_order):
     _mostly_equal(cpu_q4.linear(rows, *args, glu=True), torch.nn.functional.silu(gate) * up)  # exp: not Sleef's
 
 
+@needs_kernel
 def test_one_call_attention_step_matches_the_torch_steps():
     """cpu_q4.rope_store_attend against rotary in torch, index_copy_ into the cache and the decode kernel: three
     sequences' rows (a prompt chunk of four, two decoding tokens) in one step, the chunk's later rows seeing its
@@ -156,3 +186,25 @@ def test_one_call_attention_step_matches_the_torch_steps():
     expected = cpu_q4.paged_decode_attention(rotated_q.transpose(0, 1), *theirs, table, lens, bs, None)
     assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
     _mostly_equal(out, expected.reshape(6, hq * d))
+
+
+@needs_kernel
+@pytest.mark.parametrize("m, k, n", [(1, 576, 49152), (3, 512, 1003), (70, 4096, 40)])
+def test_the_head_matches_float64(m, k, n):
+    """cpu_q4.norm_head: the final RMSNorm as the model's torch step (bf16 rounding included), then the dense bf16
+    head in float64 as the reference; N not a multiple of the kernel's 8 rows, M across its 64-row panels."""
+    from backends.model import TorchOps
+
+    gen = torch.Generator().manual_seed(m)
+    x = (torch.randn(m, k, generator=gen) * 3).bfloat16()
+    norm_weight = (torch.rand(k, generator=gen) + 0.5).bfloat16()
+    weight = (torch.randn(n, k, generator=gen) * 0.05).bfloat16()
+    normed = TorchOps().rmsnorm(x, norm_weight, 1e-5)
+    expected = normed.double() @ weight.double().t()
+    ours = cpu_q4.norm_head(x, norm_weight, 1e-5, weight)
+    assert ours.dtype == torch.float32 and ours.shape == (m, n)
+    # fp32 sums of exact products, unrounded (torch's bf16 matmul rounds each logit to bf16, 2^-9 relative); the
+    # norm's sum of squares runs in another order than torch's, which can move an element by one bf16 step
+    torch.testing.assert_close(ours.double(), expected, rtol=1e-3, atol=1e-3 * float(expected.abs().mean()))
+    # each row alone gives the same bits (prompt scoring and generation see the same logits)
+    assert torch.equal(cpu_q4.norm_head(x[-1:], norm_weight, 1e-5, weight), ours[-1:])
