@@ -25,10 +25,11 @@
 //
 // A block is 4 warps: warps_n side by side over columns (a warp's slab: COLS = 32 or 64 columns), the
 // others splitting the block's rows of K into contiguous runs of steps, DEPTH steps' loads in flight per
-// warp. x is staged once per block, so wider blocks read less of it from L2. The grid's second dimension splits K: each block sums its
-// warps in shared memory and stores the partial sums [split][row][column] (fp32) to a workspace; the last
-// block of a column tile to arrive (an arrival counter says which) adds the splits in order -- so the result
-// does not depend on timing -- stores fp16, and resets the counter. Weight loads of the first DEPTH steps
+// warp. x is staged once per block, so wider blocks read less of it from L2. The grid's second dimension
+// splits K: each block sums its warps in shared memory and adds the sums to an fp32 workspace [row][column]
+// by vector atomics (in an order that varies from call to call, and so may a result's last bits); the last
+// block of a column tile to arrive (an arrival counter says which) stores fp16, and zeroes the workspace
+// and the counter. Weight loads of the first DEPTH steps
 // are issued before griddepcontrol.wait (programmatic dependent launch), as in the GEMV.
 
 #include <cuda_fp16.h>
