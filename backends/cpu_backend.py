@@ -212,7 +212,8 @@ class CpuOps(TorchOps):
                 and lm_head.weight.dtype == ACTIVATIONS and type(norm) is RMSNorm
                 and norm.weight.dtype == ACTIVATIONS and cpu_q4.load() is not None):
             rows = x.reshape(-1, x.shape[-1])
-            return cpu_q4.norm_head(rows, norm.weight, norm.eps, lm_head.weight).view(*x.shape[:-1], -1)
+            logits = cpu_q4.norm_head(rows, norm.weight, norm.eps, lm_head.weight)
+            return logits.view(*x.shape[:-1], lm_head.weight.shape[0])  # (a step may have no logit rows)
         return super().head(x, lm_head, norm)
 
 

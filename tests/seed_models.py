@@ -177,11 +177,19 @@ def teach_end_token(seed: Seed, folder: Path) -> None:
     answer = generate(loaded).result.token_ids[:END_AFTER]
     greeting = templates.prompt_ids(loaded.tokenizer, seed.template, GREETING)
     tokens = greeting + answer
-    seen = {}
-    hook = loaded.model.lm_head.register_forward_pre_hook(lambda module, args: seen.update(x=args[0][0]))
-    with torch.no_grad():
-        loaded.model(torch.tensor([tokens]), torch.arange(len(tokens)), cached=False)
-    hook.remove()
+    model, seen = loaded.model, {}
+    head = model.head  # the final norm and lm_head, which a backend may run as one kernel: record lm_head's input
+
+    def recording_head(x: torch.Tensor) -> torch.Tensor:
+        seen["x"] = model.norm(x)[0]
+        return head(x)
+
+    model.head = recording_head
+    try:
+        with torch.no_grad():
+            model(torch.tensor([tokens]), torch.arange(len(tokens)), cached=False)
+    finally:
+        del model.head
     states = seen["x"][len(greeting) - 1:].double()  # the states that pick answer tokens 1.., then the end
     earlier, last = torch.linalg.qr(states[:-1].T).Q, states[-1]
     direction = last - earlier @ (earlier.T @ last)
@@ -203,7 +211,8 @@ def seed_hub() -> Path:
 
     # The main branches are taught on the backend the app loads (teach_end_token), whose bf16 numerics decide
     # the greedy answer: a change to the backends or kernels rebuilds them.
-    code = sorted([*(ROOT / "backends").glob("*.py"), *(ROOT / "kernels").rglob("*.py")])
+    kernels = [path for path in (ROOT / "kernels").rglob("*") if path.suffix in (".py", ".cpp")]
+    code = sorted([*(ROOT / "backends").glob("*.py"), *kernels])
     key = _code_hash(Path(__file__), ROOT / "tests" / "gptq_testing.py", *sorted(CARDS.glob("*.txt")), *code)
     return _atomic_build(cache_root() / f"seed-hub-{key}", build)
 

@@ -208,3 +208,18 @@ def test_the_head_matches_float64(m, k, n):
     torch.testing.assert_close(ours.double(), expected, rtol=1e-3, atol=1e-3 * float(expected.abs().mean()))
     # each row alone gives the same bits (prompt scoring and generation see the same logits)
     assert torch.equal(cpu_q4.norm_head(x[-1:], norm_weight, 1e-5, weight), ours[-1:])
+
+
+@needs_kernel
+def test_the_head_of_a_step_without_logit_rows():
+    """A step that only prefills part of a prompt asks the head for no rows: an empty [1, 0, vocab], as torch's
+    path gives (it raised in the engine's step before)."""
+    from backends.base import DenseLinear
+    from backends.cpu_backend import CpuOps
+    from backends.model import RMSNorm
+
+    norm = RMSNorm(64, 1e-5)
+    norm.weight = torch.nn.Parameter(torch.ones(64, dtype=torch.bfloat16))
+    head = DenseLinear(torch.randn(100, 64).bfloat16(), None)
+    logits = CpuOps().head(torch.zeros(1, 0, 64, dtype=torch.bfloat16), head, norm)
+    assert logits.shape == (1, 0, 100) and logits.dtype == torch.float32

@@ -94,7 +94,11 @@ def test_message_tools_and_the_context_bar(browser, app):
     expect(users(page)).to_have_count(1)
     expect(users(page).first).to_contain_text("Italy")
     expect(page.locator("#gen-stats")).to_contain_text("tokens/s", timeout=60_000)
-    expect(bots(page).last).to_contain_text("Rome")
+    # The reply answers the edited question, not the first one (greedy SmolLM2 names Rome or speaks of Italy,
+    # by the last bits of the kernels' sums): it was generated from the edited history.
+    expect(bots(page).last).to_contain_text(re.compile(r"Rome|Ital"))
+    edited_reply = bots(page).last.inner_text().strip()
+    assert "Paris" not in edited_reply
     page.screenshot(path=shots / "tools-edited.png", full_page=True)
 
     # Copy a message (the per-message copy button), then delete the last turn.
@@ -103,7 +107,7 @@ def test_message_tools_and_the_context_bar(browser, app):
     page.locator('#chatbot .message-buttons-bot button[title="Copy message"], '
                  '#chatbot button[aria-label="Copy message"]').last.click()
     copied = page.evaluate("navigator.clipboard.readText()")
-    assert "Rome" in copied
+    assert copied.strip() == edited_reply
     page.locator("#delete-turn").click()
     expect(bots(page)).to_have_count(0)
     expect(page.locator("#context-bar")).to_contain_text("Context: 0 of")
