@@ -1,19 +1,24 @@
 """The cpu backend next to llama.cpp on this machine: a Llama-2-shaped model, 4-bit, random weights.
 
     pip install -r requirements-bench.txt   # llama-cpp-python 0.3.36, built from its sdist for this CPU
-    python -m benchmarks.cpu_decode [--size 7B] [--new-tokens 32]
+    python -m benchmarks.cpu_decode [--size 7B] [--new-tokens 32] [--rounds 3]
 
 Ours: random 4-bit g128 GPTQ checkpoints (without and with act-order), loaded as the app loads them on a
 CPU-only machine (backend "cpu") and run by backends.generation.Generation. llama.cpp: a random Q4_0 GGUF of
 the same shape with Llama-2's vocabulary, through llama-cpp-python. Each row is measured in its own process:
 load time, resident memory after load (over the process before it), time to the first token of a fresh
 512-token prompt, and greedy decode tokens/s after it.
+
+This machine's memory bandwidth drifts by a quarter from minute to minute (it is shared), and every figure here
+follows it. So the engines run in rounds, one after the other in each round: the table gives each engine's
+median and range over the rounds, and each ratio to llama.cpp is the median of the rounds' own ratios.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import os
 import subprocess
 import sys
@@ -159,6 +164,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", default="7B", choices=list(SIZES))
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3, help="each engine once a round, in turn")
     parser.add_argument("--one", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.one:
@@ -169,36 +175,44 @@ def main() -> None:
     from tests.seed_tokenizers import llama_vocab_gguf
 
     print(f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}; Llama-2-{opts.size} shapes, random weights", flush=True)
-    rows = []
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
+        engines: list[tuple[str, str, Path]] = []
         for act_order in (False, True):
             folder = Path(tmp) / f"gptq-{act_order}"
             started = time.time()
             write_random_checkpoint(folder, config(opts.size), bits=4, group_size=128, act_order=act_order,
                                     sym=True, shared_g_idx=True, device="cpu")
             write_plain_tokenizer(folder, VOCAB)
-            size = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
             print(f"  wrote the GPTQ checkpoint (act-order {act_order}) in {time.time() - started:.0f} s", flush=True)
-            rows.append({"engine": f"cpu backend, 4-bit g128{' act-order' if act_order else ''}", "file": size,
-                         **measure("ours", folder, opts.new_tokens)})
-            print(f"  {rows[-1]}", flush=True)
-            os.sync()
-            for p in folder.iterdir():
-                p.unlink()
+            engines.append((f"cpu backend, 4-bit g128{' act-order' if act_order else ''}", "ours", folder))
         gguf_path = write_q4_0_gguf(Path(tmp) / "model-q4_0.gguf", opts.size, llama_vocab_gguf())
-        rows.append({"engine": "llama.cpp Q4_0", "file": gguf_path.stat().st_size,
-                     **measure("llama.cpp", gguf_path, opts.new_tokens)})
-        print(f"  {rows[-1]}", flush=True)
-    print(f"\n| engine | file GB | load s | resident GB | TTFT {PROMPT} tok (s) | decode tok/s |")
+        engines.append(("llama.cpp Q4_0", "llama.cpp", gguf_path))
+        rounds: list[dict[str, dict]] = []
+        for r in range(opts.rounds):
+            rounds.append({})
+            for name, kind, path in engines:
+                rounds[-1][name] = measure(kind, path, opts.new_tokens)
+                print(f"  round {r + 1}, {name}: {rounds[-1][name]}", flush=True)
+        sizes = {name: sum(p.stat().st_size for p in ([path] if path.is_file() else path.glob("*.safetensors")))
+                 for name, _, path in engines}
+    print(f"\n{opts.rounds} rounds; median (min–max)\n")
+    print(f"| engine | file GB | load s | resident GB | TTFT {PROMPT} tok (s) | decode tok/s |")
     print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['engine']} | {r['file'] / 1e9:.2f} | {r['load_s']:.1f} | {r['resident'] / 1e9:.2f} | "
-              f"{r['ttft_s']:.2f} | {r['decode_tok_s']:.2f} |")
-    llama = rows[-1]
-    for r in rows[:-1]:
-        print(f"{r['engine']}: decode {r['decode_tok_s'] / llama['decode_tok_s']:.2f}x llama.cpp, "
-              f"prefill {r['ttft_s'] / llama['ttft_s']:.2f}x its time")
 
+    def cell(name: str, key: str, scale: float = 1.0) -> str:
+        values = [row[name][key] / scale for row in rounds]
+        return f"{statistics.median(values):.2f} ({min(values):.2f}–{max(values):.2f})"
+
+    for name, _, _ in engines:
+        print(f"| {name} | {sizes[name] / 1e9:.2f} | {cell(name, 'load_s')} | {cell(name, 'resident', 1e9)} | "
+              f"{cell(name, 'ttft_s')} | {cell(name, 'decode_tok_s')} |")
+    llama = engines[-1][0]
+    for name, _, _ in engines[:-1]:
+        decode = [row[name]["decode_tok_s"] / row[llama]["decode_tok_s"] for row in rounds]
+        prefill = [row[name]["ttft_s"] / row[llama]["ttft_s"] for row in rounds]
+        print(f"{name}: decode {statistics.median(decode):.2f}x llama.cpp's speed "
+              f"(rounds: {', '.join(f'{v:.2f}' for v in decode)}), prefill {statistics.median(prefill):.2f}x its "
+              f"time (rounds: {', '.join(f'{v:.2f}' for v in prefill)})")
 
 if __name__ == "__main__":
     main()
