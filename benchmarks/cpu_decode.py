@@ -10,8 +10,9 @@ load time, resident memory after load (over the process before it), time to the 
 512-token prompt, and greedy decode tokens/s after it.
 
 This machine's memory bandwidth drifts by a quarter from minute to minute (it is shared), and every figure here
-follows it. So the engines run in rounds, one after the other in each round: the table gives each engine's
-median and range over the rounds, and each ratio to llama.cpp is the median of the rounds' own ratios.
+follows it. So the engines run in rounds, one after the other in each round, each round led by the next
+engine: the table gives each engine's median and range over the rounds, and each ratio to llama.cpp is the
+median of the rounds' own ratios.
 """
 
 from __future__ import annotations
@@ -190,7 +191,7 @@ def main() -> None:
         rounds: list[dict[str, dict]] = []
         for r in range(opts.rounds):
             rounds.append({})
-            for name, kind, path in engines:
+            for name, kind, path in engines[r % len(engines):] + engines[:r % len(engines)]:  # each goes first in turn
                 rounds[-1][name] = measure(kind, path, opts.new_tokens)
                 print(f"  round {r + 1}, {name}: {rounds[-1][name]}", flush=True)
         sizes = {name: sum(p.stat().st_size for p in ([path] if path.is_file() else path.glob("*.safetensors")))
