@@ -100,6 +100,11 @@ def candidates(m: int, n: int, k: int, sms: int) -> list[Config]:
 TUNER: Tuner[Config] = Tuner(timed=os.environ.get("GPTQ_CUDA_AUTOTUNE", "1") != "0")
 
 
+def tuner_key(m: int, n: int, k: int, group_size: int, act_order: bool) -> tuple:
+    """The key of :data:`TUNER` under which a call's configuration is tuned and kept."""
+    return padded_rows(m), n, k, group_size, act_order
+
+
 def q4_mma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, zero_offset: int,
            group_size: int, perm: torch.Tensor | None = None,
            config: Config | None = None) -> torch.Tensor:
@@ -123,7 +128,7 @@ def q4_mma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros:
     out = torch.empty((m, n), dtype=torch.float16, device=device)
     lib = cuda_lib.library(cuda_lib.arch_of(device))
     use_pdl = cuda_lib.pdl_default(device)
-    rows, steps = padded_rows(m), k // STEP
+    steps = k // STEP
 
     def run(cfg: Config, weights: tuple[torch.Tensor, ...]) -> bool:
         cols, depth, per_block, warps_n = cfg
@@ -143,7 +148,7 @@ def q4_mma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros:
     weights = (qweight, scales, qzeros)
     if config is None:
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        key = (rows, n, k, group_size, perm is not None)
+        key = tuner_key(m, n, k, group_size, perm is not None)
         config = TUNER.pick(key, candidates(m, n, k, sms), run, weights)
     if not run(config, weights):
         cuda_lib.check(-1, f"{what} with configuration {config}")

@@ -52,7 +52,7 @@ def tuned(rows: tuple[int, ...]) -> list[dict]:
             call = in_turn(copies, lambda w: q4_mma.q4_mma(x, w[0], w[1], w[2], 1, 128))
             call()
             us = graph_us(call)
-            config = q4_mma.TUNER.best[(q4_mma.padded_rows(m), n, k, 128, False)]
+            config = q4_mma.TUNER.best[q4_mma.tuner_key(m, n, k, 128, False)]
             dense_us = graph_us(in_turn(dense, lambda d: x @ d[0]))
             row = {"shape": name, "k": k, "n": n, "m": m, "config": list(config), "us": us, "cublas_us": dense_us,
                    "gb_s": g128_bytes(k, n) / us / 1e3}
@@ -90,11 +90,10 @@ def main() -> None:
     if opts.ncu is None:
         return
     opts.ncu.mkdir(parents=True, exist_ok=True)
-    chosen = [r for r in rows if r["m"] in (8, 16, 64)]
     sections = [arg for s in SECTIONS for arg in ("--section", s)]
     cmd = ["ncu", "--clock-control", "none", "--cache-control", "all", "-k", "regex:q4_mma_kernel",
-           "--launch-skip", "0", *sections, "--metrics", ",".join(METRICS), sys.executable, "-m", "benchmarks.experiments.mma_profile",
-           "--launches", json.dumps(chosen)]
+           "--launch-skip", "0", *sections, "--metrics", ",".join(METRICS),
+           sys.executable, "-m", "benchmarks.experiments.mma_profile", "--launches", json.dumps(rows)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     (opts.ncu / "ncu.txt").write_text(done.stdout + done.stderr)
     print(f"ncu exit {done.returncode}; report {opts.ncu / 'ncu.txt'} ({len(done.stdout)} chars)")
