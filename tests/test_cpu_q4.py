@@ -49,6 +49,43 @@ def test_matches_the_dequantized_weights(k, n, group, m, symmetric):
 
 
 @needs_kernel
+def test_calls_from_several_threads_at_once_agree_with_one_call_alone():
+    """The kernels split their work over a worker pool of their own: a call from the engine's thread, and
+    calls from several threads at once (one gets the workers, the others run alone), give the same numbers as
+    one call on the main thread, and none waits forever."""
+    import threading
+
+    gen = torch.Generator().manual_seed(3)
+    k, n, group = 512, 1536, 128
+    q = torch.randint(0, 16, (k, n), generator=gen)
+    scales = (torch.rand(k // group, n, generator=gen) * 0.02 + 1e-3).half().float()
+    args = (cpu_q4.pack(q), cpu_q4.tile_params(scales, torch.float16), 8.0, group)
+    xs = [torch.randn(m, k, generator=gen) for m in (1, 2, 7, 33)]
+    alone = [cpu_q4.matmul(x, *args) for x in xs]
+    results: dict[tuple[int, int], torch.Tensor] = {}
+    errors: list[BaseException] = []
+
+    def work(worker: int) -> None:
+        try:
+            for round_ in range(40):
+                i = (worker + round_) % len(xs)
+                results[worker, round_] = cpu_q4.matmul(xs[i], *args)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a call never returned"
+    assert not errors, errors
+    for (worker, round_), y in results.items():
+        assert torch.equal(y, alone[(worker + round_) % len(xs)]), (worker, round_)
+    assert len(results) == 3 * 40
+
+
+@needs_kernel
 def test_the_packed_layout():
     k, n = 16, 32
     q = torch.arange(k * n).reshape(k, n) % 16
