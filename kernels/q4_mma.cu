@@ -13,15 +13,26 @@
 // at the same slots. In a step of 32 rows of K (4 word rows, two k16 mmas) lane q takes word row q, whose
 // 8 nibbles are its 4 slots in each of the two mmas: slots (2q, 2q+1, 2q+8, 2q+9) are nibbles (0, 4, 1, 5)
 // in the first mma and (2, 6, 3, 7) in the second. Those pairs are what the fp16 exponent trick gives:
-// (w & 0x000F000F) | 0x64006400 is the half2 (1024 + n0, 1024 + n4), and the same of w >> 4, w >> 8,
-// w >> 12 gives (n1, n5), (n2, n6), (n3, n7). x is staged in shared memory as it is (cp.async, all in
+// (w & 0x000F000F) | 0x64006400 is the half2 (1024 + n0, 1024 + n4), (w & 0x00F000F0) | 0x64006400 is
+// (1024 + 16 n1, 1024 + 16 n5), and the same of w >> 8 gives (n2, n6) and (n3, n7): one lop3 a pair. x is staged in shared memory as it is (cp.async, all in
 // flight at once); one 16-byte shared load is a lane's 8 rows of K, and byte permutes pair them as
 // (0, 4), (1, 5), (2, 6), (3, 7): its B fragments for both mmas. A lane loads one 16-byte word of 4 adjacent columns per word row: columns 4g .. 4g + 3 of a
 // 32-column slab; the warp's 8 g's cover the slab, its 4 q's the step's 4 word rows (four full 128-byte
 // lines). Column 4g + 2h + r is row g + 8r of the slab's mma tile h.
 //
-// Weights are dequantized exactly as (n - z) * s in fp16: h - (1024 + z) is exact, times s rounds once,
-// as the dequantized fp16 weight does. Accumulation is fp32 (the mma's accumulators).
+// Weights are dequantized exactly: h - (1024 + z), or h / 16 - (64 + z) in one hfma2, is n - z, with
+// the two half2 constants of each column's zero made once a group (not each step: a 32-row step's
+// instructions went from 172 to about 94 at 16 rows). Up to 16 rows of x the mma takes n - z, each group's
+// fp32 sums are kept apart and scaled once when the group ends (fold()): cheaper than scaling every weight
+// pair while an A fragment serves at most two mmas; from 17 rows the weight is (n - z) * s in fp16, rounded
+// once as the dequantized fp16 weight is. Accumulation is fp32 (the mma's accumulators).
+//
+// Measured (H200, 2026-12-02, benchmarks/experiments/mma_sweep.py): called again on the weights it has just
+// read, the call is barely faster than on weights past L2 (7B gate+up fused, 16 rows: 35.2 against 36.6 µs),
+// and halving the instructions a step changed little: at these sizes the kernel is bound by latencies (x
+// staged before the loop, four warps a scheduler waiting on their loads, the split-K tail), not by DRAM's
+// bandwidth. Prefetching the weights into L2 some steps ahead of the loads (prefetch) helps the larger shapes
+// a little.
 //
 // A block is 4 warps: warps_n side by side over columns (a warp's slab: COLS = 32 or 64 columns), the
 // others splitting the block's rows of K into contiguous runs of steps, DEPTH steps' loads in flight per
@@ -50,6 +61,7 @@ struct Q4MmaArgs {  // mirrored by q4_mma.py's _Args
   int M, N, K, group_size, zero_offset;
   int steps_per_block;  // a step: 32 rows of K
   int warps_n;          // 1, 2 or 4: the block's warps side by side over columns; the rest split its K
+  int prefetch;         // steps ahead of the loads that a warp's weights are prefetched into L2 (0: none)
 };
 
 namespace {
@@ -76,31 +88,103 @@ __device__ __forceinline__ void mma(float (&c)[4], uint32_t a0, uint32_t a1, uin
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// One step's loads for a lane: its word row of 4 columns in each 32-column slab, with their scales and zeros.
+// A step's loads for a lane: its word row of 4 columns in each 32-column slab; on the first step of a group
+// (or of the warp's run), also the group's scales and zeros of those columns.
 template <int CT>
 struct Step {
   uint4 words[CT];
   uint2 scales[CT];
-  uint32_t zeros[CT];  // the 4 columns' zero nibbles in the low 16 bits
+  uint32_t zeros[CT];  // the zero word holding the 4 columns' nibbles (shifted where used: the load stays in flight)
+  bool fresh;          // scales and zeros loaded: the step starts a group
 };
 
+// Where a lane's next step comes from: pointers advanced a step at a time (no index arithmetic in the loop),
+// and the steps left in the current group.
 template <int CT>
-__device__ __forceinline__ void load_step(Step<CT>& s, const Q4MmaArgs& a, int step, int col0) {
-  const int row = step * (STEP / 8) + (threadIdx.x & 3);
-  const int group = step * STEP / a.group_size;
+struct Loader {
+  const uint4* words;    // the step's word row q, columns col0 .. col0 + 3 (slab l 8 * l further)
+  const uint2* scales;   // the group's scales of those columns (slab l 8 * l further)
+  const uint32_t* zeros; // the group's zero word of those columns (slab l 4 * l further)
+  int n;                 // N: uint4s per step of word rows; N / 4 uint2s of scales and N / 8 words of zeros per group
+  int shift;             // 4 * (col0 % 8): the columns' nibbles in the zero word
+  int steps_per_group, group_left;
+  int prefetch, prefetch_left;  // steps ahead prefetched into L2 (lanes g = 0: a 128-byte line a row and slab)
+  bool fresh;
+  bool in_range[CT];
+
+  __device__ __forceinline__ Loader(const Q4MmaArgs& a, int first, int col0) {
+    const int steps_per_group_ = a.group_size / STEP, group = first / steps_per_group_;
+    n = a.N;
+    words = reinterpret_cast<const uint4*>(a.qweight + ((size_t)first * (STEP / 8) + (threadIdx.x & 3)) * n + col0);
+    scales = reinterpret_cast<const uint2*>(a.scales + (size_t)group * n + col0);
+    zeros = a.qzeros + (size_t)group * (n / 8) + col0 / 8;
+    shift = 4 * (col0 % 8);
+    steps_per_group = steps_per_group_;
+    group_left = steps_per_group_ - first % steps_per_group_;
+    fresh = true;
 #pragma unroll
-  for (int l = 0; l < CT; ++l) {
-    const int col = col0 + 32 * l;
-    if (col < a.N) {
-      s.words[l] = __ldcs(reinterpret_cast<const uint4*>(a.qweight + (size_t)row * a.N + col));
-      s.scales[l] = __ldg(reinterpret_cast<const uint2*>(a.scales + (size_t)group * a.N + col));
-      s.zeros[l] = __ldg(a.qzeros + (size_t)group * (a.N / 8) + col / 8) >> (4 * (col % 8));
-    } else {
-      s.words[l] = make_uint4(0, 0, 0, 0);
-      s.scales[l] = make_uint2(0, 0);
-      s.zeros[l] = 0;
+    for (int l = 0; l < CT; ++l) in_range[l] = col0 + 32 * l < n;
+    prefetch = (threadIdx.x & 28) == 0 ? a.prefetch : 0;
+    prefetch_left = a.K / STEP - first - prefetch;
+  }
+
+  __device__ __forceinline__ void load(Step<CT>& s) {
+    s.fresh = fresh;
+#pragma unroll
+    for (int l = 0; l < CT; ++l) {
+      s.words[l] = in_range[l] ? __ldcs(words + 8 * l) : make_uint4(0, 0, 0, 0);
+      if (fresh) {
+        s.scales[l] = in_range[l] ? __ldg(scales + 8 * l) : make_uint2(0, 0);
+        s.zeros[l] = in_range[l] ? __ldg(zeros + 4 * l) : 0;
+      }
+    }
+    if (prefetch > 0 && prefetch_left-- > 0) {
+#pragma unroll
+      for (int l = 0; l < CT; ++l) {
+        if (in_range[l]) asm volatile("prefetch.global.L2 [%0];" ::"l"(words + (size_t)prefetch * n + 8 * l));
+      }
+    }
+    words += n;
+    fresh = --group_left == 0;
+    if (fresh) {
+      group_left = steps_per_group;
+      scales += n / 4;
+      zeros += n / 8;
     }
   }
+};
+
+// A group's constants for a lane's 4 columns in each slab: its scale, and its zero as the two half2 that
+// undo the exponent trick exactly: 1024 + z (subtracted from 1024 + n) and -(64 + z) (added to (1024 + 16n)
+// / 16).
+template <int CT>
+struct GroupConsts {
+  uint32_t low[CT][4], high[CT][4];
+  half2 scale[CT][4];   // applied to the weights
+  float fscale[CT][4];  // or to the group's sums (fold)
+
+  __device__ __forceinline__ void set(const Step<CT>& s, int zero_offset, int shift) {
+    const uint32_t low0 = 0x64006400u + 0x10001u * zero_offset, high0 = 0xD400D400u + 0x100010u * zero_offset;
+#pragma unroll
+    for (int l = 0; l < CT; ++l) {
+      const half* sc = reinterpret_cast<const half*>(&s.scales[l]);
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const uint32_t z = (s.zeros[l] >> (shift + 4 * c)) & 0xF;
+        low[l][c] = low0 + 0x10001u * z;    // (1024 + z, 1024 + z)
+        high[l][c] = high0 + 0x100010u * z;  // (-(64 + z), -(64 + z))
+        scale[l][c] = __half2half2(sc[c]);
+        fscale[l][c] = __half2float(sc[c]);
+      }
+    }
+  }
+};
+
+// (a & 0x00F000F0) | 0x64006400: the half2 (1024 + 16 * nibble 1, 1024 + 16 * nibble 5).
+__device__ __forceinline__ uint32_t high_pair(uint32_t a) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(a), "n"(0x00F000F0), "r"(0x64006400));
+  return r;
 }
 
 __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t selector) {
@@ -109,10 +193,11 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t select
   return r;
 }
 
-// acc[l][h][j]: slab l's mma tile h (columns 4g + 2h, 4g + 2h + 1) times rows 8j .. 8j + 7 of x.
-template <int MT, int CT>
-__device__ __forceinline__ void compute_step(const Step<CT>& s, const uint4* xs, int x_stride16, int zero_offset,
-                                             float (&acc)[CT][2][MT][4]) {
+// acc[l][h][j]: slab l's mma tile h (columns 4g + 2h, 4g + 2h + 1) times rows 8j .. 8j + 7 of x. SCALED:
+// the weights are (n - z) * s, else n - z (the group's sums are scaled once, by fold()).
+template <int MT, int CT, bool SCALED>
+__device__ __forceinline__ void compute_step(const Step<CT>& s, const GroupConsts<CT>& k, const uint4* xs,
+                                             int x_stride16, float (&acc)[CT][2][MT][4]) {
   uint4 xv[MT];  // B fragments of rows 8j + g: .x .y the first mma's (x0, x4), (x1, x5); .z .w the second's
 #pragma unroll
   for (int j = 0; j < MT; ++j) {
@@ -120,37 +205,63 @@ __device__ __forceinline__ void compute_step(const Step<CT>& s, const uint4* xs,
     xv[j] = make_uint4(prmt(v.x, v.z, 0x5410), prmt(v.x, v.z, 0x7632), prmt(v.y, v.w, 0x5410),
                        prmt(v.y, v.w, 0x7632));
   }
+  const half2 sixteenth = __float2half2_rn(1.f / 16);
 #pragma unroll
   for (int l = 0; l < CT; ++l) {
     const uint32_t words[4] = {s.words[l].x, s.words[l].y, s.words[l].z, s.words[l].w};
-    const half* sc = reinterpret_cast<const half*>(&s.scales[l]);
     uint32_t frag[2][4][2];  // [mma][column c][first/second slot pair]: dequantized half2
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
-      const uint32_t z = ((s.zeros[l] >> (4 * c)) & 0xF) + zero_offset;
-      const half2 zero = as_half2((0x6400u | z) * 0x10001u);  // (1024 + z, 1024 + z)
-      const half2 scale = __half2half2(sc[c]);
-      const uint32_t w = words[c];
-      frag[0][c][0] = as_u32(__hmul2(__hsub2(as_half2(low_pair(w)), zero), scale));        // n0, n4
-      frag[0][c][1] = as_u32(__hmul2(__hsub2(as_half2(low_pair(w >> 4)), zero), scale));   // n1, n5
-      frag[1][c][0] = as_u32(__hmul2(__hsub2(as_half2(low_pair(w >> 8)), zero), scale));   // n2, n6
-      frag[1][c][1] = as_u32(__hmul2(__hsub2(as_half2(low_pair(w >> 12)), zero), scale));  // n3, n7
+      const half2 low = as_half2(k.low[l][c]), high = as_half2(k.high[l][c]);
+      const uint32_t w = words[c], w8 = w >> 8;
+      half2 v[2][2] = {{__hsub2(as_half2(low_pair(w)), low), __hfma2(as_half2(high_pair(w)), sixteenth, high)},
+                       {__hsub2(as_half2(low_pair(w8)), low), __hfma2(as_half2(high_pair(w8)), sixteenth, high)}};
+#pragma unroll
+      for (int kk = 0; kk < 2; ++kk)  // (n0, n4), (n1, n5); (n2, n6), (n3, n7)
+#pragma unroll
+        for (int p = 0; p < 2; ++p) frag[kk][c][p] = as_u32(SCALED ? __hmul2(v[kk][p], k.scale[l][c]) : v[kk][p]);
     }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
 #pragma unroll
-      for (int k = 0; k < 2; ++k) {
+      for (int kk = 0; kk < 2; ++kk) {
         // A: row g (column 2h) then row g + 8 (column 2h + 1), slots (2q, 2q+1) then (2q+8, 2q+9).
-        const uint32_t a0 = frag[k][2 * h][0], a1 = frag[k][2 * h + 1][0];
-        const uint32_t a2 = frag[k][2 * h][1], a3 = frag[k][2 * h + 1][1];
+        const uint32_t a0 = frag[kk][2 * h][0], a1 = frag[kk][2 * h + 1][0];
+        const uint32_t a2 = frag[kk][2 * h][1], a3 = frag[kk][2 * h + 1][1];
 #pragma unroll
         for (int j = 0; j < MT; ++j) {
-          const uint32_t b0 = k == 0 ? xv[j].x : xv[j].z, b1 = k == 0 ? xv[j].y : xv[j].w;
+          const uint32_t b0 = kk == 0 ? xv[j].x : xv[j].z, b1 = kk == 0 ? xv[j].y : xv[j].w;
           mma(acc[l][h][j], a0, a1, a2, a3, b0, b1);
         }
       }
     }
   }
+}
+
+template <int MT, int CT>
+__device__ __forceinline__ void zero(float (&part)[CT][2][MT][4]) {
+#pragma unroll
+  for (int l = 0; l < CT; ++l)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int j = 0; j < MT; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) part[l][h][j][c] = 0.f;
+}
+
+// acc += part * the group's scales (a column's: 4g + 2h + c / 2 of slab l).
+template <int MT, int CT>
+__device__ __forceinline__ void fold(float (&acc)[CT][2][MT][4], const float (&part)[CT][2][MT][4],
+                                     const GroupConsts<CT>& k) {
+#pragma unroll
+  for (int l = 0; l < CT; ++l)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int j = 0; j < MT; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[l][h][j][c] = fmaf(part[l][h][j][c], k.fscale[l][2 * h + c / 2], acc[l][h][j][c]);
 }
 
 __device__ __forceinline__ void store4(half* out, float4 v) {  // 8-byte aligned: n is a multiple of 4
@@ -204,9 +315,10 @@ __global__ void __launch_bounds__(WARPS * 32) q4_mma_kernel(const Q4MmaArgs a) {
   asm volatile("griddepcontrol.launch_dependents;");
 #endif
   Step<CT> ring[DEPTH];
+  Loader<CT> loader(a, first_step + w_begin, col0);
 #pragma unroll
   for (int d = 0; d < DEPTH; ++d) {
-    if (d < n_steps) load_step(ring[d], a, first_step + w_begin + d, col0);
+    if (d < n_steps) loader.load(ring[d]);
   }
 #if __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -218,9 +330,8 @@ __global__ void __launch_bounds__(WARPS * 32) q4_mma_kernel(const Q4MmaArgs a) {
   half* xs = reinterpret_cast<half*>(smem);
   const int k0 = first_step * STEP, block_k = block_steps * STEP;
   if (a.perm == nullptr) {
-    for (int i = threadIdx.x; i < M * (block_k / 8); i += WARPS * 32) {
-      const int m = i / (block_k / 8), r = i % (block_k / 8);
-      copy16_async(xs + (size_t)m * stride + 8 * r, a.x + (size_t)m * K + k0 + 8 * r);
+    for (int r = threadIdx.x; r < block_k / 8; r += WARPS * 32) {
+      for (int m = 0; m < M; ++m) copy16_async(xs + (size_t)m * stride + 8 * r, a.x + (size_t)m * K + k0 + 8 * r);
     }
     asm volatile("cp.async.commit_group;\ncp.async.wait_all;" ::: "memory");
   } else {  // one lookup of perm per row of K, then the x rows' values at it
@@ -232,7 +343,12 @@ __global__ void __launch_bounds__(WARPS * 32) q4_mma_kernel(const Q4MmaArgs a) {
   }
   __syncthreads();
 
+  // Few rows: the weights are n - z, and a group's sums are scaled once when it ends (fewer instructions
+  // than scaling every weight while an A fragment serves at most two mmas).
+  constexpr bool FOLD = MT <= 2;
   float acc[CT][2][MT][4] = {};
+  float part[CT][2][MT][4];  // FOLD: the current group's unscaled sums
+  GroupConsts<CT> consts;
 
   // This lane's B fragments: row g of x, its word row's 8 rows of K in the step.
   const uint4* xl = reinterpret_cast<const uint4*>(xs + (size_t)g * stride + w_begin * STEP + 8 * q);
@@ -242,11 +358,18 @@ __global__ void __launch_bounds__(WARPS * 32) q4_mma_kernel(const Q4MmaArgs a) {
     for (int d = 0; d < DEPTH; ++d) {
       const int s = s0 + d;
       if (s < n_steps) {
-        compute_step<MT, CT>(ring[d], xl + s * (STEP / 8), x_stride16, a.zero_offset, acc);
-        if (s + DEPTH < n_steps) load_step(ring[d], a, first_step + w_begin + s + DEPTH, col0);
+        if (ring[d].fresh) {
+          if (FOLD && s > 0) fold(acc, part, consts);
+          consts.set(ring[d], a.zero_offset, loader.shift);
+          if (FOLD) zero(part);
+        }
+        compute_step<MT, CT, !FOLD>(ring[d], consts, xl + s * (STEP / 8), x_stride16, FOLD ? part : acc);
+        if (s + DEPTH < n_steps) loader.load(ring[d]);
       }
     }
   }
+
+  if (FOLD && n_steps > 0) fold(acc, part, consts);
 
   // The warps' sums, in the shared memory x was staged in: red[warp][row][column]; warp = warp_k * warps_n +
   // warp_n.
