@@ -67,6 +67,8 @@ def library(arch: str) -> ctypes.CDLL:
     lib.head_gemv.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     lib.q4_mma.restype = ctypes.c_int
     lib.q4_mma.argtypes = [ctypes.c_void_p] + [ctypes.c_int] * 3 + [ctypes.c_void_p]
+    lib.q4_mma_smem_bytes.restype = ctypes.c_long
+    lib.q4_mma_smem_bytes.argtypes = [ctypes.c_int] * 3
     return lib
 
 

@@ -238,8 +238,9 @@ __device__ __forceinline__ void compute_step(const Step<CT>& s, const GroupConst
   }
 }
 
-template <int MT, int CT>
-__device__ __forceinline__ void zero(float (&part)[CT][2][MT][4]) {
+// f(l, h, j, c) for each of a lane's sums: slab l, mma tile h, rows 8j .., accumulator c.
+template <int MT, int CT, class F>
+__device__ __forceinline__ void each_sum(F&& f) {
 #pragma unroll
   for (int l = 0; l < CT; ++l)
 #pragma unroll
@@ -247,21 +248,17 @@ __device__ __forceinline__ void zero(float (&part)[CT][2][MT][4]) {
 #pragma unroll
       for (int j = 0; j < MT; ++j)
 #pragma unroll
-        for (int c = 0; c < 4; ++c) part[l][h][j][c] = 0.f;
+        for (int c = 0; c < 4; ++c) f(l, h, j, c);
 }
 
-// acc += part * the group's scales (a column's: 4g + 2h + c / 2 of slab l).
+// acc += part * the group's scales (a column's: 4g + 2h + c / 2 of slab l), and part = 0 for the next group.
 template <int MT, int CT>
-__device__ __forceinline__ void fold(float (&acc)[CT][2][MT][4], const float (&part)[CT][2][MT][4],
+__device__ __forceinline__ void fold(float (&acc)[CT][2][MT][4], float (&part)[CT][2][MT][4],
                                      const GroupConsts<CT>& k) {
-#pragma unroll
-  for (int l = 0; l < CT; ++l)
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-#pragma unroll
-      for (int j = 0; j < MT; ++j)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) acc[l][h][j][c] = fmaf(part[l][h][j][c], k.fscale[l][2 * h + c / 2], acc[l][h][j][c]);
+  each_sum<MT, CT>([&](int l, int h, int j, int c) {
+    acc[l][h][j][c] = fmaf(part[l][h][j][c], k.fscale[l][2 * h + c / 2], acc[l][h][j][c]);
+    part[l][h][j][c] = 0.f;
+  });
 }
 
 __device__ __forceinline__ void store4(half* out, float4 v) {  // 8-byte aligned: n is a multiple of 4
@@ -347,7 +344,7 @@ __global__ void __launch_bounds__(WARPS * 32) q4_mma_kernel(const Q4MmaArgs a) {
   // than scaling every weight while an A fragment serves at most two mmas).
   constexpr bool FOLD = MT <= 2;
   float acc[CT][2][MT][4] = {};
-  float part[CT][2][MT][4];  // FOLD: the current group's unscaled sums
+  float part[CT][2][MT][4] = {};  // FOLD: the current group's unscaled sums
   GroupConsts<CT> consts;
 
   // This lane's B fragments: row g of x, its word row's 8 rows of K in the step.
@@ -361,7 +358,6 @@ __global__ void __launch_bounds__(WARPS * 32) q4_mma_kernel(const Q4MmaArgs a) {
         if (ring[d].fresh) {
           if (FOLD && s > 0) fold(acc, part, consts);
           consts.set(ring[d], a.zero_offset, loader.shift);
-          if (FOLD) zero(part);
         }
         compute_step<MT, CT, !FOLD>(ring[d], consts, xl + s * (STEP / 8), x_stride16, FOLD ? part : acc);
         if (s + DEPTH < n_steps) loader.load(ring[d]);
@@ -375,17 +371,10 @@ __global__ void __launch_bounds__(WARPS * 32) q4_mma_kernel(const Q4MmaArgs a) {
   // warp_n.
   __syncthreads();
   float* red = reinterpret_cast<float*>(smem);
-#pragma unroll
-  for (int l = 0; l < CT; ++l)
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-#pragma unroll
-      for (int j = 0; j < MT; ++j)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const int row = 8 * j + 2 * q + (c & 1), column = 32 * l + 4 * g + 2 * h + (c >> 1);
-          red[(warp * ROWS + row) * COLS + column] = acc[l][h][j][c];
-        }
+  each_sum<MT, CT>([&](int l, int h, int j, int c) {
+    const int row = 8 * j + 2 * q + (c & 1), column = 32 * l + 4 * g + 2 * h + (c >> 1);
+    red[(warp * ROWS + row) * COLS + column] = acc[l][h][j][c];
+  });
   __syncthreads();
 
   // Four adjacent columns per thread: the block's sums stored (one split) or added into the fp32 workspace.
@@ -440,10 +429,10 @@ __global__ void __launch_bounds__(WARPS * 32) q4_mma_kernel(const Q4MmaArgs a) {
   if (threadIdx.x == 0) a.counters[tile] = 0;
 }
 
-template <int MT, int CT>
-size_t smem_bytes(int steps_per_block) {
-  const size_t staged = (size_t)8 * MT * x_stride(steps_per_block) * sizeof(half);
-  const size_t reduced = (size_t)WARPS * 8 * MT * 32 * CT * sizeof(float);
+// x staged (rows of the instance, the block's rows of K), then the same memory holds the warps' sums.
+size_t smem_bytes(int rows, int cols, int steps_per_block) {
+  const size_t staged = (size_t)rows * x_stride(steps_per_block) * sizeof(half);
+  const size_t reduced = (size_t)WARPS * rows * cols * sizeof(float);
   return staged > reduced ? staged : reduced;
 }
 
@@ -454,7 +443,7 @@ cudaError_t launch(const Q4MmaArgs& a, bool pdl, cudaStream_t stream) {
   const int block_cols = 32 * CT * a.warps_n;
   config.gridDim = dim3((a.N + block_cols - 1) / block_cols, (steps + a.steps_per_block - 1) / a.steps_per_block);
   config.blockDim = dim3(WARPS * 32);
-  config.dynamicSmemBytes = smem_bytes<MT, CT>(a.steps_per_block);
+  config.dynamicSmemBytes = smem_bytes(8 * MT, 32 * CT, a.steps_per_block);
   config.stream = stream;
   const cudaError_t rc = allow_dynamic_smem<q4_mma_kernel<MT, CT, DEPTH>>(config.dynamicSmemBytes);
   if (rc != cudaSuccess) return rc;
@@ -503,6 +492,11 @@ int q4_mma(const Q4MmaArgs* args, int cols, int depth, int pdl, void* stream) {
     default: rc = launch_cols<8>(a, cols, depth, pdl, s); break;
   }
   return rc == cudaErrorInvalidValue ? -1 : static_cast<int>(rc);
+}
+
+// The dynamic shared memory of a launch: rows 8, 16, 32 or 64 (the instance's), cols 32 or 64.
+long q4_mma_smem_bytes(int rows, int cols, int steps_per_block) {
+  return static_cast<long>(smem_bytes(rows, cols, steps_per_block));
 }
 
 }

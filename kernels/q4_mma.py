@@ -13,7 +13,6 @@ from kernels.timing import Tuner
 
 MAX_ROWS = 64
 STEP = 32  # rows of K per step, as in the source
-WARPS = 4
 SMEM_LIMIT = 100 * 1024  # two blocks per SM
 
 
@@ -65,8 +64,9 @@ SCRATCH = _Scratch()
 
 
 def smem_bytes(rows: int, cols: int, steps_per_block: int) -> int:
-    stride = steps_per_block * STEP + (0 if steps_per_block % 2 else 32)
-    return max(rows * stride * 2, WARPS * rows * cols * 4)
+    """The dynamic shared memory of a launch, as the library computes it (on the current GPU's build)."""
+    lib = cuda_lib.library(cuda_lib.arch_of(torch.device("cuda", torch.cuda.current_device())))
+    return lib.q4_mma_smem_bytes(rows, cols, steps_per_block)
 
 
 # (columns per warp, steps in flight per warp, steps of K per block, warps_n[, steps ahead of the loads that
