@@ -77,7 +77,7 @@ class WorkerPool {
     } catch (...) {
       mine = std::current_exception();
     }
-    while (remaining_.load(std::memory_order_acquire) > 0) _mm_pause();
+    for (int spins = 0; remaining_.load(std::memory_order_acquire) > 0; ++spins) pause_or_yield(spins);
     task_ = nullptr;
     if (mine) std::rethrow_exception(mine);
     if (failure_) std::rethrow_exception(failure_);
@@ -85,6 +85,13 @@ class WorkerPool {
 
  private:
   static constexpr auto kSpin = std::chrono::milliseconds(2);
+
+  // Spinning on a busy machine (more runnable threads than cores) would keep the thread being waited for off
+  // its core: after the first few microseconds every spin also offers the core to another thread.
+  static void pause_or_yield(int spins) {
+    _mm_pause();
+    if (spins >= 256) std::this_thread::yield();
+  }
 
   void grow(int workers) {
     while (static_cast<int>(threads_.size()) < workers) {
@@ -97,10 +104,9 @@ class WorkerPool {
   void loop(int id, uint64_t seen) {
     for (;;) {
       const auto until = std::chrono::steady_clock::now() + kSpin;
-      int spins = 0;
-      while (generation_.load(std::memory_order_acquire) == seen) {
-        _mm_pause();
-        if (++spins % 256 == 0 && std::chrono::steady_clock::now() > until) {
+      for (int spins = 0; generation_.load(std::memory_order_acquire) == seen; ++spins) {
+        pause_or_yield(spins);
+        if (spins % 256 == 255 && std::chrono::steady_clock::now() > until) {
           std::unique_lock<std::mutex> lock(wake_mutex_);
           wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
         }

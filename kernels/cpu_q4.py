@@ -30,10 +30,8 @@ def load():
     try:
         from torch.utils.cpp_extension import load as build
 
-        # -fopenmp: at::parallel_for is inline OpenMP; without it the kernel runs on one thread. The library it
-        # links (libgomp.so.1) resolves to the one torch has loaded already, so both share one thread pool.
-        module = build(name="gptq_workbench_cpu_q4", sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp"],
-                       extra_ldflags=["-fopenmp"], verbose=False)
+        # No OpenMP: the kernels split their work over a thread pool of the source's own (see its header).
+        module = build(name="gptq_workbench_cpu_q4", sources=[str(SOURCE)], extra_cflags=["-O3"], verbose=False)
     except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, a failed build: the reason is kept
         _failure.append(f"the AVX-512 kernel did not build ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
         log.warning("%s", _failure[-1])
