@@ -21,18 +21,16 @@
 // lines). Column 4g + 2h + r is row g + 8r of the slab's mma tile h.
 //
 // Weights are dequantized exactly: h - (1024 + z), or h / 16 - (64 + z) in one hfma2, is n - z, with
-// the two half2 constants of each column's zero made once a group (not each step: a 32-row step's
-// instructions went from 172 to about 94 at 16 rows). Up to 16 rows of x the mma takes n - z, each group's
-// fp32 sums are kept apart and scaled once when the group ends (fold()): cheaper than scaling every weight
-// pair while an A fragment serves at most two mmas; from 17 rows the weight is (n - z) * s in fp16, rounded
-// once as the dequantized fp16 weight is. Accumulation is fp32 (the mma's accumulators).
+// the two half2 constants of each column's zero made once a group, not every step. Up to 16 rows of x the
+// mma takes n - z, each group's fp32 sums are kept apart and scaled once when the group ends (fold()):
+// cheaper than scaling every weight pair while an A fragment serves at most two mmas; from 17 rows the
+// weight is (n - z) * s in fp16, rounded once as the dequantized fp16 weight is. Accumulation is fp32 (the
+// mma's accumulators).
 //
-// Measured (H200, 2026-12-02, benchmarks/experiments/mma_sweep.py): called again on the weights it has just
-// read, the call is barely faster than on weights past L2 (7B gate+up fused, 16 rows: 35.2 against 36.6 µs),
-// and halving the instructions a step changed little: at these sizes the kernel is bound by latencies (x
-// staged before the loop, four warps a scheduler waiting on their loads, the split-K tail), not by DRAM's
-// bandwidth. Prefetching the weights into L2 some steps ahead of the loads (prefetch) helps the larger shapes
-// a little.
+// At these sizes the kernel is bound by latencies (x staged before the loop, four warps a scheduler waiting
+// on their loads, the split-K tail), not by DRAM's bandwidth: called again on weights it has just read it is
+// barely faster (benchmarks/experiments/mma_sweep.py; RESULTS.md's log). Prefetching the weights into L2 some
+// steps ahead of the loads (prefetch) shortens those waits on the wider shapes.
 //
 // A block is 4 warps: warps_n side by side over columns (a warp's slab: COLS = 32 or 64 columns), the
 // others splitting the block's rows of K into contiguous runs of steps, DEPTH steps' loads in flight per
