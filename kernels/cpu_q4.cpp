@@ -719,10 +719,13 @@ torch::Tensor norm_head(torch::Tensor x, torch::Tensor norm_weight, double eps, 
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // The calls run without the GIL: a long prompt's layer call must not hold up the app's other threads (the
+  // HTTP server, the UI, the streams' detokenizing) for its whole length.
+  const auto without_gil = py::call_guard<py::gil_scoped_release>();
   m.def("supported", &supported);
-  m.def("q4_matmul", &q4_matmul);
-  m.def("q4_linear", &q4_linear);
-  m.def("paged_decode_attention", &paged_decode_attention);
-  m.def("rope_store_attend", &rope_store_attend);
-  m.def("norm_head", &norm_head);
+  m.def("q4_matmul", &q4_matmul, without_gil);
+  m.def("q4_linear", &q4_linear, without_gil);
+  m.def("paged_decode_attention", &paged_decode_attention, without_gil);
+  m.def("rope_store_attend", &rope_store_attend, without_gil);
+  m.def("norm_head", &norm_head, without_gil);
 }

@@ -86,6 +86,33 @@ def test_calls_from_several_threads_at_once_agree_with_one_call_alone():
 
 
 @needs_kernel
+def test_other_python_threads_run_while_a_call_computes():
+    """A long call (a prompt's layer) releases the GIL: the app's other threads (its HTTP server, its UI) keep
+    running during it, rather than waiting for its end."""
+    import threading
+    import time
+
+    gen = torch.Generator().manual_seed(4)
+    k, n, group = 4096, 4096, 128
+    args = (cpu_q4.pack(torch.randint(0, 16, (k, n), generator=gen)),
+            cpu_q4.tile_params(torch.rand(k // group, n, generator=gen).half(), torch.float16), 8.0, group)
+    x = torch.randn(2048, k, generator=gen)
+    started = time.perf_counter()
+    cpu_q4.matmul(x, *args)
+    alone = time.perf_counter() - started
+    assert alone > 0.05, "the call must be long enough to tell"
+    call = threading.Thread(target=cpu_q4.matmul, args=(x, *args))
+    ticks = []
+    call.start()
+    while call.is_alive():
+        ticks.append(time.perf_counter())
+    call.join()
+    gaps = [b - a for a, b in zip(ticks, ticks[1:])]
+    # Holding the GIL, the call would stop this loop for about its whole length in one gap.
+    assert len(ticks) > 100 and max(gaps) < alone / 2, (len(ticks), max(gaps, default=None), alone)
+
+
+@needs_kernel
 def test_the_packed_layout():
     k, n = 16, 32
     q = torch.arange(k * n).reshape(k, n) % 16
