@@ -163,9 +163,8 @@ class PagedStep:
                 attn_mask=mask, enable_gqa=gqa)[0]
         if self.batched:
             queries = q[:, self.batch_rows].transpose(0, 1)  # [B, Hq, D]
-            attend = cpu_q4.paged_decode_attention if self.on_cpu else _kernel().paged_decode_attention
-            attended = attend(queries, cache_k, cache_v, self.table, self.lens, self.pool.shape.block_size,
-                              self.window)
+            attended = _kernel().paged_decode_attention(queries, cache_k, cache_v, self.table, self.lens,
+                                                        self.pool.shape.block_size, self.window)
             out[:, self.batch_rows] = attended.transpose(0, 1)
         return out.transpose(0, 1).reshape(t, -1)
 

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from webui.files import atomic_write_text, read_yaml_mapping
-from webui.presets import NAME_PATTERN
+from webui.files import atomic_write_text, checked_name, read_yaml_mapping
 
 FIELDS = ("system", "greeting", "description")
 
@@ -32,11 +31,7 @@ class Character:
 
 
 def check_name(name: str) -> str:
-    name = (name or "").strip()
-    if not NAME_PATTERN.match(name):
-        raise CharacterError(f"character name {name!r} is not allowed: use letters, digits, spaces, '.', '-', '+' "
-                             "or '_' (up to 64)")
-    return name
+    return checked_name(name, "character", CharacterError)
 
 
 class CharacterLibrary:

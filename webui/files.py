@@ -3,10 +3,23 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
 import yaml
+
+# A name the user gives that becomes a file in one of our folders: no separators, no leading dot.
+NAME_PATTERN = re.compile(r"^[\w][\w .+-]{0,63}$")
+
+
+def checked_name(name: str | None, what: str, error: type[ValueError]) -> str:
+    """``name`` stripped, or ``error`` saying what a ``what`` name may hold."""
+    name = (name or "").strip()
+    if not NAME_PATTERN.match(name):
+        raise error(f"{what} name {name!r} is not allowed: use letters, digits, spaces, '.', '-', '+' or '_' "
+                    "(up to 64)")
+    return name
 
 
 def read_yaml_mapping(path: Path, allowed: tuple[str, ...], error: type[ValueError], holds: str,

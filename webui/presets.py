@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, fields
 from pathlib import Path
 
 import yaml
 
 from backends.sampling import SamplingParams
-from webui.files import atomic_write_text, read_yaml_mapping
+from webui.files import atomic_write_text, checked_name, read_yaml_mapping
 
-NAME_PATTERN = re.compile(r"^[\w][\w .+-]{0,63}$")
 # What a preset holds: the sampling knobs, not per-request stops or seeds.
 PRESET_FIELDS = ("temperature", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty", "max_new_tokens",
                  "presence_penalty", "frequency_penalty", "dry_multiplier", "dry_base", "dry_allowed_length",
@@ -24,10 +22,7 @@ class PresetError(ValueError):
 
 
 def check_name(name: str) -> str:
-    name = name.strip()
-    if not NAME_PATTERN.match(name):
-        raise PresetError(f"preset name {name!r} is not allowed: use letters, digits, spaces, '.', '-', '+' or '_'")
-    return name
+    return checked_name(name, "preset", PresetError)
 
 
 def list_presets(folder: Path) -> list[str]:
