@@ -1,6 +1,7 @@
-"""Many concurrent streams on the GPU through the engine: aggregate decode throughput and per-token latency.
+"""Many concurrent streams through the engine: aggregate decode throughput and per-token latency.
 
     python -m benchmarks.batched_decode [--sizes 7B 13B] [--streams 1 4 16 64] [--backend exllama]
+    python -m benchmarks.batched_decode --device cpu --sizes 7B --streams 1 4 8 --prompt 64 --new 16
 
 For each size it writes a random-weight 4-bit g128 Llama-2-shaped checkpoint, loads it as the app does and
 starts N greedy generations at once (each a distinct 512-token prompt, 256 new tokens), the way N API
@@ -35,11 +36,11 @@ PROMPT = 512
 NEW = 256
 
 
-def run_streams(loaded, n: int, seed: int) -> dict:
+def run_streams(loaded, n: int, seed: int, prompt: int = PROMPT, new: int = NEW) -> dict:
     g = torch.Generator().manual_seed(seed)
     # Tokens from 3 up: the random model's end token (2) never stops a stream early.
-    prompts = [torch.randint(3, VOCAB, (PROMPT,), generator=g).tolist() for _ in range(n)]
-    params = SamplingParams(temperature=0, max_new_tokens=NEW, stop_token_ids=())
+    prompts = [torch.randint(3, VOCAB, (prompt,), generator=g).tolist() for _ in range(n)]
+    params = SamplingParams(temperature=0, max_new_tokens=new, stop_token_ids=())
     gens = [Generation(loaded, p, params) for p in prompts]
     engine = loaded.engine
     peak = {"held": 0, "tokens": 0}
@@ -103,35 +104,45 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--streams", nargs="+", type=int, default=[1, 4, 16, 64])
-    parser.add_argument("--backend", default="exllama", choices=["exllama", "triton"])
+    parser.add_argument("--backend", choices=["exllama", "triton", "cpu"],
+                        help="default: exllama on the GPU, cpu on the CPU")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--prompt", type=int, default=PROMPT, help="tokens of each stream's prompt")
+    parser.add_argument("--new", type=int, default=NEW, help="new tokens of each stream")
     opts = parser.parse_args()
-    print(f"{torch.cuda.get_device_properties(0).name}; {time.strftime('%Y-%m-%d')}; backend {opts.backend}; "
-          f"{PROMPT}-token prompts, {NEW} new tokens each", flush=True)
+    on_gpu = opts.device == "cuda"
+    backend = opts.backend or ("exllama" if on_gpu else "cpu")
+    where = torch.cuda.get_device_properties(0).name if on_gpu else f"CPU, {os.cpu_count()} cores"
+    print(f"{where}; {time.strftime('%Y-%m-%d')}; backend {backend}; {opts.prompt}-token prompts, {opts.new} new "
+          "tokens each", flush=True)
     rows = []
     for size in opts.sizes:
         with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
-            path = write_checkpoint(Path(tmp) / "m", size, act_order=False)
-            cache = max(opts.streams) * (PROMPT + NEW) + 1024
-            loaded = load_model(path, LoadOptions(backend=opts.backend, context_length=PROMPT + NEW + 64,
-                                                  cache_tokens=cache))
-            for n in opts.streams:  # warm-up: kernels tuned, graphs of every bucket captured
-                run_streams(loaded, n, seed=0)
+            path = write_checkpoint(Path(tmp) / "m", size, act_order=False, device=opts.device)
+            cache = max(opts.streams) * (opts.prompt + opts.new) + 1024
+            loaded = load_model(path, LoadOptions(device=opts.device, backend=backend,
+                                                  context_length=opts.prompt + opts.new + 64, cache_tokens=cache))
+            # warm-up: on the GPU kernels tuned and graphs of every bucket captured; on the CPU pages touched
+            for n in opts.streams if on_gpu else opts.streams[:1]:
+                run_streams(loaded, n, 0, opts.prompt, opts.new)
             base = None
             for n in opts.streams:
-                r = run_streams(loaded, n, seed=n)
+                r = run_streams(loaded, n, n, opts.prompt, opts.new)
                 base = base or r
                 r["size"], r["vs_1"] = size, r["aggregate_tok_s"] / base["aggregate_tok_s"]
                 r["latency_vs_1"] = r["latency_ms"] / base["latency_ms"]
                 rows.append(r)
                 print(f"  {size} x{n}: {r['aggregate_tok_s']:.0f} tok/s, {r['latency_ms']:.2f} ms/token", flush=True)
-            replay = graph_replay_ms(loaded)
-            for r in rows:
-                if r["size"] == size:
-                    r["replay_ms"] = replay.get(loaded.engine.batched.bucket(r["streams"])) if r["streams"] > 1 else None
+            if loaded.engine.batched is not None:
+                replay = graph_replay_ms(loaded)
+                for r in rows:
+                    if r["size"] == size and r["streams"] > 1:
+                        r["replay_ms"] = replay.get(loaded.engine.batched.bucket(r["streams"]))
             loaded.engine.close()
             del loaded
             gc.collect()
-            torch.cuda.empty_cache()
+            if on_gpu:
+                torch.cuda.empty_cache()
     print("\n| model | streams | aggregate decode tok/s | × 1 stream | per-token latency (ms) | × 1 stream | "
           "TTFT median (s) | wall (s) | ms per engine step | GPU ms per graph replay | tokens | "
           "KV held at peak / sum of lengths |")

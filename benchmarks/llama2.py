@@ -34,11 +34,11 @@ def config(size: str) -> dict:
             **shape}
 
 
-def write_checkpoint(folder: Path, size: str, act_order: bool) -> Path:
-    """A random 4-bit g128 GPTQ checkpoint of Llama-2 ``size`` (drawn on the GPU), with a tokenizer of VOCAB
+def write_checkpoint(folder: Path, size: str, act_order: bool, device: str = "cuda") -> Path:
+    """A random 4-bit g128 GPTQ checkpoint of Llama-2 ``size`` (drawn on ``device``), with a tokenizer of VOCAB
     plain tokens so that the app's own loader and generation run it."""
     write_random_checkpoint(folder, config(size), bits=4, group_size=128, act_order=act_order, sym=True,
-                            shared_g_idx=True, device="cuda")
+                            shared_g_idx=True, device=device)
     write_plain_tokenizer(folder, VOCAB)
     return folder
 
