@@ -84,7 +84,7 @@ def main() -> None:
     if opts.launches:
         launches(opts.launches)
         return
-    print("| shape | M | config (cols, depth, steps/block, warps_n) | µs | cuBLAS µs | ratio | GB/s |")
+    print("| shape | M | config (cols, depth, steps/block, warps_n, prefetch) | µs | cuBLAS µs | ratio | GB/s |")
     print("|---|---|---|---|---|---|---|")
     rows = tuned(ROWS)
     if opts.ncu is None:
