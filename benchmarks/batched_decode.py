@@ -1,7 +1,7 @@
 """Many concurrent streams through the engine: aggregate decode throughput and per-token latency.
 
     python -m benchmarks.batched_decode [--sizes 7B 13B] [--streams 1 4 16 64] [--backend exllama]
-    python -m benchmarks.batched_decode --device cpu --sizes 7B --streams 1 4 8 --prompt 64 --new 16
+    python -m benchmarks.batched_decode --device cpu --sizes 7B --streams 1 4 8 --prompt 64 --new 64
 
 For each size it writes a random-weight 4-bit g128 Llama-2-shaped checkpoint, loads it as the app does and
 starts N greedy generations at once (each a distinct 512-token prompt, 256 new tokens), the way N API

@@ -50,8 +50,8 @@ class WorkerPool {
   void run(int64_t begin, int64_t end, int64_t grain, const std::function<void(int64_t, int64_t)>& f) {
     const int64_t n = end - begin;
     if (n <= 0) return;
-    const int64_t most = std::max<int64_t>(1, (n + std::max<int64_t>(grain, 1) - 1) / std::max<int64_t>(grain, 1));
-    const int parts = static_cast<int>(std::min<int64_t>(at::get_num_threads(), most));
+    const int64_t least = std::max<int64_t>(grain, 1);
+    const int parts = static_cast<int>(std::min<int64_t>(at::get_num_threads(), (n + least - 1) / least));
     std::unique_lock<std::mutex> use(busy_, std::try_to_lock);
     if (parts <= 1 || !use.owns_lock() || getpid() != pid_) {
       f(begin, end);
