@@ -17,9 +17,10 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
+from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
 from backends.banned import BannedStrings
 from backends.constraints import Constraint, Grammar
@@ -49,19 +50,26 @@ class GenerationResult:
         return self.decode_steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
 
+def text_decoder(tokenizer) -> Callable[[list[int]], str]:
+    """The tokenizer's ``decode(ids, skip_special_tokens=True)``, without clean-up. A fast tokenizer's is its
+    Rust tokenizer's own, as transformers' ``_decode`` calls it: the wrapper around that call cost 9x the
+    decode itself (21 against 2.3 µs, profiled on the H200's host), twice per token of every stream."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and type(tokenizer)._decode is TokenizersBackend._decode:
+        return lambda ids: backend.decode(ids, skip_special_tokens=True)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
 class IncrementalDecoder:
     """Turns a growing list of token ids into text deltas (the TGI/vLLM scheme)."""
 
     def __init__(self, tokenizer, context: list[int] = ()):
         # The last prompt tokens, so the first new token decodes as it reads in context
         # (a SentencePiece "▁word" keeps its space after an open reply).
-        self.tokenizer = tokenizer
+        self._decode = text_decoder(tokenizer)
         self.ids: list[int] = list(context)
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)

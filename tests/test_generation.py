@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from backends.generation import ContextOverflowError, Generation, IncrementalDecoder, StopStringFilter
+from backends.generation import ContextOverflowError, Generation, IncrementalDecoder, StopStringFilter, text_decoder
 from backends.loader import LoadOptions, load_model
 from backends.sampling import SamplingParams
 
@@ -27,6 +27,19 @@ def test_incremental_decoder_never_splits_characters(loaded):
     assert all("\ufffd" not in p for p in pieces)
     assert "".join(pieces) == text
     assert sum(1 for p in pieces if p) > 10
+
+
+def test_text_decoder_equals_the_tokenizers_decode(loaded, monkeypatch):
+    tokenizer = loaded.tokenizer
+    text = "Grüße aus Köln 👋🏽 —  two  spaces , and a comma ."
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    special = tokenizer.all_special_ids
+    chunks = [ids, [special[0], *ids[:5], special[-1], *ids[5:]], ids[3:4], []]
+    expected = [tokenizer.decode(c, skip_special_tokens=True, clean_up_tokenization_spaces=False) for c in chunks]
+    # A fast tokenizer is decoded by its Rust tokenizer directly, not through transformers' wrapper.
+    monkeypatch.setattr(tokenizer, "decode", lambda *a, **k: pytest.fail("decoded through the wrapper"))
+    decode = text_decoder(tokenizer)
+    assert [decode(c) for c in chunks] == expected
 
 
 def test_stop_string_filter_holds_back_partial_matches():
