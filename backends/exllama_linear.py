@@ -5,13 +5,13 @@ At load, act-order checkpoints get ``q_perm`` (rows sorted by group) and
 run, and the activations are permuted to match at run time (the layout is
 shared with the triton backend, backends/packed_linear.py).
 
-Up to 4 rows (decode) run the CUDA GEMV (kernels/q4_gemv.cu, built with nvcc
+One or two rows (decode) run the CUDA GEMV (kernels/q4_gemv.cu, built with nvcc
 on first use), which also finishes the layer's neighbours in the same kernel:
 the residual add after o_proj and down_proj, and SiLU(gate) * up after the
 fused gate/up projection, whose columns are interleaved in 128-column tiles
 for it. Where the CUDA kernels cannot be built (no nvcc) or cannot run (the
 CPU under TRITON_INTERPRET=1, as in the tests), the Triton GEMV takes its place
-and says so in the load report. 5 to 32 rows (a batch of decoding sequences)
+and says so in the load report. 3 to 32 rows (a batch of decoding sequences)
 run the CUDA tensor-core matmul (kernels/q4_mma.cu) on the same tensors, more
 rows the Triton matmul, and long inputs dequantize the layer to fp16 and use
 cuBLAS, as ExLlama does above its row threshold.
@@ -31,7 +31,10 @@ from backends.quant_config import QuantConfig
 from backends.weights import WeightsError
 from kernels import cuda_lib, q4_gemv, q4_mma, triton_gptq
 
-GEMV_MAX_ROWS = q4_gemv.MAX_ROWS  # up to here the CUDA GEMV; above, the tensor-core matmul
+# Up to here the CUDA GEMV; above, the tensor-core matmul. A 7B step of 4 rows took 4.59 ms with the GEMV
+# and 4.07 with the matmul (its norm, SiLU and residual add then separate kernels); 2 rows 3.46 against 3.77
+# (benchmarks/experiments/step_kernels.py, H200, 2026-12-02). The GEMV runs up to q4_gemv.MAX_ROWS.
+GEMV_MAX_ROWS = 2
 # Up to here the tensor-core matmul; above, the Triton matmul and, past its range, dequantize + cuBLAS
 # (kernels.triton_gptq). At 64 rows the tensor-core kernel was slower than Triton's on the H200.
 MMA_MAX_ROWS = 32

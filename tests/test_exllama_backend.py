@@ -78,7 +78,7 @@ def _layer(k: int, n: int, seed: int, sym: bool = True):
                          QuantConfig(bits=4, group_size=32, sym=sym), torch.float16, torch.device(DEVICE))
 
 
-@pytest.mark.parametrize("rows", [1, 5])  # the GEMV, then dequantize + matmul
+@pytest.mark.parametrize("rows", [1, 3, 5])  # the GEMV, then the tensor-core matmul (or dequantize + matmul)
 def test_fused_gate_up_computes_silu_gate_times_up(rows):
     from backends.exllama_linear import ExllamaLinear
 
@@ -132,7 +132,7 @@ def test_a_failed_build_reports_the_compiler_error_and_leaves_no_library(tmp_pat
     assert not list((tmp_path / "cache").rglob("*.so"))
 
 
-@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("rows", [1, 3, 5])
 def test_a_passed_norm_is_applied_wherever_the_kernel_runs(rows):
     """forward(x, norm) and silu_mul(x, norm) equal the layer applied to norm(x): in the CUDA GEMV's staging
     on a GPU, else before the Triton GEMV or dequantize + matmul."""

@@ -11,13 +11,13 @@ if not torch.cuda.is_available():
 
 import torch.nn.functional as F
 
-from kernels.paged_attention import paged_decode_attention, paged_decode_attention_reference
+from kernels.paged_attention import FLOAT, HALF, paged_decode_attention, paged_decode_attention_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 BLOCK = 16
 
 
-def _case(n_heads, n_kv_heads, head_dim, lens, seed):
+def _case(n_heads, n_kv_heads, head_dim, lens, seed, dtype=None):
     g = torch.Generator().manual_seed(seed)
     blocks_needed = [-(-n // BLOCK) for n in lens]
     num_blocks = sum(blocks_needed) + 3
@@ -26,7 +26,7 @@ def _case(n_heads, n_kv_heads, head_dim, lens, seed):
     table = torch.zeros(len(lens), width, dtype=torch.int32)
     for i, need in enumerate(blocks_needed):
         table[i, :need] = torch.tensor([order.pop() for _ in range(need)])
-    dtype = torch.float16 if DEVICE == "cuda" else torch.float32
+    dtype = dtype or (torch.float16 if DEVICE == "cuda" else torch.float32)
     k = torch.randn(n_kv_heads, num_blocks * BLOCK, head_dim, generator=g).to(DEVICE, dtype)
     v = torch.randn(n_kv_heads, num_blocks * BLOCK, head_dim, generator=g).to(DEVICE, dtype)
     q = torch.randn(len(lens), n_heads, head_dim, generator=g).to(DEVICE, dtype)
@@ -50,12 +50,15 @@ def _in_order(q, k, v, table, lens, window):
 SHAPES = [(4, 4, 64), (6, 2, 64), (8, 1, 128)] if DEVICE == "cpu" else [(32, 32, 128), (40, 40, 128), (32, 8, 128), (9, 3, 64)]
 
 
+@pytest.mark.parametrize("config", [HALF, FLOAT], ids=["dots", "products"])
 @pytest.mark.parametrize("n_heads, n_kv_heads, head_dim", SHAPES)
 @pytest.mark.parametrize("lens, window", [([1], None), ([5, 70, 17], None), ([130, 3, 64, 65], None), ([100, 20], 32),
-                                          ([600, 257, 9], None), ([700, 40], 300)])  # past one chunk of 256
-def test_matches_attention_over_the_sequence_keys(n_heads, n_kv_heads, head_dim, lens, window):
-    q, k, v, table, kv_lens = _case(n_heads, n_kv_heads, head_dim, lens, seed=sum(lens))
-    out = paged_decode_attention(q, k, v, table, kv_lens, BLOCK, window)
+                                          ([600, 257, 9], None), ([700, 40], 300)])  # past one chunk of 512
+def test_matches_attention_over_the_sequence_keys(config, n_heads, n_kv_heads, head_dim, lens, window):
+    # The tensor-core dots take fp16 (in the interpreter too); the fp32 products run on fp32 where they can.
+    dtype = torch.float16 if config.dot or DEVICE == "cuda" else torch.float32
+    q, k, v, table, kv_lens = _case(n_heads, n_kv_heads, head_dim, lens, seed=sum(lens), dtype=dtype)
+    out = paged_decode_attention(q, k, v, table, kv_lens, BLOCK, window, config)
     expected = _in_order(q, k, v, table, kv_lens, window)
     torch.testing.assert_close(out.float(), expected, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(paged_decode_attention_reference(q, k, v, table, kv_lens, BLOCK, window).float(),

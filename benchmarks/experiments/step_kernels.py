@@ -2,7 +2,7 @@
 torch profiler), their sum, and the step's CUDA graph replay, for a few batch sizes. The gap between the
 kernels' sum and the replay is the time between kernels.
 
-    python -m benchmarks.experiments.step_kernels [--size 7B] [--rows 4 16 64] [--context 768]
+    python -m benchmarks.experiments.step_kernels [--size 7B] [--rows 4 16 64] [--context 768] [--gemv-rows N]
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from backends import exllama_linear
 from backends.loader import LoadOptions, load_model
 from benchmarks.llama2 import write_checkpoint
 
@@ -59,7 +60,10 @@ def main() -> None:
     parser.add_argument("--size", default="7B")
     parser.add_argument("--rows", nargs="+", type=int, default=[4, 16, 64])
     parser.add_argument("--context", type=int, default=768, help="each row's position (tokens before it)")
+    parser.add_argument("--gemv-rows", type=int, default=exllama_linear.GEMV_MAX_ROWS,
+                        help="up to this many rows the GEMV, above the tensor-core matmul")
     opts = parser.parse_args()
+    exllama_linear.GEMV_MAX_ROWS = opts.gemv_rows
     blocks_per_row = opts.context // 16 + 1
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
         path = write_checkpoint(Path(tmp) / "m", opts.size, act_order=False)
@@ -74,7 +78,7 @@ def main() -> None:
                 replay = replay_ms(batched, rows)
                 total = sum(us for us, _ in times.values())
                 calls = sum(c for _, c in times.values())
-                print(f"\n## {opts.size}, {n} rows at position {opts.context}: graph replay {replay:.2f} ms; "
+                print(f"\n## {opts.size}, {n} rows at position {opts.context}, the GEMV up to {opts.gemv_rows} rows: graph replay {replay:.2f} ms; "
                       f"kernels {total / 1e3:.2f} ms in {calls} launches\n")
                 print("| kernel | calls | µs per step | share |")
                 print("|---|---|---|---|")
