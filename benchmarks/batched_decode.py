@@ -11,7 +11,9 @@ clients would. It reports:
 - per-token latency: each stream's decode seconds per token (median over streams);
 - time to first token (median) and the whole run's wall time;
 - KV cache held at its peak against the sum of the sequences' lengths at that moment (memory follows
-  the tokens).
+  the tokens);
+- on the GPU, the floor of a step: the bytes it must read (every weight once, and each stream's keys and
+  values at the run's mean length) at the measured copy bandwidth, and the aggregate that floor allows.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ import torch
 from backends.generation import Generation
 from backends.loader import LoadOptions, load_model
 from backends.sampling import SamplingParams
-from benchmarks.llama2 import SIZES, VOCAB, write_checkpoint
+from benchmarks.llama2 import SIZES, VOCAB, g128_bytes, write_checkpoint
+from kernels.timing import copy_bandwidth
 
 PROMPT = 512
 NEW = 256
@@ -100,6 +103,17 @@ def graph_replay_ms(loaded, repeats: int = 20) -> dict[int, float]:
     return times
 
 
+def step_bytes(size: str, streams: int, mean_length: float) -> float:
+    """What a decode step of ``streams`` rows must read at least: the 4-bit g128 layers, the fp16 head, and
+    each row's keys and values (fp16, every layer) at ``mean_length`` tokens."""
+    shape = SIZES[size]
+    h, i, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    weights = layers * (g128_bytes(h, 3 * h) + g128_bytes(h, h) + g128_bytes(h, 2 * i) + g128_bytes(i, h))
+    weights += VOCAB * h * 2
+    kv_per_token = 2 * layers * h * 2  # Llama-2 7B and 13B: as many kv heads as heads
+    return weights + streams * mean_length * kv_per_token
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
@@ -115,6 +129,7 @@ def main() -> None:
     where = torch.cuda.get_device_properties(0).name if on_gpu else f"CPU, {os.cpu_count()} cores"
     print(f"{where}; {time.strftime('%Y-%m-%d')}; backend {backend}; {opts.prompt}-token prompts, {opts.new} new "
           "tokens each", flush=True)
+    bandwidth = copy_bandwidth() if on_gpu else None
     rows = []
     for size in opts.sizes:
         with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
@@ -131,6 +146,9 @@ def main() -> None:
                 base = base or r
                 r["size"], r["vs_1"] = size, r["aggregate_tok_s"] / base["aggregate_tok_s"]
                 r["latency_vs_1"] = r["latency_ms"] / base["latency_ms"]
+                if bandwidth:
+                    r["floor_ms"] = step_bytes(size, n, opts.prompt + opts.new / 2) / bandwidth * 1e3
+                    r["floor_vs_1"] = n / r["floor_ms"] * 1e3 / base["aggregate_tok_s"]
                 rows.append(r)
                 print(f"  {size} x{n}: {r['aggregate_tok_s']:.0f} tok/s, {r['latency_ms']:.2f} ms/token", flush=True)
             if loaded.engine.batched is not None:
@@ -144,13 +162,15 @@ def main() -> None:
             if on_gpu:
                 torch.cuda.empty_cache()
     print("\n| model | streams | aggregate decode tok/s | × 1 stream | per-token latency (ms) | × 1 stream | "
-          "TTFT median (s) | wall (s) | ms per engine step | GPU ms per graph replay | tokens | "
-          "KV held at peak / sum of lengths |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "TTFT median (s) | wall (s) | ms per engine step | GPU ms per graph replay | floor ms (× 1 stream) | "
+          "tokens | KV held at peak / sum of lengths |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['size']} | {r['streams']} | {r['aggregate_tok_s']:.0f} | {r['vs_1']:.2f} | {r['latency_ms']:.2f} | "
               f"{r['latency_vs_1']:.2f} | {r['ttft_s']:.2f} | {r['wall_s']:.1f} | {r['step_ms']:.2f} | "
-              f"{'-' if r.get('replay_ms') is None else format(r['replay_ms'], '.2f')} | {r['new_tokens']} | "
+              f"{'-' if r.get('replay_ms') is None else format(r['replay_ms'], '.2f')} | "
+              f"{'-' if 'floor_ms' not in r else format(r['floor_ms'], '.2f') + ' (' + format(r['floor_vs_1'], '.1f') + ')'} | "
+              f"{r['new_tokens']} | "
               f"{r['kv_held']} / {r['kv_tokens']} |")
 
 
