@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from backends.base import GPTQTensors
@@ -30,6 +29,7 @@ from backends.packed_linear import PackedGPTQLinear
 from backends.quant_config import QuantConfig
 from backends.weights import WeightsError
 from kernels import cuda_lib, q4_gemv, q4_mma, triton_gptq
+from kernels.silu_mul import silu_mul_tiles
 
 # Up to here the CUDA GEMV; above, the tensor-core matmul. A 7B step of 4 rows took 4.59 ms with the GEMV
 # and 4.07 with the matmul (its norm, SiLU and residual add then separate kernels); 2 rows 3.46 against 3.77
@@ -178,6 +178,5 @@ class ExllamaLinear(PackedGPTQLinear):
         if cuda and x2.shape[0] <= GEMV_MAX_ROWS:
             y = self.cuda_gemv(x2, norm, silu_mul=True)
         else:
-            tiles = (self.cuda_matmul(x2, norm) if cuda else self.matmul(x2)).view(x2.shape[0], -1, 2, q4_gemv.TILE_N)
-            y = (F.silu(tiles[:, :, 0].float()) * tiles[:, :, 1].float()).to(torch.float16).reshape(-1, half)
+            y = silu_mul_tiles(self.cuda_matmul(x2, norm) if cuda else self.matmul(x2), q4_gemv.TILE_N)
         return y.to(x.dtype).view(*x.shape[:-1], half)
