@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-import torch
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
 from backends.banned import BannedStrings
