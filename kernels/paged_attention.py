@@ -5,7 +5,7 @@ its chunk in tiles, each key's slot looked up in the block table, with an online
 heads that share the kv head (GQA) are done together, so each key is read once. In fp16 and bf16 the
 scores and the weighted values are tensor-core dots, the group's q heads padded to 16 rows: at 64 rows of
 Llama-2-7B it reads the keys and values at 4.3 TB/s, against 1.9 for fp32 products in the old 64-key tiles
-and 2.4 for their best configuration (benchmarks/experiments/paged_attention_sweep.py). A second kernel
+and 3.4 for their best configuration (benchmarks/experiments/paged_attention_sweep.py). A second kernel
 combines the chunks. Lengths come from device memory, so one launch (and one CUDA
 graph) serves any lengths. A sequence's chunks depend only on its own length: its result does not change
 with what else is in the batch.
