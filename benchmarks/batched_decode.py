@@ -8,7 +8,9 @@ starts N greedy generations at once (each a distinct 512-token prompt, 256 new t
 clients would. It reports:
 - aggregate decode tokens/s: the tokens generated after each stream's first, over the time from the first
   stream's first token to the last stream's end;
-- per-token latency: each stream's decode seconds per token (median over streams);
+- per-token latency: each stream's decode seconds per token (median over streams), which includes the
+  steps that prefill the other streams' prompts; and the steady step: the median gap between a stream's
+  tokens while every stream decodes;
 - time to first token (median) and the whole run's wall time;
 - KV cache held at its peak against the sum of the sequences' lengths at that moment (memory follows
   the tokens);
@@ -57,11 +59,13 @@ def run_streams(loaded, n: int, seed: int, prompt: int = PROMPT, new: int = NEW)
                 peak["tokens"] = sum(len(x.prompt_ids) + x.result.new_tokens for x in gens)
             time.sleep(0.002)
 
-    def consume(gen) -> None:
-        for _ in gen:
-            pass
+    stamps: list[list[float]] = [[] for _ in gens]
 
-    threads = [threading.Thread(target=consume, args=(x,)) for x in gens]
+    def consume(gen, times: list[float]) -> None:
+        for _ in gen:  # a piece a token: the benchmark tokenizer's tokens are whole words
+            times.append(time.perf_counter())
+
+    threads = [threading.Thread(target=consume, args=(x, t)) for x, t in zip(gens, stamps)]
     watcher = threading.Thread(target=watch)
     steps_before = engine.steps
     started = time.perf_counter()
@@ -78,12 +82,17 @@ def run_streams(loaded, n: int, seed: int, prompt: int = PROMPT, new: int = NEW)
     ends = [started + r.prefill_seconds + r.decode_seconds for r in results]
     decoded = sum(r.decode_steps for r in results)
     window = max(ends) - min(first_tokens)
+    # While every stream decodes (after the last one's first token, before the first one ends): no prompt
+    # is being prefilled, so the gap between a stream's tokens is one decode step of all of them.
+    steady_from, steady_to = max(t[0] for t in stamps), min(t[-1] for t in stamps)
+    gaps = [b - a for t in stamps for a, b in zip(t, t[1:]) if a >= steady_from and b <= steady_to]
     return {
         "streams": n, "aggregate_tok_s": decoded / window,
         "latency_ms": statistics.median(r.decode_seconds / r.decode_steps * 1e3 for r in results),
         "ttft_s": statistics.median(r.prefill_seconds for r in results), "wall_s": wall,
         "new_tokens": sum(r.new_tokens for r in results), "kv_held": peak["held"], "kv_tokens": peak["tokens"],
         "step_ms": wall / (engine.steps - steps_before) * 1e3,
+        "steady_ms": statistics.median(gaps) * 1e3 if gaps else float("nan"),
     }
 
 
@@ -162,12 +171,12 @@ def main() -> None:
             if on_gpu:
                 torch.cuda.empty_cache()
     print("\n| model | streams | aggregate decode tok/s | × 1 stream | per-token latency (ms) | × 1 stream | "
-          "TTFT median (s) | wall (s) | ms per engine step | GPU ms per graph replay | floor ms (× 1 stream) | "
+          "TTFT median (s) | wall (s) | ms per engine step | steady ms per token | GPU ms per graph replay | floor ms (× 1 stream) | "
           "tokens | KV held at peak / sum of lengths |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['size']} | {r['streams']} | {r['aggregate_tok_s']:.0f} | {r['vs_1']:.2f} | {r['latency_ms']:.2f} | "
-              f"{r['latency_vs_1']:.2f} | {r['ttft_s']:.2f} | {r['wall_s']:.1f} | {r['step_ms']:.2f} | "
+              f"{r['latency_vs_1']:.2f} | {r['ttft_s']:.2f} | {r['wall_s']:.1f} | {r['step_ms']:.2f} | {r['steady_ms']:.2f} | "
               f"{'-' if r.get('replay_ms') is None else format(r['replay_ms'], '.2f')} | "
               f"{'-' if 'floor_ms' not in r else format(r['floor_ms'], '.2f') + ' (' + format(r['floor_vs_1'], '.1f') + ')'} | "
               f"{r['new_tokens']} | "
