@@ -187,25 +187,43 @@ class DecodeStep:
         self.lens = torch.ones(batch, dtype=torch.int32, device=device)
         self.rows = torch.arange(batch, device=device)
         pinned = device.type == "cuda"
-        # Two host buffers in turn: a step is filled while the previous one's copy may still be queued.
+        # Two host buffers in turn: a step is filled while the previous one's copy may still be queued. Each
+        # keeps the blocks its rows hold, since a row's blocks change once a block of tokens.
         self._hosts = [torch.zeros(batch, 4 + max_blocks, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        self._views = [host.numpy() for host in self._hosts]
+        self._held: list[list[tuple[int, ...] | None]] = [[None] * batch for _ in range(2)]  # None: padding
+        for view in self._views:
+            self._pad(view, 0)
         self._copied = [torch.cuda.Event() if pinned else None for _ in range(2)]
         self._turn = 0
+
+    def _pad(self, view, first: int) -> None:
+        """Rows ``first..`` of a host buffer as padding: token 0 at position 0 of the scratch block."""
+        view[first:] = 0
+        view[first:, 2] = 1
+        view[first:, 3] = self.scratch * self.pool.shape.block_size
+        view[first:, 4] = self.scratch
 
     def fill(self, rows: list[tuple[int, int, tuple[int, ...]]], tokens: torch.Tensor | None = None) -> None:
         """``rows``: each real sequence's (token, position, blocks); ``tokens``: their tokens on the device
         instead (a step queued before the host knows them)."""
         bs = self.pool.shape.block_size
         turn, self._turn = self._turn, 1 - self._turn
-        host, copied = self._hosts[turn], self._copied[turn]
+        host, copied, view, held = self._hosts[turn], self._copied[turn], self._views[turn], self._held[turn]
         if copied is not None:
             copied.synchronize()  # its copy two fills ago, long done
-        width = host.shape[1] - 4
-        padding = [0, 0, 1, self.scratch * bs, self.scratch] + [0] * (width - 1)
-        table = [[token, position, position + 1, blocks[position // bs] * bs + position % bs, *blocks,
-                  *([0] * (width - len(blocks)))] for token, position, blocks in rows]
-        table += [padding] * (self.batch - len(rows))
-        host.copy_(torch.tensor(table, dtype=torch.long))
+        n = len(rows)
+        if n:
+            view[:n, :4] = [(token, position, position + 1, blocks[position // bs] * bs + position % bs)
+                            for token, position, blocks in rows]
+        for i, (_, _, blocks) in enumerate(rows):
+            if held[i] != blocks:
+                view[i, 4 : 4 + len(blocks)] = blocks
+                view[i, 4 + len(blocks) :] = 0
+                held[i] = blocks
+        if n < self.batch and held[n] is not None:  # rows past a real one's last fill of this buffer
+            self._pad(view, n)
+            held[n:] = [None] * (self.batch - n)
         device_copy = host.to(self.tokens.device, non_blocking=True)
         if copied is not None:
             copied.record()
