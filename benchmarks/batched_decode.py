@@ -96,20 +96,22 @@ def run_streams(loaded, n: int, seed: int, prompt: int = PROMPT, new: int = NEW)
     }
 
 
-def graph_replay_ms(loaded, repeats: int = 20) -> dict[int, float]:
+def replay_ms(graph: torch.cuda.CUDAGraph, repeats: int = 20) -> float:
+    """Milliseconds of one replay of ``graph``, replayed back to back after an untimed one."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph.replay()
+    start.record()
+    for _ in range(repeats):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def graph_replay_ms(loaded) -> dict[int, float]:
     """GPU time of one replay of each batch-size graph, replaying its last step's inputs (the streams are
     done; the engine is closed afterwards): the step without the host's part."""
-    times = {}
-    for size, (graph, _) in loaded.engine.batched.graphs.items():
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        graph.replay()
-        start.record()
-        for _ in range(repeats):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        times[size] = start.elapsed_time(end) / repeats
-    return times
+    return {size: replay_ms(graph) for size, (graph, _) in loaded.engine.batched.graphs.items()}
 
 
 def step_bytes(size: str, streams: int, mean_length: float) -> float:

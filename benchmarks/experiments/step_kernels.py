@@ -18,6 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from backends import exllama_linear
 from backends.loader import LoadOptions, load_model
+from benchmarks.batched_decode import replay_ms
 from benchmarks.llama2 import write_checkpoint
 
 REPEATS = 5
@@ -42,17 +43,10 @@ def kernel_times(batched, rows) -> dict[str, tuple[float, int]]:
     return {name: (us, round(calls)) for name, (us, calls) in totals.items()}
 
 
-def replay_ms(batched, rows, repeats: int = 20) -> float:
+def step_replay_ms(batched, rows) -> float:
     batched.step(rows)  # captured here if it was not
     graph, _ = batched.graphs[batched.bucket(len(rows))]
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    graph.replay()
-    start.record()
-    for _ in range(repeats):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / repeats
+    return replay_ms(graph)
 
 
 def main() -> None:
@@ -75,7 +69,7 @@ def main() -> None:
                 rows = [(5, opts.context, tuple(range(i * blocks_per_row, (i + 1) * blocks_per_row)))
                         for i in range(n)]
                 times = kernel_times(batched, rows)
-                replay = replay_ms(batched, rows)
+                replay = step_replay_ms(batched, rows)
                 total = sum(us for us, _ in times.values())
                 calls = sum(c for _, c in times.values())
                 print(f"\n## {opts.size}, {n} rows at position {opts.context}, the GEMV up to {opts.gemv_rows} rows: graph replay {replay:.2f} ms; "
