@@ -173,16 +173,15 @@ def main() -> None:
             if on_gpu:
                 torch.cuda.empty_cache()
     print("\n| model | streams | aggregate decode tok/s | × 1 stream | per-token latency (ms) | × 1 stream | "
-          "TTFT median (s) | wall (s) | ms per engine step | steady ms per token | GPU ms per graph replay | floor ms (× 1 stream) | "
-          "tokens | KV held at peak / sum of lengths |")
+          "TTFT median (s) | wall (s) | ms per engine step | steady ms per token | GPU ms per graph replay | "
+          "floor ms (× 1 stream) | tokens | KV held at peak / sum of lengths |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        replay = "-" if r.get("replay_ms") is None else f"{r['replay_ms']:.2f}"
+        floor = "-" if "floor_ms" not in r else f"{r['floor_ms']:.2f} ({r['floor_vs_1']:.1f})"
         print(f"| {r['size']} | {r['streams']} | {r['aggregate_tok_s']:.0f} | {r['vs_1']:.2f} | {r['latency_ms']:.2f} | "
-              f"{r['latency_vs_1']:.2f} | {r['ttft_s']:.2f} | {r['wall_s']:.1f} | {r['step_ms']:.2f} | {r['steady_ms']:.2f} | "
-              f"{'-' if r.get('replay_ms') is None else format(r['replay_ms'], '.2f')} | "
-              f"{'-' if 'floor_ms' not in r else format(r['floor_ms'], '.2f') + ' (' + format(r['floor_vs_1'], '.1f') + ')'} | "
-              f"{r['new_tokens']} | "
-              f"{r['kv_held']} / {r['kv_tokens']} |")
+              f"{r['latency_vs_1']:.2f} | {r['ttft_s']:.2f} | {r['wall_s']:.1f} | {r['step_ms']:.2f} | "
+              f"{r['steady_ms']:.2f} | {replay} | {floor} | {r['new_tokens']} | {r['kv_held']} / {r['kv_tokens']} |")
 
 
 if __name__ == "__main__":

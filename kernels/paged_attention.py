@@ -4,10 +4,10 @@ A sequence's keys are cut in chunks ("flash decoding"): one program per (sequenc
 its chunk in tiles, each key's slot looked up in the block table, with an online softmax in fp32; the q
 heads that share the kv head (GQA) are done together, so each key is read once. In fp16 and bf16 the
 scores and the weighted values are tensor-core dots, the group's q heads padded to 16 rows: at 64 rows of
-Llama-2-7B it reads the keys and values at 4.3 TB/s, against 1.9 for fp32 products in the old 64-key tiles
-and 3.4 for their best configuration (benchmarks/experiments/paged_attention_sweep.py). A second kernel
-combines the chunks. Lengths come from device memory, so one launch (and one CUDA
-graph) serves any lengths. A sequence's chunks depend only on its own length: its result does not change
+Llama-2-7B it reads the keys and values at 4.3 TB/s, against 1.9 for fp32 products in 64-key tiles and
+256-key chunks and 3.4 for their best configuration (benchmarks/experiments/paged_attention_sweep.py). A
+second kernel combines the chunks. Lengths come from device memory, so one launch (and one CUDA graph)
+serves any lengths. A sequence's chunks depend only on its own length: its result does not change
 with what else is in the batch.
 
 :func:`paged_decode_attention_reference` is the torch form it is tested against.
@@ -114,7 +114,7 @@ class LaunchConfig:
 
 # The fastest at Llama-2-7B's heads, 768 keys per row, 4 / 16 / 64 rows (benchmarks/experiments/
 # paged_attention_sweep.py, H200, 2026-12-02): 20 / 53 / 189 µs a call, 4264 GB/s at 64 rows, against
-# 32 / 113 / 427 µs for the fp32 products in 64-key tiles and 256-key chunks that ran before.
+# 32 / 113 / 427 µs for fp32 products in 64-key tiles and 256-key chunks.
 HALF = LaunchConfig(dot=True, tile=128, chunk=512, warps=4, stages=2)
 FLOAT = LaunchConfig(dot=False, tile=16, chunk=128, warps=2, stages=3)  # the fastest without dots
 

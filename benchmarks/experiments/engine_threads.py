@@ -67,7 +67,8 @@ class StandInGPU:
 def steady_gap_ms(loaded, n: int, prompt: int, new: int) -> tuple[float, float]:
     g = torch.Generator().manual_seed(n)
     prompts = [torch.randint(3, VOCAB, (prompt,), generator=g).tolist() for _ in range(n)]
-    gens = [Generation(loaded, p, SamplingParams(temperature=0, max_new_tokens=new, stop_token_ids=())) for p in prompts]
+    params = SamplingParams(temperature=0, max_new_tokens=new, stop_token_ids=())
+    gens = [Generation(loaded, p, params) for p in prompts]
     stamps: list[list[float]] = [[] for _ in gens]
 
     def consume(gen, times) -> None:

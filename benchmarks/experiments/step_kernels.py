@@ -72,8 +72,8 @@ def main() -> None:
                 replay = step_replay_ms(batched, rows)
                 total = sum(us for us, _ in times.values())
                 calls = sum(c for _, c in times.values())
-                print(f"\n## {opts.size}, {n} rows at position {opts.context}, the GEMV up to {opts.gemv_rows} rows: graph replay {replay:.2f} ms; "
-                      f"kernels {total / 1e3:.2f} ms in {calls} launches\n")
+                print(f"\n## {opts.size}, {n} rows at position {opts.context}, the GEMV up to {opts.gemv_rows} rows: "
+                      f"graph replay {replay:.2f} ms; kernels {total / 1e3:.2f} ms in {calls} launches\n")
                 print("| kernel | calls | µs per step | share |")
                 print("|---|---|---|---|")
                 for name, (us, c) in sorted(times.items(), key=lambda kv: -kv[1][0])[:25]:
