@@ -42,6 +42,15 @@ class EngineConfig:
     block_size: int = BLOCK_SIZE
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    running: int  # sequences generating now
+    waiting: int  # requests waiting for room in the cache
+    kv_tokens_held: int  # cache slots in blocks that sequences hold
+    kv_tokens: int  # the whole cache
+    reused_tokens: int  # prompt tokens found in the cache instead of computed, since the model was loaded
+
+
 class EngineClosed(RuntimeError):
     """The model was unloaded."""
 
@@ -235,6 +244,10 @@ class Engine:
             if self.solo is not None:
                 self.solo.cached, self.solo.pending = [], None
             self.blocks.forget_names()
+
+    def stats(self) -> EngineStats:
+        return EngineStats(self.running(), self.waiting(), self.kv_tokens_held(),
+                           self.blocks.num_blocks * self.config.block_size, self.reused_tokens)
 
     def kv_tokens_held(self) -> int:
         """Cache slots in blocks that sequences hold now (memory follows the tokens)."""

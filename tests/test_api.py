@@ -370,6 +370,10 @@ def test_models_load_and_unload_with_the_admin_key_only(server, client, referenc
     assert missing.status_code == 400 and "no model named 'nope'" in missing.json()["error"]["message"]
     loaded = post("load", ADMIN_KEY, model_name="SmolLM2-GPTQ", context_length=512, cache_tokens=4096)
     assert loaded.status_code == 200 and loaded.json()["context_length"] == 512
-    reply = client.chat.completions.create(model="x", messages=QUESTION, temperature=0, max_tokens=40)
-    assert reply.choices[0].message.content == reference_answer
+    for _ in range(2):
+        reply = client.chat.completions.create(model="x", messages=QUESTION, temperature=0, max_tokens=40)
+        assert reply.choices[0].message.content == reference_answer
+    info = httpx.get(f"{server.api_url}/internal/model/info", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert (info["running"], info["waiting"], info["kv_cache_tokens"], info["kv_cache_tokens_in_use"]) == (0, 0, 4096, 0)
+    assert info["prompt_tokens_reused"] >= 16, "the second request found the first one's prompt in the cache"
 

@@ -191,7 +191,21 @@ def test_a_request_that_does_not_fit_yet_waits_for_room(small_cache):
     engine.forget_prefixes()
     engine.most_running = 0
     together = [Generation(small_cache, ids, params) for ids, params in requests]
+    seen, done = set(), threading.Event()
+
+    def watch() -> None:  # what the Model tab and the API's model info read while the two run
+        while not done.is_set():
+            stats = engine.stats()
+            seen.add((stats.running, stats.waiting, stats.kv_tokens_held > 0, stats.kv_tokens_held <= stats.kv_tokens))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
     run_together(together)
+    done.set()
+    watcher.join()
     assert engine.most_running == 1
+    assert (1, 1, True, True) in seen, "one generated while the other waited, and held cache"
+    assert all(within for *_, within in seen) and engine.stats().kv_tokens == 96
     assert [g.result.token_ids for g in together] == alone
-    assert engine.waiting() == 0 and engine.kv_tokens_held() == 0
+    stats = engine.stats()
+    assert (stats.running, stats.waiting, stats.kv_tokens_held) == (0, 0, 0)

@@ -100,6 +100,8 @@ def test_download_load_chat_save_restart(hub, browser, tmp_path):
         expect(page.locator("#model-status")).to_contain_text("Loaded", timeout=120_000)
         expect(page.locator("#model-status")).to_contain_text("cpu")
         expect(page.locator("#model-status")).to_contain_text("MB")
+        # The engine's line, read again every 2 s: nothing generating, none of the cache in use.
+        expect(page.locator("#engine-status")).to_contain_text("Engine: 0 generating · KV cache 0 of", timeout=10_000)
         page.screenshot(path=shots / "model-tab.png", full_page=True)
 
         # Text generation: greedy preset, streamed answer.

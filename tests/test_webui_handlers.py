@@ -91,6 +91,9 @@ def test_load_chat_continue_regenerate(ui):
 
     _, again, _ = said(ui, ui.regenerate(Session(), history, "", "Auto (tokenizer)", *NO_GRAMMAR, -1, *GREEDY))
     assert again == history, "greedy regeneration repeats the reply"
+    engine = ui.engine_text()  # the Model tab's engine line: idle now, the regenerated prompt found in the cache
+    assert engine.startswith("**Engine:** 0 generating · KV cache 0 of "), engine
+    assert int(re.search(r"([\d,]+) prompt tokens reused", engine).group(1).replace(",", "")) >= used - 1, engine
 
     cut = [history[0], {"role": "assistant", "content": "The capital of France"}]
     _, continued, _ = said(ui, ui.continue_reply(Session(), cut, "", "Auto (tokenizer)", *NO_GRAMMAR, -1, *GREEDY))

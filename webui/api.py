@@ -440,9 +440,11 @@ def build_api(state: AppState, api_keys: list[str] | None = None, admin_keys: li
         loaded = state.loaded
         if loaded is None:
             return {"model_name": None}
+        stats = loaded.engine.stats()
         return {"model_name": loaded.name, "backend": loaded.backend, "device": str(loaded.device),
-                "context_length": loaded.context_length, "running": loaded.engine.running(),
-                "waiting": loaded.engine.waiting()}
+                "context_length": loaded.context_length, "running": stats.running, "waiting": stats.waiting,
+                "kv_cache_tokens": stats.kv_tokens, "kv_cache_tokens_in_use": stats.kv_tokens_held,
+                "prompt_tokens_reused": stats.reused_tokens}
 
     @app.post("/v1/internal/model/load")
     async def load(body: LoadRequest):

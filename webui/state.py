@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from backends.constraints import Grammar
-from backends.engine import cached_tokens
+from backends.engine import EngineStats, cached_tokens
 from backends.generation import Generation
 from backends.loader import (LoadedModel, LoadOptions, LoadProgress, default_context, load_model, resolve_device,
                              resolve_dtype)
@@ -58,6 +58,15 @@ def describe_quant(q: QuantConfig | None) -> str:
         return "not quantized"
     group = "no groups" if q.group_size == -1 else f"group size {q.group_size}"
     return f"{q.bits}-bit GPTQ, {group}, act-order {'on' if q.desc_act else 'off'}, {'sym' if q.sym else 'asym'}"
+
+
+def describe_engine(stats: EngineStats) -> str:
+    """The engine's load: generations running and waiting, the KV cache in use, prompt tokens it spared."""
+    share = stats.kv_tokens_held / stats.kv_tokens if stats.kv_tokens else 0.0
+    waiting = f", {stats.waiting} waiting for room in the cache" if stats.waiting else ""
+    return (f"**Engine:** {stats.running} generating{waiting} · KV cache {stats.kv_tokens_held:,} of "
+            f"{stats.kv_tokens:,} tokens in use ({share:.0%}) · {stats.reused_tokens:,} prompt tokens reused "
+            "from the cache since the load")
 
 
 def gpu_memory(device: torch.device) -> str:

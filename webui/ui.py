@@ -29,7 +29,7 @@ from webui.session import Session
 from webui.settings import ModelSettings
 from backends.loader import resolve_device
 from backends.memory import gigabytes, memory_use
-from webui.state import AppState, ModelNotLoaded
+from webui.state import AppState, ModelNotLoaded, describe_engine
 from webui.templates import TemplateError
 
 SAMPLING = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty",
@@ -64,6 +64,7 @@ RESTORE_THEME = """() => {
 }"""
 # Streams show their own progress (the growing reply, the stats line, the download bar), not Gradio's overlay.
 QUIET = {"show_progress": "hidden"}
+ENGINE_REFRESH_S = 2.0  # how often the Model tab's engine line is read again
 # Expected failures of user actions; anything else is a bug and is shown with its type.
 USER_ERRORS = (ValueError, RuntimeError, OSError, MemoryError)
 
@@ -480,6 +481,10 @@ class WorkbenchUI:
         loaded = self.state.loaded
         return memory_use(loaded.device if loaded else resolve_device("auto"))
 
+    def engine_text(self) -> str:
+        loaded = self.state.loaded
+        return describe_engine(loaded.engine.stats()) if loaded else ""
+
     def save_settings(self, name, backend, context, template, preset) -> str:
         if not name:
             return "**Error:** choose a model first"
@@ -586,6 +591,7 @@ class WorkbenchUI:
             demo.load(None, None, None, js=RESTORE_THEME)
             demo.load(self.select_model, mdl.select, mdl.fields)
             demo.load(self.memory_text, None, mdl.memory)
+            demo.load(self.engine_text, None, mdl.engine)
             demo.load(self.context_bar, [gen.chatbot, gen.system, gen.template], gen.context_bar)
             demo.load(self.chat_choices, [gen.session, gen.chat_search], [gen.chat_list, gen.chat_note])
         return demo
@@ -741,6 +747,8 @@ class WorkbenchUI:
         c.status = gr.Markdown(state.load_report.describe() if state.load_report else "No model loaded.",
                                elem_id="model-status")
         c.memory = gr.Markdown("", elem_id="memory-use")
+        c.engine = gr.Markdown("", elem_id="engine-status")
+        c.engine_clock = gr.Timer(ENGINE_REFRESH_S)
         c.fields = [c.info, c.backend, c.context, c.template, c.preset]  # what select_model fills
         return c
 
@@ -814,6 +822,7 @@ class WorkbenchUI:
         gen.preset_delete.click(self.delete_preset, gen.preset, [gen.preset, mdl.preset, gen.stats])
 
     def _wire_model(self, gen: SimpleNamespace, mdl: SimpleNamespace) -> None:
+        mdl.engine_clock.tick(self.engine_text, None, mdl.engine, queue=False, show_progress="hidden")
         mdl.refresh.click(self.refresh_models, mdl.select, mdl.select)
         mdl.select.change(self.select_model, mdl.select, mdl.fields)
         mdl.template.input(lambda t: t, mdl.template, gen.template)
