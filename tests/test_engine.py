@@ -4,6 +4,7 @@ alone, cancel alone, reuse cached prefixes exactly, and wait or are refused when
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -197,6 +198,7 @@ def test_a_request_that_does_not_fit_yet_waits_for_room(small_cache):
         while not done.is_set():
             stats = engine.stats()
             seen.add((stats.running, stats.waiting, stats.kv_tokens_held > 0, stats.kv_tokens_held <= stats.kv_tokens))
+            time.sleep(0.005)
 
     watcher = threading.Thread(target=watch)
     watcher.start()
