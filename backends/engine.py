@@ -15,7 +15,7 @@ import logging
 import queue
 import sys
 import threading
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -49,6 +49,9 @@ class EngineStats:
     kv_tokens_held: int  # cache slots in blocks that sequences hold
     kv_tokens: int  # the whole cache
     reused_tokens: int  # prompt tokens found in the cache instead of computed, since the model was loaded
+    prompt_tokens: int = 0  # prompt tokens of the requests admitted, since the load
+    generated_tokens: int = 0  # tokens sampled (end tokens and tokens taken back over a banned string included)
+    finished: dict[str, int] = field(default_factory=dict)  # requests ended, by reason: eos, length, cancelled, error
 
 
 class EngineClosed(RuntimeError):
@@ -194,6 +197,9 @@ class Engine:
         self._ahead: Ahead | None = None  # the batched decode step queued before the last tokens were read
         self.steps = 0  # forwards run, for tests and benchmarks
         self.reused_tokens = 0  # prompt tokens found in the cache instead of computed
+        self.prompt_tokens = 0  # of the requests admitted
+        self.generated_tokens = 0  # tokens sampled
+        self.finished: Counter[str] = Counter()  # requests ended, by reason
         self.most_running = 0  # the largest batch so far
         self.rewinds = 0  # sequences taken back over a banned string
         if device.type == "cuda":
@@ -247,7 +253,8 @@ class Engine:
 
     def stats(self) -> EngineStats:
         return EngineStats(self.running(), self.waiting(), self.kv_tokens_held(),
-                           self.blocks.num_blocks * self.config.block_size, self.reused_tokens)
+                           self.blocks.num_blocks * self.config.block_size, self.reused_tokens, self.prompt_tokens,
+                           self.generated_tokens, dict(self.finished))
 
     def kv_tokens_held(self) -> int:
         """Cache slots in blocks that sequences hold now (memory follows the tokens)."""
@@ -268,8 +275,7 @@ class Engine:
             except Exception as exc:  # noqa: BLE001 - every request hears of it; the engine keeps serving
                 log.exception("engine step failed")
                 for seq in list(self._running):
-                    seq.request.events.put(("error", exc))
-                    self._drop(seq)
+                    self._fail(seq, exc)
         for seq in list(self._running):
             self._finish(seq, "cancelled")
         with self._cond:
@@ -369,6 +375,7 @@ class Engine:
                 request = self._waiting[0]
                 if request.cancel.is_set():
                     self._waiting.popleft().events.put(("end", "cancelled"))
+                    self.finished["cancelled"] += 1
                     continue
                 alone = self.solo is not None and not self._running and len(self._waiting) == 1
                 seq = self._place_solo(request) if alone else self._place(request)
@@ -376,6 +383,7 @@ class Engine:
                     return  # first come, first served: the next ones wait behind it
                 self._waiting.popleft()
                 self._running.append(seq)
+                self.prompt_tokens += len(request.prompt_ids)
                 self.most_running = max(self.most_running, len(self._running))
 
     def _place(self, request: Request) -> Sequence | None:
@@ -476,14 +484,14 @@ class Engine:
     def _accept(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> None:
         request = seq.request
         seq.generated += 1
+        self.generated_tokens += 1
         if request.banned is not None and token not in request.stop_ids:
             verdict = request.banned.push(token, logprob)
             if verdict.rewind is not None:
                 try:
                     self._rewind(seq, verdict.rewind, verdict.banned)
                 except CacheTooSmall as exc:  # that request alone hears of it
-                    request.events.put(("error", exc))
-                    self._drop(seq)
+                    self._fail(seq, exc)
                 return
             for item in verdict.release:
                 request.events.put(("token", item))
@@ -511,8 +519,7 @@ class Engine:
             constraint.consume(token)
         except ValueError as exc:
             log.exception("structured output failed")
-            seq.request.events.put(("error", exc))
-            self._drop(seq)
+            self._fail(seq, exc)
             return False
         return constraint.finished
 
@@ -565,6 +572,13 @@ class Engine:
         self._drop(seq)
         self._release_held(seq)
         seq.request.events.put(("end", reason))
+        self.finished[reason] += 1
+
+    def _fail(self, seq: Sequence, exc: Exception) -> None:
+        """Ends the sequence with an error that its request alone hears of."""
+        seq.request.events.put(("error", exc))
+        self._drop(seq)
+        self.finished["error"] += 1
 
     def _drop(self, seq: Sequence) -> None:
         self._running.remove(seq)

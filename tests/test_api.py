@@ -354,6 +354,40 @@ def test_tool_results_in_the_history_reach_the_prompt(client):
     assert none.choices[0].message.tool_calls is None and none.choices[0].finish_reason != "tool_calls"
 
 
+def scrape(server, key: str | None = KEY) -> dict[str, float]:
+    """``GET /metrics`` as {sample name with labels: value}, every line checked against the text format."""
+    response = httpx.get(server.api_url.removesuffix("/v1") + "/metrics",
+                         headers={"Authorization": f"Bearer {key}"} if key else {})
+    response.raise_for_status()
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples = {}
+    for line in response.text.splitlines():
+        if line.startswith("# "):
+            assert re.fullmatch(r"# (HELP|TYPE) gptq_workbench_\w+ .+", line), line
+            continue
+        name, value = line.rsplit(" ", 1)
+        assert re.fullmatch(r'gptq_workbench_\w+(\{\w+="[^"]*"\})?', name), line
+        samples[name] = float(value)
+    return samples
+
+
+def test_metrics_count_what_the_engine_did(server, client):
+    assert httpx.get(server.api_url.removesuffix("/v1") + "/metrics").status_code == 401, "the API key guards it"
+    before = scrape(server)
+    assert before['gptq_workbench_model_loaded{model="SmolLM2-GPTQ"}'] == 1
+    assert before["gptq_workbench_requests_running"] == 0 and before["gptq_workbench_kv_cache_tokens"] > 0
+    reply = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "Write a long story."}],
+                                           temperature=0, max_tokens=5)
+    assert reply.choices[0].finish_reason == "length"
+    after = scrape(server)
+    grew = {name: after[name] - before[name] for name in before}
+    assert grew["gptq_workbench_generated_tokens_total"] == reply.usage.completion_tokens == 5
+    assert grew["gptq_workbench_prompt_tokens_total"] == reply.usage.prompt_tokens
+    assert grew['gptq_workbench_requests_finished_total{reason="length"}'] == 1
+    assert grew['gptq_workbench_requests_finished_total{reason="eos"}'] == 0
+    assert after["gptq_workbench_kv_cache_tokens_in_use"] == 0
+
+
 def test_models_load_and_unload_with_the_admin_key_only(server, client, reference_answer):
     """Last in this file: it unloads the model that the others use, then loads it again."""
     def post(path: str, key: str, **body):
@@ -364,6 +398,7 @@ def test_models_load_and_unload_with_the_admin_key_only(server, client, referenc
     info = httpx.get(f"{server.api_url}/internal/model/info", headers={"Authorization": f"Bearer {KEY}"}).json()
     assert info["model_name"] == "SmolLM2-GPTQ" and info["backend"] == "cpu"
     assert post("unload", ADMIN_KEY).json() == {"status": "unloaded", "model_name": "SmolLM2-GPTQ"}
+    assert scrape(server) == {"gptq_workbench_model_loaded": 0}
     with pytest.raises(openai.APIStatusError, match="no model is loaded"):
         client.chat.completions.create(model="x", messages=QUESTION, max_tokens=4)
     missing = post("load", ADMIN_KEY, model_name="nope")

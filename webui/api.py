@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from backends.constraints import Grammar, GrammarError
@@ -32,6 +32,7 @@ from backends.perplexity import prompt_logprobs
 from backends.sampling import SamplingParams
 from webui import templates, tools as tool_calls
 from webui.chat import token_text
+from webui.metrics import metrics_text
 from webui.settings import ModelSettings
 from webui.state import AppState, ModelNotLoaded
 from webui.templates import TemplateError
@@ -445,6 +446,12 @@ def build_api(state: AppState, api_keys: list[str] | None = None, admin_keys: li
                 "context_length": loaded.context_length, "running": stats.running, "waiting": stats.waiting,
                 "kv_cache_tokens": stats.kv_tokens, "kv_cache_tokens_in_use": stats.kv_tokens_held,
                 "prompt_tokens_reused": stats.reused_tokens}
+
+    @app.get("/metrics")
+    async def metrics():
+        loaded = state.loaded
+        text = metrics_text(loaded.name, loaded.engine.stats()) if loaded is not None else metrics_text(None, None)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.post("/v1/internal/model/load")
     async def load(body: LoadRequest):
