@@ -31,6 +31,7 @@ from backends.paged_cache import BLOCK_SIZE, BlockManager, CacheShape, CacheTooS
 from backends.sampling import SamplerState, SamplingParams, sample_token
 
 log = logging.getLogger("gptq_workbench.engine")
+END_REASONS = ("eos", "length", "cancelled", "error")
 SWITCH_INTERVAL = 0.0002  # seconds
 
 
@@ -199,7 +200,8 @@ class Engine:
         self.reused_tokens = 0  # prompt tokens found in the cache instead of computed
         self.prompt_tokens = 0  # of the requests admitted
         self.generated_tokens = 0  # tokens sampled
-        self.finished: Counter[str] = Counter()  # requests ended, by reason
+        # Requests ended, by reason; every key there from the start, so another thread may copy it at any time.
+        self.finished: Counter[str] = Counter(dict.fromkeys(END_REASONS, 0))
         self.most_running = 0  # the largest batch so far
         self.rewinds = 0  # sequences taken back over a banned string
         if device.type == "cuda":

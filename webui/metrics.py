@@ -3,10 +3,9 @@ at zero when a model is (re)loaded, as Prometheus expects of a restarted process
 
 from __future__ import annotations
 
-from backends.engine import EngineStats
+from backends.engine import END_REASONS, EngineStats
 
 PREFIX = "gptq_workbench_"
-REASONS = ("eos", "length", "cancelled", "error")
 
 
 def _escaped(label: str) -> str:
@@ -35,5 +34,5 @@ def metrics_text(model: str | None, stats: EngineStats | None) -> str:
         metric("generated_tokens_total", "counter", "Tokens sampled, end tokens included.",
                [("", stats.generated_tokens)])
         metric("requests_finished_total", "counter", "Requests ended, by reason.",
-               [(f'{{reason="{reason}"}}', stats.finished.get(reason, 0)) for reason in REASONS])
+               [(f'{{reason="{reason}"}}', stats.finished.get(reason, 0)) for reason in END_REASONS])
     return "\n".join(lines) + "\n"
