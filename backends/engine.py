@@ -50,9 +50,9 @@ class EngineStats:
     kv_tokens_held: int  # cache slots in blocks that sequences hold
     kv_tokens: int  # the whole cache
     reused_tokens: int  # prompt tokens found in the cache instead of computed, since the model was loaded
-    prompt_tokens: int = 0  # prompt tokens of the requests admitted, since the load
-    generated_tokens: int = 0  # tokens sampled (end tokens and tokens taken back over a banned string included)
-    finished: dict[str, int] = field(default_factory=dict)  # requests ended, by reason: eos, length, cancelled, error
+    prompt_tokens: int  # prompt tokens of the requests admitted, since the load
+    generated_tokens: int  # tokens sampled (end tokens and tokens taken back over a banned string included)
+    finished: dict[str, int]  # requests ended, by reason (END_REASONS)
 
 
 class EngineClosed(RuntimeError):

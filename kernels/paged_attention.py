@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+DOT_TYPES = (torch.float16, torch.bfloat16)  # what the tensor-core dots take
 
 
 @triton.jit
@@ -120,7 +121,7 @@ FLOAT = LaunchConfig(dot=False, tile=16, chunk=128, warps=2, stages=3)  # the fa
 
 
 def default_config(dtype: torch.dtype) -> LaunchConfig:
-    return HALF if dtype in (torch.float16, torch.bfloat16) else FLOAT
+    return HALF if dtype in DOT_TYPES else FLOAT
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
@@ -138,7 +139,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     config = config or default_config(q.dtype)
     if config.chunk % config.tile:
         raise ValueError(f"a chunk of {config.chunk} keys is not a whole number of {config.tile}-key tiles")
-    dot = config.dot and q.dtype in (torch.float16, torch.bfloat16)
+    dot = config.dot and q.dtype in DOT_TYPES
     splits = triton.cdiv(block_table.shape[1] * block_size, config.chunk)
     q = q.contiguous()
     m = torch.empty(b * hq * splits, device=q.device, dtype=torch.float32)
