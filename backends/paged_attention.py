@@ -18,15 +18,22 @@ captured in a CUDA graph (backends/batch_graphs.py).
 from __future__ import annotations
 
 import functools
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from backends.model import apply_rotary
 from backends.paged_cache import KVPool
 from kernels import cpu_q4
 
+# The kernels that may attend a prompt chunk on a GPU (None: any that torch picks). Not cuDNN's: it builds an
+# execution plan for each new shape and alignment of its inputs, and a step's chunks keep coming in new ones
+# (benchmarks/experiments/step_timeline.py).
+PROMPT_SDPA_BACKENDS: list[SDPBackend] | None = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                                                 SDPBackend.MATH]
 
 
 @functools.cache
@@ -156,11 +163,13 @@ class PagedStep:
         cache_k, cache_v = self.pool.k[layer], self.pool.v[layer]  # [Hkv, slots, D]
         out = torch.empty_like(q)
         gqa = self.n_heads != self.pool.shape.n_kv_heads
-        for s, key_slots, mask in zip(self.alone, self.keys, self.masks):
-            rows = slice(s.start, s.start + s.length)
-            out[:, rows] = F.scaled_dot_product_attention(
-                q[:, rows].unsqueeze(0), cache_k[:, key_slots].unsqueeze(0), cache_v[:, key_slots].unsqueeze(0),
-                attn_mask=mask, enable_gqa=gqa)[0]
+        chosen = PROMPT_SDPA_BACKENDS if q.is_cuda else None
+        with sdpa_kernel(chosen) if chosen and self.alone else nullcontext():
+            for s, key_slots, mask in zip(self.alone, self.keys, self.masks):
+                rows = slice(s.start, s.start + s.length)
+                out[:, rows] = F.scaled_dot_product_attention(
+                    q[:, rows].unsqueeze(0), cache_k[:, key_slots].unsqueeze(0), cache_v[:, key_slots].unsqueeze(0),
+                    attn_mask=mask, enable_gqa=gqa)[0]
         if self.batched:
             queries = q[:, self.batch_rows].transpose(0, 1)  # [B, Hq, D]
             attended = _kernel().paged_decode_attention(queries, cache_k, cache_v, self.table, self.lens,

@@ -4,7 +4,9 @@ host until the enqueue returns and until the result is read, and the GPU's kerne
 profiler, for a few (decoding rows, prompt chunk) mixes. A host time near the wall time says the step is
 bound by launching its kernels, not by running them.
 
-    python -m benchmarks.experiments.mixed_step [--size 7B] [--decoding 0 15 63] [--chunk 512] [--context 640] [--cprofile]
+    python -m benchmarks.experiments.mixed_step [--size 7B] [--decoding 0 15 63] [--chunk 512] [--context 640]
+        [--prompts 1] [--scattered]
+        [--cprofile]
 """
 
 from __future__ import annotations
@@ -30,25 +32,26 @@ from benchmarks.llama2 import write_checkpoint
 REPEATS = 5
 
 
-def make_step(engine, decoding: int, chunk: int, context: int, scattered: bool):
-    """Segments of ``decoding`` one-token rows at ``context`` and one prompt chunk of ``chunk`` tokens from
-    position 0, each on blocks of its own (the prompt's interleaved with the others' if ``scattered``)."""
+def make_step(engine, decoding: int, chunk: int, context: int, scattered: bool, prompts: int = 1):
+    """Segments of ``decoding`` one-token rows at ``context`` and ``prompts`` prompt chunks of ``chunk`` tokens
+    from position 0, each on blocks of its own (the prompts' interleaved with one another if ``scattered``)."""
     bs = engine.config.block_size
     per_row = context // bs + 1
     prompt_blocks = -(-chunk // bs)
+    stride = prompts if scattered else 1
+    chunks = [tuple(range(0, prompt_blocks * stride, stride)) if scattered else
+              tuple(range(p * prompt_blocks, (p + 1) * prompt_blocks)) for p in range(prompts)]
     if scattered:
-        prompt = tuple(range(0, 2 * prompt_blocks, 2))
-        first_free = 2 * prompt_blocks
-    else:
-        prompt = tuple(range(prompt_blocks))
-        first_free = prompt_blocks
+        chunks = [tuple(b + p for b in blocks) for p, blocks in enumerate(chunks)]
+    first_free = prompts * prompt_blocks
     segments, tokens = [], []
     for i in range(decoding):
         blocks = tuple(range(first_free + i * per_row, first_free + (i + 1) * per_row))
         segments.append(Segment(len(tokens), 1, context, blocks))
         tokens.append(5)
-    segments.append(Segment(len(tokens), chunk, 0, prompt))
-    tokens.extend(range(3, 3 + chunk))
+    for blocks in chunks:
+        segments.append(Segment(len(tokens), chunk, 0, blocks))
+        tokens.extend(range(3, 3 + chunk))
     rows = [s.start + s.length - 1 for s in segments]
     return segments, tokens, rows
 
@@ -86,12 +89,13 @@ def main() -> None:
     parser.add_argument("--decoding", nargs="+", type=int, default=[0, 15, 63])
     parser.add_argument("--chunk", nargs="+", type=int, default=[512])
     parser.add_argument("--context", type=int, default=640, help="the decoding rows' position")
-    parser.add_argument("--scattered", action="store_true", help="the prompt's blocks not consecutive")
+    parser.add_argument("--scattered", action="store_true", help="the prompts' blocks not consecutive")
+    parser.add_argument("--prompts", type=int, default=1, help="prompt chunks in the step")
     parser.add_argument("--cprofile", action="store_true", help="the host's functions over the last mix's steps")
     opts = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
         path = write_checkpoint(Path(tmp) / "m", opts.size, act_order=False)
-        cache = (max(opts.decoding) + 1) * (opts.context + 16) * 2 + 4 * max(opts.chunk) + 1024
+        cache = (max(opts.decoding) + 1) * (opts.context + 16) * 2 + 4 * opts.prompts * max(opts.chunk) + 1024
         loaded = load_model(path, LoadOptions(device="cuda", backend="exllama",
                                               context_length=max(opts.context, max(opts.chunk)) + 64,
                                               cache_tokens=cache))
@@ -103,7 +107,7 @@ def main() -> None:
         with torch.inference_mode():
             for chunk in opts.chunk:
                 for decoding in opts.decoding:
-                    args = make_step(engine, decoding, chunk, opts.context, opts.scattered)
+                    args = make_step(engine, decoding, chunk, opts.context, opts.scattered, opts.prompts)
                     for _ in range(3):  # tuners and allocator warmed
                         run_step(engine, *args)
                     times = [run_step(engine, *args) for _ in range(REPEATS)]
@@ -114,7 +118,7 @@ def main() -> None:
                           f"{statistics.median(t[1] for t in times) * 1e3:.2f} | {sum(totals.values()) / 1e3:.2f} | "
                           f"{top_text} |", flush=True)
             if opts.cprofile:
-                args = make_step(engine, opts.decoding[-1], opts.chunk[-1], opts.context, opts.scattered)
+                args = make_step(engine, opts.decoding[-1], opts.chunk[-1], opts.context, opts.scattered, opts.prompts)
                 prof = cProfile.Profile()
                 prof.enable()
                 for _ in range(REPEATS):
@@ -122,7 +126,8 @@ def main() -> None:
                 prof.disable()
                 out = io.StringIO()
                 pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
-                print(f"\ncProfile of {REPEATS} steps ({opts.decoding[-1]} decoding rows, {opts.chunk[-1]}-token chunk):")
+                print(f"\ncProfile of {REPEATS} steps ({opts.decoding[-1]} decoding rows, {opts.chunk[-1]}-token "
+                      "chunk):")
                 print(out.getvalue())
         engine.close()
 
