@@ -126,11 +126,12 @@ def test_download_load_chat_save_restart(hub, browser, tmp_path):
         assert value_of(page, "model-template") == "ChatML"
         assert value_of(page, "model-preset") == "Deterministic"
         page.locator("#context-length input").fill("2048")
+        page.locator("#cache-tokens input").fill("3072")
         page.locator("#save-settings").click()
         expect(page.locator("#model-status")).to_contain_text("saved")
         saved = yaml.safe_load((models / "config-user.yaml").read_text())
         assert saved[MODEL] == {"backend": "cpu", "context_length": 2048, "template": "ChatML",
-                                "preset": "Deterministic"}
+                                "preset": "Deterministic", "cache_tokens": 3072}
         page.close()
     finally:
         app.stop()
@@ -146,8 +147,10 @@ def test_download_load_chat_save_restart(hub, browser, tmp_path):
         assert value_of(page, "model-template") == "ChatML"
         assert value_of(page, "model-preset") == "Deterministic"
         expect(page.locator("#context-length input")).to_have_value("2048")
+        expect(page.locator("#cache-tokens input")).to_have_value("3072")
         page.locator("#load").click()
         expect(page.locator("#model-status")).to_contain_text("context 2048 tokens", timeout=120_000)
+        expect(page.locator("#model-status")).to_contain_text("KV cache 3,072 tokens")
         open_tab(page, "Text generation")
         assert value_of(page, "template") == "ChatML"
         assert value_of(page, "preset") == "Deterministic"

@@ -159,13 +159,18 @@ def test_stop_cancels_its_own_session_only(ui):
 
 
 def test_save_settings_then_select_shows_them(ui):
-    message = ui.save_settings("SmolLM2-GPTQ", "reference", 1024, "Alpaca", "Precise")
+    message = ui.save_settings("SmolLM2-GPTQ", "reference", 1024, "Alpaca", "Precise", 3072.0)
     assert "saved" in message
-    assert ui.state.settings.get("SmolLM2-GPTQ") == ModelSettings("reference", 1024, "Alpaca", "Precise")
+    saved = ModelSettings("reference", 1024, "Alpaca", "Precise", cache_tokens=3072)
+    assert ui.state.settings.get("SmolLM2-GPTQ") == saved
     update = ui.select_model("SmolLM2-GPTQ")
     assert "Saved settings" in update[ui.mdl.info]
-    assert [update[c] for c in (ui.mdl.backend, ui.mdl.context, ui.mdl.template, ui.mdl.preset)] == [
-        "reference", 1024, "Alpaca", "Precise"]
+    assert [update[c] for c in (ui.mdl.backend, ui.mdl.context, ui.mdl.template, ui.mdl.preset, ui.mdl.cache)] == [
+        "reference", 1024, "Alpaca", "Precise", 3072]
+    assert "at 1024 tokens and a KV cache of 3,072 tokens it needs about" in update[ui.mdl.info]
+    refused = ui.save_settings("SmolLM2-GPTQ", "reference", 1024, "Alpaca", "Precise", 8.0)
+    assert refused.startswith("**Error:**") and "cache_tokens" in refused and "8" in refused
+    assert ui.state.settings.get("SmolLM2-GPTQ") == saved, "a refused value changes nothing"
     unloaded = ui.unload()
     assert unloaded[ui.mdl.status] == "Unloaded **SmolLM2-GPTQ**." and "RAM:" in unloaded[ui.mdl.memory]
     assert ui.unload()[ui.mdl.status] == "No model was loaded."
@@ -263,3 +268,14 @@ def test_banned_strings_from_the_ui_keep_a_word_out_of_the_reply(ui):
     assert reply and "paris" not in reply.lower(), stats
     _, plain, _ = said(ui, ui.send(Session(), QUESTION, [], "", "ChatML", *NO_GRAMMAR, -1, *GREEDY))
     assert "Paris" in plain[-1]["content"]
+
+
+def test_the_kv_cache_size_applies_at_load(ui):
+    last(ui.load("SmolLM2-GPTQ", "cpu", 512, "Auto (tokenizer)", "Deterministic", False, 2048.0))
+    loaded = ui.state.loaded
+    assert loaded.engine.stats().kv_tokens == 2048
+    assert "KV cache 2,048 tokens" in ui.state.load_report.describe()
+    refused = last(ui.load("SmolLM2-GPTQ", "cpu", 512, "Auto (tokenizer)", "Deterministic", False, 4.0))
+    assert refused[ui.mdl.status].startswith("**Error:**") and "cache_tokens" in refused[ui.mdl.status]
+    assert ui.state.loaded is loaded, "a refused setting leaves the loaded model as it was"
+    assert "of 2,048 tokens in use" in ui.engine_text()

@@ -49,6 +49,7 @@ class LoadReport:
             f"Loaded **{m.name}** ({quant}) with the **{m.backend}** backend"
             f"{f' ({m.backend_note})' if m.backend_note else ''} on {m.device}, "
             f"{str(m.dtype).removeprefix('torch.')}, context {m.context_length} tokens, "
+            f"KV cache {m.engine.stats().kv_tokens:,} tokens, "
             f"{m.memory_bytes() / 2**20:.0f} MB of weights and cache{gpu_memory(m.device)}, in {self.seconds:.1f} s."
         )
 

@@ -65,6 +65,7 @@ RESTORE_THEME = """() => {
 # Streams show their own progress (the growing reply, the stats line, the download bar), not Gradio's overlay.
 QUIET = {"show_progress": "hidden"}
 ENGINE_REFRESH_S = 2.0  # how often the Model tab's engine line is read again
+CACHE_DEFAULT = "two contexts on a GPU, one on the CPU"  # backends.engine.default_cache_tokens
 # Expected failures of user actions; anything else is a bug and is shown with its type.
 USER_ERRORS = (ValueError, RuntimeError, OSError, MemoryError)
 
@@ -87,6 +88,15 @@ def grammar_of(kind: str | None, source: str | None) -> Grammar | None:
     if name != "json_object" and not (source or "").strip():
         raise ValueError(f"structured output: write the {kind} in its box, or choose 'none'")
     return Grammar(name, source or "")
+
+
+def model_settings(backend: str | None, context: float | None, template: str | None, preset: str | None,
+                   cache: float | None) -> ModelSettings:
+    """The Model tab's fields as settings, checked as a saved entry is (a bad number is refused by name)."""
+    settings = ModelSettings(backend=backend or "auto", context_length=int(context) if context else None,
+                             template=template or None, preset=preset or None,
+                             cache_tokens=int(cache) if cache else None)
+    return ModelSettings.from_dict(settings.__dict__, "the Model tab")
 
 
 def sampling_params(values: list, seed: float | None) -> SamplingParams:
@@ -411,7 +421,8 @@ class WorkbenchUI:
             return {mdl.info: error_text(exc)}
         note = " Saved settings found and filled in." if saved is not None else ""
         update = {mdl.info: info + note + self.memory_note(name, settings), mdl.backend: settings.backend,
-                  mdl.context: settings.context_length, mdl.template: settings.template or templates.AUTO}
+                  mdl.context: settings.context_length, mdl.template: settings.template or templates.AUTO,
+                  mdl.cache: settings.cache_tokens}
         if settings.preset in self.preset_choices():  # no saved preset: keep the one in use
             update[mdl.preset] = settings.preset
         return update
@@ -425,14 +436,20 @@ class WorkbenchUI:
             return ""
         fits = "" if free is None else f" ({gigabytes(free)} free{'' if need.total <= free else ': it will not fit'})"
         context = f"{settings.context_length} tokens" if settings.context_length else "its default context"
-        return f"\n\nWith the {settings.backend or 'auto'} backend at {context} it needs {need.describe()}{fits}."
+        cache = f" and a KV cache of {settings.cache_tokens:,} tokens" if settings.cache_tokens else ""
+        return f"\n\nWith the {settings.backend or 'auto'} backend at {context}{cache} it needs {need.describe()}{fits}."
 
-    def load(self, name, backend, context, template, preset, allow_pickle):
+    def load(self, name, backend, context, template, preset, allow_pickle, cache=None):
         """Streams dicts keyed by component (the Model tab's status, context, template and preset, and the Text
         generation tab's template, preset and sliders): each update names only what it changes."""
         mdl, gen = self.mdl, self.gen
         if not name:
             yield {mdl.status: "**Error:** choose a model first"}
+            return
+        try:
+            settings = model_settings(backend, context, template, preset, cache)
+        except ValueError as exc:
+            yield {mdl.status: error_text(exc)}
             return
         yield {mdl.status: f"Loading **{name}**…", mdl.load_progress: progress_html(0.0, "reading the model")}
         progress: list[tuple[float, str]] = []
@@ -440,8 +457,6 @@ class WorkbenchUI:
 
         def work() -> None:
             try:
-                settings = ModelSettings(backend=backend or "auto", context_length=int(context) if context else None,
-                                         template=template or None, preset=preset or None)
                 outcome["report"] = self.state.load(name, settings, allow_pickle=bool(allow_pickle),
                                                     progress=lambda *step: progress.append(step))
             except Exception as exc:  # noqa: BLE001 - any load failure is the user's to see
@@ -485,14 +500,11 @@ class WorkbenchUI:
         loaded = self.state.loaded
         return describe_engine(loaded.engine.stats()) if loaded else ""
 
-    def save_settings(self, name, backend, context, template, preset) -> str:
+    def save_settings(self, name, backend, context, template, preset, cache=None) -> str:
         if not name:
             return "**Error:** choose a model first"
         try:
-            settings = ModelSettings(backend=backend or "auto", context_length=int(context) if context else None,
-                                     template=template or None, preset=preset or None)
-            ModelSettings.from_dict(settings.__dict__, "settings")
-            self.state.settings.save(name, settings)
+            self.state.settings.save(name, model_settings(backend, context, template, preset, cache))
         except (ValueError, OSError) as exc:
             return error_text(exc)
         return f"Settings for **{name}** saved to {self.state.settings.path}; they apply whenever it is loaded."
@@ -732,6 +744,8 @@ class WorkbenchUI:
             c.backend = gr.Dropdown(state.backends(), value=start.settings.backend, label="Backend", elem_id="backend")
             c.context = gr.Number(value=start.settings.context_length, precision=0, label="Context length (tokens)",
                                   elem_id="context-length")
+            c.cache = gr.Number(value=start.settings.cache_tokens, precision=0, elem_id="cache-tokens",
+                                label="KV cache (tokens)", info="shared by all generations; empty: " + CACHE_DEFAULT)
             c.template = gr.Dropdown(start.templates, value=state.template, label="Chat template",
                                      elem_id="model-template")
             c.preset = gr.Dropdown(start.presets, value=start.preset, label="Preset", elem_id="model-preset")
@@ -749,7 +763,7 @@ class WorkbenchUI:
         c.memory = gr.Markdown("", elem_id="memory-use")
         c.engine = gr.Markdown("", elem_id="engine-status")
         c.engine_clock = gr.Timer(ENGINE_REFRESH_S)
-        c.fields = [c.info, c.backend, c.context, c.template, c.preset]  # what select_model fills
+        c.fields = [c.info, c.backend, c.context, c.template, c.preset, c.cache]  # what select_model fills
         return c
 
     def _download_panel(self, prefix: str = "") -> SimpleNamespace:
@@ -828,14 +842,14 @@ class WorkbenchUI:
         mdl.template.input(lambda t: t, mdl.template, gen.template)
         mdl.preset.input(lambda p: p, mdl.preset, gen.preset).then(
             self.apply_preset, mdl.preset, [*gen.sliders, gen.stats])
-        load_inputs = [mdl.select, mdl.backend, mdl.context, mdl.template, mdl.preset, mdl.allow_pickle]
+        load_inputs = [mdl.select, mdl.backend, mdl.context, mdl.template, mdl.preset, mdl.allow_pickle, mdl.cache]
         load_outputs = [mdl.status, mdl.load_progress, mdl.memory, mdl.context, mdl.template, gen.template, mdl.preset,
                         gen.preset, *gen.sliders]
         for button in (mdl.load, mdl.reload):
             button.click(self.load, load_inputs, load_outputs, **QUIET).then(
                 self.context_bar, [gen.chatbot, gen.system, gen.template], gen.context_bar, **QUIET)
         mdl.unload.click(self.unload, None, [mdl.status, mdl.load_progress, mdl.memory])
-        mdl.save.click(self.save_settings, [mdl.select, mdl.backend, mdl.context, mdl.template, mdl.preset],
+        mdl.save.click(self.save_settings, [mdl.select, mdl.backend, mdl.context, mdl.template, mdl.preset, mdl.cache],
                        mdl.status)
 
     def _wire_download(self, dl: SimpleNamespace, mdl: SimpleNamespace) -> None:
