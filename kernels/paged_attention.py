@@ -62,8 +62,9 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, m_ptr, l_ptr,
             block = tl.load(table_ptr + b * stride_table + pos // BLOCK_SIZE, mask=valid, other=0)
             slot = block * BLOCK_SIZE + pos % BLOCK_SIZE
             offs = kh * stride_kh + slot[:, None] * stride_ks + d[None, :]
-            k = tl.load(k_ptr + offs, mask=valid[:, None], other=0.0)  # [TILE, D]
-            v = tl.load(v_ptr + offs, mask=valid[:, None], other=0.0)
+            # [TILE, D]; an 8-bit cache's values widened to q's type (exactly: every fp8 value is an fp16 one)
+            k = tl.load(k_ptr + offs, mask=valid[:, None], other=0.0).to(q_ptr.dtype.element_ty)
+            v = tl.load(v_ptr + offs, mask=valid[:, None], other=0.0).to(q_ptr.dtype.element_ty)
             if DOT:
                 s = tl.dot(q, tl.trans(k)) * scale  # [GROUP_PAD, TILE]
             else:

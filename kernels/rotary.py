@@ -38,8 +38,8 @@ def _rotary_qkv_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, k_cache
         dst = k_cache_ptr + b * sc_b + kh * sc_h + slot * sc_s
         v_src = v_ptr + b * sv_b + t * sv_t + kh * sv_h
         v_dst = v_cache_ptr + b * sc_b + kh * sc_h + slot * sc_s
-        tl.store(v_dst + d, tl.load(v_src + d))
-        tl.store(v_dst + HALF + d, tl.load(v_src + HALF + d))
+        tl.store(v_dst + d, tl.load(v_src + d).to(v_dst.dtype.element_ty))
+        tl.store(v_dst + HALF + d, tl.load(v_src + HALF + d).to(v_dst.dtype.element_ty))
     x1 = tl.load(src + d).to(tl.float32)
     x2 = tl.load(src + HALF + d).to(tl.float32)
     tl.store(dst + d, (x1 * c1 - x2 * s1).to(dst.dtype.element_ty))

@@ -70,3 +70,17 @@ def test_a_sequence_result_does_not_depend_on_the_others():
     together = paged_decode_attention(q, k, v, table, kv_lens, BLOCK)
     alone = paged_decode_attention(q[1:2], k, v, table[1:2], kv_lens[1:2], BLOCK)
     assert torch.equal(together[1], alone[0])
+
+
+@pytest.mark.parametrize("config", [HALF, FLOAT], ids=["dots", "products"])
+@pytest.mark.parametrize("lens, window", [([5, 70, 17], None), ([600, 9], None), ([100, 20], 32)])
+def test_reads_an_8_bit_cache(config, lens, window):
+    """Keys and values kept as fp8 (e4m3): the kernel widens them exactly, so the result is attention over
+    those very values."""
+    dtype = torch.float16 if config.dot or DEVICE == "cuda" else torch.float32
+    q, k, v, table, kv_lens = _case(6, 2, 64, lens, seed=len(lens), dtype=dtype)
+    k8, v8 = k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn)
+    out = paged_decode_attention(q, k8, v8, table, kv_lens, BLOCK, window, config)
+    assert out.dtype == q.dtype
+    torch.testing.assert_close(out.float(), _in_order(q, k8, v8, table, kv_lens, window), atol=2e-3, rtol=2e-3)
+    assert (out.float() - _in_order(q, k, v, table, kv_lens, window)).abs().max() > 1e-3, "fp8 was read, not fp16"

@@ -179,8 +179,11 @@ def test_fused_rmsnorm_matches_torch():
     assert relative_error(out, expected) < 2e-3
 
 
-@pytest.mark.parametrize("head_dim", [16, 64])
-def test_fused_rotary_matches_torch(head_dim):
+@pytest.mark.parametrize("head_dim, cache_dtype", [(16, torch.float16), (64, torch.float16),
+                                                   (64, torch.float8_e4m3fn)])
+def test_fused_rotary_matches_torch(head_dim, cache_dtype):
+    if cache_dtype == torch.float8_e4m3fn and DEVICE == "cpu":
+        pytest.skip("the interpreter narrows fp16 to fp8 wrongly (1.9453 -> 1.0: no carry into the exponent)")
     from backends.model import apply_rotary
     from kernels.rotary import rotary_qkv
 
@@ -194,16 +197,17 @@ def test_fused_rotary_matches_torch(head_dim):
     sin = torch.cat([angles.sin(), angles.sin()], -1)
     expected_q = apply_rotary(q.transpose(1, 2), cos, sin)  # [B, H, T, D]
     expected_k = apply_rotary(k.transpose(1, 2), cos, sin)
-    k_cache = torch.zeros(b, hkv, 12, head_dim, dtype=torch.float16, device=DEVICE)
+    k_cache = torch.zeros(b, hkv, 12, head_dim, dtype=cache_dtype, device=DEVICE)
     v_cache = torch.zeros_like(k_cache)
     positions = torch.tensor([7, 8, 9, 10, 11], device=DEVICE)
     dev = [p.to(DEVICE) for p in (qkv, cos, sin)]
     q, k, v = (p.reshape(b, t, -1, head_dim) for p in dev[0].split([hq * head_dim, hkv * head_dim, hkv * head_dim], -1))
     out = rotary_qkv(q, k, v, dev[1], dev[2], k_cache, v_cache, positions)
     assert relative_error(out.transpose(1, 2).cpu(), expected_q) < 1e-3
-    assert relative_error(k_cache[:, :, 7:].cpu(), expected_k) < 1e-3
-    assert torch.equal(v_cache[:, :, 7:].cpu(), v.transpose(1, 2).cpu())
-    assert not k_cache[:, :, :7].any() and not v_cache[:, :, :7].any()
+    narrow = cache_dtype != torch.float16  # fp8 keeps 3 bits of mantissa: 2^-4 relative at most
+    assert relative_error(k_cache[:, :, 7:].cpu(), expected_k) < (4e-2 if narrow else 1e-3)
+    assert torch.equal(v_cache[:, :, 7:].cpu().float(), v.transpose(1, 2).cpu().to(cache_dtype).float())
+    assert not k_cache[:, :, :7].float().any() and not v_cache[:, :, :7].float().any()
 
 
 def test_the_inline_ptx_gemv_is_a_candidate_for_4_bit_on_a_gpu_only():
