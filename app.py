@@ -29,6 +29,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache-tokens", type=int, default=None,
                         help="KV cache for --model, in tokens, shared by all running generations "
                              "(default: one context on the CPU, two on a GPU)")
+    parser.add_argument("--kv-cache", choices=["auto", "fp8"], default=None,
+                        help="KV cache type for --model: auto (the model's dtype) or fp8 (half the memory per token; "
+                             "a GPU of compute capability 8.9+)")
     parser.add_argument("--gradio-auth", metavar="USER:PASS", help="require this login for the web UI")
     parser.add_argument("--allow-pickle", action="store_true", help="allow pickled .pt/.bin weights (they can run code)")
     parser.add_argument("--api", action="store_true", help="also serve an OpenAI-compatible API")
@@ -67,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
                 settings = replace(settings, context_length=opts.context)
             if opts.cache_tokens:
                 settings = replace(settings, cache_tokens=opts.cache_tokens)
+            if opts.kv_cache:
+                settings = replace(settings, kv_cache=None if opts.kv_cache == "auto" else opts.kv_cache)
             print(state.load(opts.model, settings).describe().replace("**", ""), flush=True)
         except Exception as exc:  # noqa: BLE001 - the UI still starts, so the user can pick another model
             print(f"could not load {opts.model}: {exc}", file=sys.stderr, flush=True)

@@ -25,8 +25,10 @@ from backends.banned import BannedStrings
 from backends.batch_graphs import BatchedDecoder
 from backends.constraints import Constraint
 from backends.cuda_graph import GraphedDecoder
+from backends.memory import kv_bytes
 from backends.model import Transformer
-from backends.paged_attention import PagedStep, Segment, kernel_takes
+from backends.model_config import ModelArgs
+from backends.paged_attention import PagedStep, Segment, kernel_takes, store
 from backends.paged_cache import BLOCK_SIZE, BlockManager, CacheShape, CacheTooSmall, KVPool, block_hashes
 from backends.sampling import SamplerState, SamplingParams, sample_token
 
@@ -41,6 +43,7 @@ class EngineConfig:
     max_batch: int = 64  # sequences in one step
     step_tokens: int = 512  # tokens in one step: every decoding sequence's one, the rest for prompt chunks
     block_size: int = BLOCK_SIZE
+    kv_dtype: torch.dtype | None = None  # the paged cache's keys and values; None: the model's dtype
 
 
 @dataclass(frozen=True)
@@ -182,7 +185,7 @@ class Engine:
         blocks = -(-config.cache_tokens // config.block_size)
         # One block more than the manager hands out: the scratch block of padded graph rows.
         shape = CacheShape(args.n_layers, args.n_kv_heads, args.head_dim, blocks + 1, config.block_size)
-        self.pool = KVPool(shape, self.dtype, device)
+        self.pool = KVPool(shape, config.kv_dtype or self.dtype, device)
         self.blocks = BlockManager(blocks, config.block_size)
         self.batched: BatchedDecoder | None = None
         if kernel_takes(self.pool, args.n_heads):
@@ -652,8 +655,8 @@ class SoloLane:
                              device=self.device)
         for i, layer in enumerate(self.model.layers):
             cache = layer.self_attn.kv_cache
-            pool.k[i].index_copy_(1, slots, cache.k[0, :, :count])
-            pool.v[i].index_copy_(1, slots, cache.v[0, :, :count])
+            store(pool.k[i], slots, cache.k[0, :, :count])
+            store(pool.v[i], slots, cache.v[0, :, :count])
 
 
 def default_cache_tokens(context_length: int, device: torch.device) -> int:
@@ -662,14 +665,16 @@ def default_cache_tokens(context_length: int, device: torch.device) -> int:
     return context_length * (2 if device.type == "cuda" else 1)
 
 
-def cached_tokens(context_length: int, device: torch.device, cache_tokens: int | None = None) -> int:
-    """Every token slot of KV cache a loaded model holds: the engine's blocks, and on a GPU the batch-1
-    cache of the lone sequence's path."""
-    solo = context_length if device.type == "cuda" else 0
-    return (cache_tokens or default_cache_tokens(context_length, device)) + solo
+def kv_cache_bytes(args: ModelArgs, context_length: int, device: torch.device, dtype: torch.dtype,
+                   cache_tokens: int | None = None, kv_dtype: torch.dtype | None = None) -> int:
+    """The KV caches a loaded model holds: the engine's blocks (``kv_dtype``, else ``dtype``), and on a GPU the
+    batch-1 cache of the lone sequence's path (``dtype``)."""
+    pool = kv_bytes(args, cache_tokens or default_cache_tokens(context_length, device), kv_dtype or dtype)
+    return pool + (kv_bytes(args, context_length, dtype) if device.type == "cuda" else 0)
 
 
-def engine_config(context_length: int, device: torch.device, cache_tokens: int | None = None) -> EngineConfig:
+def engine_config(context_length: int, device: torch.device, cache_tokens: int | None = None,
+                  kv_dtype: torch.dtype | None = None) -> EngineConfig:
     return EngineConfig(cache_tokens=cache_tokens or default_cache_tokens(context_length, device),
-                        step_tokens=2048 if device.type == "cuda" else 512)
+                        step_tokens=2048 if device.type == "cuda" else 512, kv_dtype=kv_dtype)
 

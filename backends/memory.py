@@ -75,11 +75,16 @@ def stored_tensors(files: tuple[Path, ...]) -> dict[str, tuple[tuple[int, ...], 
     return found
 
 
+def kv_bytes(args: ModelArgs, tokens: int, dtype: torch.dtype) -> int:
+    """Keys and values of ``tokens`` tokens in every layer, as ``dtype``."""
+    return 2 * args.n_layers * tokens * args.n_kv_heads * args.head_dim * torch.empty((), dtype=dtype).element_size()
+
+
 def memory_need(files: tuple[Path, ...], args: ModelArgs, qconfig: QuantConfig | None, backend: str,
-                dtype: torch.dtype, device: torch.device, cached_tokens: int) -> MemoryNeed:
+                dtype: torch.dtype, device: torch.device, kv_cache: int) -> MemoryNeed:
     """``backend`` "reference" dequantizes every GPTQ layer to ``dtype``; the others keep the packed words, and
     scales and zero points at up to 8 bytes per group and column (the cpu backend's bf16 pair and fp32 zero
-    term). Dense tensors are held in ``dtype``."""
+    term). Dense tensors are held in ``dtype``. ``kv_cache``: the caches' bytes (backends.engine.kv_cache_bytes)."""
     element = torch.empty((), dtype=dtype).element_size()
     weights = 0
     for name, (shape, size) in stored_tensors(files).items():
@@ -92,8 +97,7 @@ def memory_need(files: tuple[Path, ...], args: ModelArgs, qconfig: QuantConfig |
             weights += 0 if backend == "reference" else count * size
         else:
             weights += count * element
-    kv = 2 * args.n_layers * cached_tokens * args.n_kv_heads * args.head_dim * element
-    return MemoryNeed(weights, kv, device)
+    return MemoryNeed(weights, kv_cache, device)
 
 
 def resident_bytes() -> int | None:

@@ -85,6 +85,15 @@ def _rotary():
     return rotary
 
 
+def store(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
+    """``cache[:, slots] = values`` (``[Hkv, slots, D]``), narrowed to the cache's type; an fp8 cache through
+    its bytes, which index_copy_ takes where it does not take fp8."""
+    values = values.to(cache.dtype)
+    if cache.element_size() == 1:
+        cache, values = cache.view(torch.uint8), values.view(torch.uint8)
+    cache.index_copy_(1, slots, values)
+
+
 def rotate_and_store(pool: KVPool, layer: int, n_heads: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      cos: torch.Tensor, sin: torch.Tensor, write_slots: torch.Tensor) -> torch.Tensor:
     """q rotated ``[Hq, T, D]``; k rotated and v written to their slots of ``layer``'s cache (on a GPU in one
@@ -97,8 +106,8 @@ def rotate_and_store(pool: KVPool, layer: int, n_heads: int, q: torch.Tensor, k:
         return rotated[0].transpose(0, 1)
     q = apply_rotary(q.view(t, n_heads, d).transpose(0, 1), cos, sin)
     k = apply_rotary(k.view(t, kv_heads, d).transpose(0, 1), cos, sin)
-    pool.k[layer].index_copy_(1, write_slots, k)
-    pool.v[layer].index_copy_(1, write_slots, v.view(t, kv_heads, d).transpose(0, 1))
+    store(pool.k[layer], write_slots, k)
+    store(pool.v[layer], write_slots, v.view(t, kv_heads, d).transpose(0, 1))
     return q
 
 
@@ -167,9 +176,9 @@ class PagedStep:
         with sdpa_kernel(chosen) if chosen and self.alone else nullcontext():
             for s, key_slots, mask in zip(self.alone, self.keys, self.masks):
                 rows = slice(s.start, s.start + s.length)
+                keys, values = cache_k[:, key_slots].to(q.dtype), cache_v[:, key_slots].to(q.dtype)  # fp8: widened
                 out[:, rows] = F.scaled_dot_product_attention(
-                    q[:, rows].unsqueeze(0), cache_k[:, key_slots].unsqueeze(0), cache_v[:, key_slots].unsqueeze(0),
-                    attn_mask=mask, enable_gqa=gqa)[0]
+                    q[:, rows].unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask, enable_gqa=gqa)[0]
         if self.batched:
             queries = q[:, self.batch_rows].transpose(0, 1)  # [B, Hq, D]
             attended = _kernel().paged_decode_attention(queries, cache_k, cache_v, self.table, self.lens,

@@ -34,11 +34,12 @@ def perplexity(loaded, text: str, window: int | None = None) -> float:
 
 
 def paged_logits(loaded, ids: list[int]) -> torch.Tensor:
-    """Every position's logits ``[len(ids), vocab]`` through the engine's attention (on a scratch cache), so
-    a prompt scores as the engine would generate after it (the CPU's attention kernel is not torch's SDPA)."""
+    """Every position's logits ``[len(ids), vocab]`` through the engine's attention (on a scratch cache of the
+    engine's type), so a prompt scores as the engine would generate after it (the CPU's attention kernel is
+    not torch's SDPA; an fp8 cache rounds keys and values)."""
     args, bs = loaded.args, BLOCK_SIZE
     blocks = -(-len(ids) // bs)
-    pool = KVPool(CacheShape(args.n_layers, args.n_kv_heads, args.head_dim, blocks, bs), loaded.dtype,
+    pool = KVPool(CacheShape(args.n_layers, args.n_kv_heads, args.head_dim, blocks, bs), loaded.engine.pool.k.dtype,
                   loaded.device)
     step = PagedStep(pool, [Segment(0, len(ids), 0, tuple(range(blocks)))], args.sliding_window, loaded.dtype,
                      args.n_heads)

@@ -1,6 +1,6 @@
 """Many concurrent streams through the engine: aggregate decode throughput and per-token latency.
 
-    python -m benchmarks.batched_decode [--sizes 7B 13B] [--streams 1 4 16 64] [--backend exllama]
+    python -m benchmarks.batched_decode [--sizes 7B 13B] [--streams 1 4 16 64] [--backend exllama] [--kv-cache fp8]
     python -m benchmarks.batched_decode --device cpu --sizes 7B --streams 1 4 8 --prompt 64 --new 64
 
 For each size it writes a random-weight 4-bit g128 Llama-2-shaped checkpoint, loads it as the app does and
@@ -114,14 +114,15 @@ def graph_replay_ms(loaded) -> dict[int, float]:
     return {size: replay_ms(graph) for size, (graph, _) in loaded.engine.batched.graphs.items()}
 
 
-def step_bytes(size: str, streams: int, mean_length: float) -> float:
+def step_bytes(size: str, streams: int, mean_length: float, kv_element: int = 2) -> float:
     """What a decode step of ``streams`` rows must read at least: the 4-bit g128 layers, the fp16 head, and
-    each row's keys and values (fp16, every layer) at ``mean_length`` tokens."""
+    each row's keys and values (``kv_element`` bytes each: 2 fp16, 1 fp8; every layer) at ``mean_length``
+    tokens."""
     shape = SIZES[size]
     h, i, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
     weights = layers * (g128_bytes(h, 3 * h) + g128_bytes(h, h) + g128_bytes(h, 2 * i) + g128_bytes(i, h))
     weights += VOCAB * h * 2
-    kv_per_token = 2 * layers * h * 2  # Llama-2 7B and 13B: as many kv heads as heads
+    kv_per_token = 2 * layers * h * kv_element  # Llama-2 7B and 13B: as many kv heads as heads
     return weights + streams * mean_length * kv_per_token
 
 
@@ -134,19 +135,20 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--prompt", type=int, default=PROMPT, help="tokens of each stream's prompt")
     parser.add_argument("--new", type=int, default=NEW, help="new tokens of each stream")
+    parser.add_argument("--kv-cache", default="auto", choices=["auto", "fp8"], help="the engine's cache type")
     opts = parser.parse_args()
     on_gpu = opts.device == "cuda"
     backend = opts.backend or ("exllama" if on_gpu else "cpu")
     where = torch.cuda.get_device_properties(0).name if on_gpu else f"CPU, {os.cpu_count()} cores"
-    print(f"{where}; {time.strftime('%Y-%m-%d')}; backend {backend}; {opts.prompt}-token prompts, {opts.new} new "
-          "tokens each", flush=True)
+    print(f"{where}; {time.strftime('%Y-%m-%d')}; backend {backend}; KV cache {opts.kv_cache}; {opts.prompt}-token "
+          f"prompts, {opts.new} new tokens each", flush=True)
     bandwidth = copy_bandwidth() if on_gpu else None
     rows = []
     for size in opts.sizes:
         with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
             path = write_checkpoint(Path(tmp) / "m", size, act_order=False, device=opts.device)
             cache = max(opts.streams) * (opts.prompt + opts.new) + 1024
-            loaded = load_model(path, LoadOptions(device=opts.device, backend=backend,
+            loaded = load_model(path, LoadOptions(device=opts.device, backend=backend, kv_cache=opts.kv_cache,
                                                   context_length=opts.prompt + opts.new + 64, cache_tokens=cache))
             # warm-up: on the GPU kernels tuned and graphs of every bucket captured; on the CPU pages touched
             for n in opts.streams if on_gpu else opts.streams[:1]:
@@ -158,7 +160,8 @@ def main() -> None:
                 r["size"], r["vs_1"] = size, r["aggregate_tok_s"] / base["aggregate_tok_s"]
                 r["latency_vs_1"] = r["latency_ms"] / base["latency_ms"]
                 if bandwidth:
-                    r["floor_ms"] = step_bytes(size, n, opts.prompt + opts.new / 2) / bandwidth * 1e3
+                    kv_element = loaded.engine.pool.k.element_size()
+                    r["floor_ms"] = step_bytes(size, n, opts.prompt + opts.new / 2, kv_element) / bandwidth * 1e3
                     r["floor_vs_1"] = n / r["floor_ms"] * 1e3 / base["aggregate_tok_s"]
                 rows.append(r)
                 print(f"  {size} x{n}: {r['aggregate_tok_s']:.0f} tok/s, {r['latency_ms']:.2f} ms/token", flush=True)

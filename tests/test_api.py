@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+import torch
 
 from tests.browser import AppProcess, free_port
 from tests.test_webui_handlers import link_model
@@ -396,13 +397,18 @@ def test_models_load_and_unload_with_the_admin_key_only(server, client, referenc
 
     assert post("unload", KEY).status_code == 401, "a user key cannot unload"
     info = httpx.get(f"{server.api_url}/internal/model/info", headers={"Authorization": f"Bearer {KEY}"}).json()
-    assert info["model_name"] == "SmolLM2-GPTQ" and info["backend"] == "cpu"
+    assert info["model_name"] == "SmolLM2-GPTQ" and info["backend"] == "cpu" and info["kv_cache_dtype"] == "bfloat16"
     assert post("unload", ADMIN_KEY).json() == {"status": "unloaded", "model_name": "SmolLM2-GPTQ"}
     assert scrape(server) == {"gptq_workbench_model_loaded": 0}
     with pytest.raises(openai.APIStatusError, match="no model is loaded"):
         client.chat.completions.create(model="x", messages=QUESTION, max_tokens=4)
     missing = post("load", ADMIN_KEY, model_name="nope")
     assert missing.status_code == 400 and "no model named 'nope'" in missing.json()["error"]["message"]
+    unknown = post("load", ADMIN_KEY, model_name="SmolLM2-GPTQ", kv_cache="int4")
+    assert unknown.status_code == 400 and "kv_cache" in unknown.json()["error"]["message"]
+    if not torch.cuda.is_available():
+        cpu = post("load", ADMIN_KEY, model_name="SmolLM2-GPTQ", kv_cache="fp8")
+        assert cpu.status_code == 400 and "an fp8 KV cache needs a GPU" in cpu.json()["error"]["message"]
     loaded = post("load", ADMIN_KEY, model_name="SmolLM2-GPTQ", context_length=512, cache_tokens=4096)
     assert loaded.status_code == 200 and loaded.json()["context_length"] == 512
     for _ in range(2):

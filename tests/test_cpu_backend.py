@@ -143,7 +143,7 @@ def test_memory_follows_the_checkpoint(tmp_path):
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_memory_need_is_told_before_loading(tmp_path, backend):
     """The Model tab's figure (backends.memory.memory_need) against what the load then holds."""
-    from backends.memory import memory_need
+    from backends.memory import kv_bytes, memory_need
     from backends.model_config import load_model_args
     from backends.quant_config import load_quant_config
     from backends.weights import find_weight_files
@@ -155,7 +155,7 @@ def test_memory_need_is_told_before_loading(tmp_path, backend):
     held = sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in [*model.parameters(),
                                                                                  *model.buffers()]}.values())
     files = find_weight_files(path, load_quant_config(path), False).files
-    need = memory_need(files, load_model_args(path), qconfig, name, dtype, device, 100)
+    need = memory_need(files, load_model_args(path), qconfig, name, dtype, device, kv_bytes(args, 100, dtype))
     assert 0.85 * held <= need.total <= 1.15 * held, (need, held)
 
 

@@ -3,6 +3,7 @@ and the batch-size graphs, a lone sequence on the batch-1 path moving into block
 generated token is checked against the plain-torch model run over the whole text without a cache."""
 
 import threading
+from dataclasses import replace
 
 import pytest
 import torch
@@ -151,3 +152,42 @@ def test_prompt_chunks_attend_without_cudnn(loaded, monkeypatch):
     out, names = attend_kernels()
     assert names and not any("cudnn" in name for name in names)
     torch.testing.assert_close(out, anyone, atol=2e-3, rtol=0)
+
+
+def greedy_gaps(loaded, prompt: list[int], generated: list[int]) -> list[float]:
+    """How far below the uncached model's best logit each generated token's logit is."""
+    with torch.inference_mode():
+        ids = torch.tensor([prompt + generated], device="cuda")
+        logits = loaded.model(ids, torch.arange(ids.shape[1], device="cuda"), cached=False)[0].float()
+    rows = logits[len(prompt) - 1 : len(prompt) - 1 + len(generated)]
+    return (rows.max(-1).values - rows[torch.arange(len(generated)), torch.tensor(generated)]).tolist()
+
+
+def test_an_fp8_cache_decodes_close_to_the_model(loaded):
+    """The engine with an fp8 cache on the GPU: the rotary kernel narrows keys and values into it, the paged
+    kernel and the prompt chunks' SDPA widen them, and a lone sequence's batch-1 cache moves into it when
+    others join. On the CPU, the same model with an fp8 cache chose the full model's argmax at 82% of 96
+    positions, every logit within 0.86 of the full model's."""
+    engine = Engine(loaded.model, 512, EngineConfig(cache_tokens=4096, step_tokens=2048, kv_dtype=torch.float8_e4m3fn),
+                    GraphedDecoder(loaded.model))
+    fp8 = replace(loaded, engine=engine)
+    try:
+        first = Generation(fp8, prompts(1)[0], SamplingParams(temperature=0, max_new_tokens=60))
+        stream = iter(first)
+        for _ in range(10):
+            next(stream)  # alone, on the batch-1 path
+        others = [Generation(fp8, p, SamplingParams(temperature=0, max_new_tokens=30)) for p in prompts(6)]
+        threads = [threading.Thread(target=run, args=(g,)) for g in others]
+        for t in threads:
+            t.start()
+        for _ in stream:
+            pass
+        for t in threads:
+            t.join(300)
+        assert engine.pool.k.dtype == torch.float8_e4m3fn and engine.most_running >= 4
+        gaps = [gap for g in [first, *others] for gap in greedy_gaps(loaded, g.prompt_ids, g.result.token_ids)]
+        exact = sum(gap == 0 for gap in gaps) / len(gaps)
+        assert exact >= 0.6 and max(gaps) < 1.5 and sum(gaps) / len(gaps) < 0.2, (exact, max(gaps))
+        assert engine.kv_tokens_held() == 0
+    finally:
+        engine.close()

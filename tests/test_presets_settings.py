@@ -87,3 +87,8 @@ def test_invalid_entries_are_explained(tmp_path):
     with pytest.raises(SettingsError, match="template"):
         store.get("b")
     assert store.get("c") == ModelSettings()
+    store.path.write_text("d: {kv_cache: int4}\ne: {kv_cache: auto}\nf: {kv_cache: fp8, cache_tokens: 8192}\n")
+    with pytest.raises(SettingsError, match="kv_cache must be one of auto, fp8, not 'int4'"):
+        store.get("d")
+    assert store.get("e") == ModelSettings()
+    assert store.get("f") == ModelSettings(cache_tokens=8192, kv_cache="fp8")

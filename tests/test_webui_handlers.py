@@ -279,3 +279,11 @@ def test_the_kv_cache_size_applies_at_load(ui):
     assert refused[ui.mdl.status].startswith("**Error:**") and "cache_tokens" in refused[ui.mdl.status]
     assert ui.state.loaded is loaded, "a refused setting leaves the loaded model as it was"
     assert "of 2,048 tokens in use" in ui.engine_text()
+    fp8 = last(ui.load("SmolLM2-GPTQ", "cpu", 512, "Auto (tokenizer)", "Deterministic", False, 2048.0, "fp8"))
+    assert "an fp8 KV cache needs a GPU" in fp8[ui.mdl.status]  # this machine has none
+    assert ui.state.loaded is loaded, "refused before the loaded model was unloaded"
+    assert "saved" in ui.save_settings("SmolLM2-GPTQ", "cpu", 512, "ChatML", "Deterministic", None, "fp8")
+    assert ui.state.settings.get("SmolLM2-GPTQ").kv_cache == "fp8"
+    assert ui.select_model("SmolLM2-GPTQ")[ui.mdl.kv_cache] == "fp8"
+    assert "saved" in ui.save_settings("SmolLM2-GPTQ", "cpu", 512, "ChatML", "Deterministic", None, "auto")
+    assert ui.state.settings.get("SmolLM2-GPTQ").kv_cache is None, "auto is the default, not written down"

@@ -227,6 +227,7 @@ class LoadRequest(BaseModel):
     backend: str | None = None
     context_length: int | None = Field(default=None, ge=16)
     cache_tokens: int | None = Field(default=None, ge=16)
+    kv_cache: Literal["auto", "fp8"] | None = None
 
 
 @dataclass
@@ -445,6 +446,7 @@ def build_api(state: AppState, api_keys: list[str] | None = None, admin_keys: li
         return {"model_name": loaded.name, "backend": loaded.backend, "device": str(loaded.device),
                 "context_length": loaded.context_length, "running": stats.running, "waiting": stats.waiting,
                 "kv_cache_tokens": stats.kv_tokens, "kv_cache_tokens_in_use": stats.kv_tokens_held,
+                "kv_cache_dtype": str(loaded.engine.pool.k.dtype).removeprefix("torch."),
                 "prompt_tokens_reused": stats.reused_tokens}
 
     @app.get("/metrics")
@@ -457,9 +459,11 @@ def build_api(state: AppState, api_keys: list[str] | None = None, admin_keys: li
     async def load(body: LoadRequest):
         try:
             settings = state.settings_for(body.model_name)
-            settings = ModelSettings(
-                backend=body.backend or settings.backend, context_length=body.context_length or settings.context_length,
-                template=settings.template, preset=settings.preset, cache_tokens=body.cache_tokens or settings.cache_tokens)
+            settings = ModelSettings.from_dict({
+                **settings.__dict__, "backend": body.backend or settings.backend,
+                "context_length": body.context_length or settings.context_length,
+                "cache_tokens": body.cache_tokens or settings.cache_tokens,
+                "kv_cache": body.kv_cache or settings.kv_cache}, "the request")
             report = await asyncio.to_thread(state.load, body.model_name, settings)
         except (ValueError, OSError, MemoryError) as exc:
             raise ApiError(400, str(exc), param="model_name") from exc

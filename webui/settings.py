@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from backends.loader import KV_CACHE_CHOICES
 from webui.files import atomic_write_text
 
 FILE_NAME = "config-user.yaml"
@@ -24,6 +25,7 @@ class ModelSettings:
     template: str | None = None  # None: guessed at load (webui.templates.guess_template)
     preset: str | None = None
     cache_tokens: int | None = None  # the engine's KV cache; None: backends.engine.default_cache_tokens
+    kv_cache: str | None = None  # its type: None (auto, the model's dtype) or "fp8" (backends.loader.kv_cache_dtype)
 
     @classmethod
     def from_dict(cls, raw: dict, source: str) -> "ModelSettings":
@@ -38,6 +40,11 @@ class ModelSettings:
         for key in ("backend", "template", "preset"):
             if values.get(key) is not None and not isinstance(values[key], str):
                 raise SettingsError(f"{source}: {key} must be text, not {values[key]!r}")
+        if values.get("kv_cache") == "auto":
+            values["kv_cache"] = None
+        if values.get("kv_cache") not in (None, *KV_CACHE_CHOICES):
+            raise SettingsError(f"{source}: kv_cache must be one of {', '.join(KV_CACHE_CHOICES)}, "
+                                f"not {values['kv_cache']!r}")
         return cls(**values)
 
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 
 from backends.constraints import Grammar
-from backends.engine import EngineStats, cached_tokens
+from backends.engine import EngineStats, kv_cache_bytes
 from backends.generation import Generation
-from backends.loader import (LoadedModel, LoadOptions, LoadProgress, default_context, load_model, resolve_device,
-                             resolve_dtype)
+from backends.loader import (LoadedModel, LoadOptions, LoadProgress, default_context, kv_cache_dtype, load_model,
+                             resolve_device, resolve_dtype)
 from backends.memory import MemoryNeed, available_bytes, gigabytes, memory_need
 from backends.model_config import load_model_args
 from backends.quant_config import QuantConfig, load_quant_config
@@ -45,11 +45,12 @@ class LoadReport:
     def describe(self) -> str:
         m = self.loaded
         quant = describe_quant(m.qconfig)
+        kv = f"KV cache {m.engine.stats().kv_tokens:,} tokens{' in fp8' if self.settings.kv_cache == 'fp8' else ''}"
         return (
             f"Loaded **{m.name}** ({quant}) with the **{m.backend}** backend"
             f"{f' ({m.backend_note})' if m.backend_note else ''} on {m.device}, "
             f"{str(m.dtype).removeprefix('torch.')}, context {m.context_length} tokens, "
-            f"KV cache {m.engine.stats().kv_tokens:,} tokens, "
+            f"{kv}, "
             f"{m.memory_bytes() / 2**20:.0f} MB of weights and cache{gpu_memory(m.device)}, in {self.seconds:.1f} s."
         )
 
@@ -159,8 +160,10 @@ class AppState:
         device = resolve_device("auto")
         backend = resolve_backend(settings.backend or "auto", device, qconfig)
         context = settings.context_length or default_context(args)
-        return memory_need(files.files, args, qconfig, backend.name, resolve_dtype("auto", device, backend), device,
-                           cached_tokens(context, device, settings.cache_tokens))
+        dtype = resolve_dtype("auto", device, backend)
+        kv_dtype = kv_cache_dtype(settings.kv_cache or "auto", device)
+        return memory_need(files.files, args, qconfig, backend.name, dtype, device,
+                           kv_cache_bytes(args, context, device, dtype, settings.cache_tokens, kv_dtype))
 
     def memory_check(self, name: str, settings: ModelSettings) -> tuple[MemoryNeed | None, int | None]:
         """What the load would need, and what is free now (each None where it cannot be told)."""
@@ -180,12 +183,14 @@ class AppState:
     def load(self, name: str, settings: ModelSettings, allow_pickle: bool = False,
              progress: LoadProgress | None = None) -> LoadReport:
         path = self.model_path(name)
+        kv_cache_dtype(settings.kv_cache or "auto", resolve_device("auto"))  # refused before the loaded one goes
         with self._load_lock:
             self.unload()
             started = time.perf_counter()
             self.check_fits(name, settings)
             options = LoadOptions(backend=settings.backend or "auto", context_length=settings.context_length,
-                                  cache_tokens=settings.cache_tokens, allow_pickle=allow_pickle or self.allow_pickle)
+                                  cache_tokens=settings.cache_tokens, kv_cache=settings.kv_cache or "auto",
+                                  allow_pickle=allow_pickle or self.allow_pickle)
             try:
                 loaded = load_model(path, options, progress)
             except torch.OutOfMemoryError as exc:

@@ -27,7 +27,7 @@ from webui.download import DownloadCancelled, DownloadError, DownloadProgress, D
 from webui.repo_spec import RepoSpecError, parse_repo_spec
 from webui.session import Session
 from webui.settings import ModelSettings
-from backends.loader import resolve_device
+from backends.loader import KV_CACHE_CHOICES, resolve_device
 from backends.memory import gigabytes, memory_use
 from webui.state import AppState, ModelNotLoaded, describe_engine
 from webui.templates import TemplateError
@@ -91,11 +91,11 @@ def grammar_of(kind: str | None, source: str | None) -> Grammar | None:
 
 
 def model_settings(backend: str | None, context: float | None, template: str | None, preset: str | None,
-                   cache: float | None) -> ModelSettings:
-    """The Model tab's fields as settings, checked as a saved entry is (a bad number is refused by name)."""
+                   cache: float | None, kv_cache: str | None = None) -> ModelSettings:
+    """The Model tab's fields as settings, checked as a saved entry is (a bad value is refused by name)."""
     settings = ModelSettings(backend=backend or "auto", context_length=int(context) if context else None,
                              template=template or None, preset=preset or None,
-                             cache_tokens=int(cache) if cache else None)
+                             cache_tokens=int(cache) if cache else None, kv_cache=kv_cache or None)
     return ModelSettings.from_dict(settings.__dict__, "the Model tab")
 
 
@@ -422,7 +422,7 @@ class WorkbenchUI:
         note = " Saved settings found and filled in." if saved is not None else ""
         update = {mdl.info: info + note + self.memory_note(name, settings), mdl.backend: settings.backend,
                   mdl.context: settings.context_length, mdl.template: settings.template or templates.AUTO,
-                  mdl.cache: settings.cache_tokens}
+                  mdl.cache: settings.cache_tokens, mdl.kv_cache: settings.kv_cache or "auto"}
         if settings.preset in self.preset_choices():  # no saved preset: keep the one in use
             update[mdl.preset] = settings.preset
         return update
@@ -436,10 +436,12 @@ class WorkbenchUI:
             return ""
         fits = "" if free is None else f" ({gigabytes(free)} free{'' if need.total <= free else ': it will not fit'})"
         context = f"{settings.context_length} tokens" if settings.context_length else "its default context"
-        cache = f" and a KV cache of {settings.cache_tokens:,} tokens" if settings.cache_tokens else ""
+        size = f" of {settings.cache_tokens:,} tokens" if settings.cache_tokens else ""
+        kind = " in fp8" if settings.kv_cache == "fp8" else ""
+        cache = f" and a KV cache{size}{kind}" if size or kind else ""
         return f"\n\nWith the {settings.backend or 'auto'} backend at {context}{cache} it needs {need.describe()}{fits}."
 
-    def load(self, name, backend, context, template, preset, allow_pickle, cache=None):
+    def load(self, name, backend, context, template, preset, allow_pickle, cache=None, kv_cache=None):
         """Streams dicts keyed by component (the Model tab's status, context, template and preset, and the Text
         generation tab's template, preset and sliders): each update names only what it changes."""
         mdl, gen = self.mdl, self.gen
@@ -447,7 +449,7 @@ class WorkbenchUI:
             yield {mdl.status: "**Error:** choose a model first"}
             return
         try:
-            settings = model_settings(backend, context, template, preset, cache)
+            settings = model_settings(backend, context, template, preset, cache, kv_cache)
         except ValueError as exc:
             yield {mdl.status: error_text(exc)}
             return
@@ -500,11 +502,11 @@ class WorkbenchUI:
         loaded = self.state.loaded
         return describe_engine(loaded.engine.stats()) if loaded else ""
 
-    def save_settings(self, name, backend, context, template, preset, cache=None) -> str:
+    def save_settings(self, name, backend, context, template, preset, cache=None, kv_cache=None) -> str:
         if not name:
             return "**Error:** choose a model first"
         try:
-            self.state.settings.save(name, model_settings(backend, context, template, preset, cache))
+            self.state.settings.save(name, model_settings(backend, context, template, preset, cache, kv_cache))
         except (ValueError, OSError) as exc:
             return error_text(exc)
         return f"Settings for **{name}** saved to {self.state.settings.path}; they apply whenever it is loaded."
@@ -746,6 +748,9 @@ class WorkbenchUI:
                                   elem_id="context-length")
             c.cache = gr.Number(value=start.settings.cache_tokens, precision=0, elem_id="cache-tokens",
                                 label="KV cache (tokens)", info="shared by all generations; empty: " + CACHE_DEFAULT)
+            c.kv_cache = gr.Dropdown(list(KV_CACHE_CHOICES), value=start.settings.kv_cache or "auto",
+                                     label="KV cache type", elem_id="kv-cache",
+                                     info="fp8: half the memory per token, slightly less exact; GPU only")
             c.template = gr.Dropdown(start.templates, value=state.template, label="Chat template",
                                      elem_id="model-template")
             c.preset = gr.Dropdown(start.presets, value=start.preset, label="Preset", elem_id="model-preset")
@@ -763,7 +768,7 @@ class WorkbenchUI:
         c.memory = gr.Markdown("", elem_id="memory-use")
         c.engine = gr.Markdown("", elem_id="engine-status")
         c.engine_clock = gr.Timer(ENGINE_REFRESH_S)
-        c.fields = [c.info, c.backend, c.context, c.template, c.preset, c.cache]  # what select_model fills
+        c.fields = [c.info, c.backend, c.context, c.template, c.preset, c.cache, c.kv_cache]  # select_model fills
         return c
 
     def _download_panel(self, prefix: str = "") -> SimpleNamespace:
@@ -842,14 +847,16 @@ class WorkbenchUI:
         mdl.template.input(lambda t: t, mdl.template, gen.template)
         mdl.preset.input(lambda p: p, mdl.preset, gen.preset).then(
             self.apply_preset, mdl.preset, [*gen.sliders, gen.stats])
-        load_inputs = [mdl.select, mdl.backend, mdl.context, mdl.template, mdl.preset, mdl.allow_pickle, mdl.cache]
+        load_inputs = [mdl.select, mdl.backend, mdl.context, mdl.template, mdl.preset, mdl.allow_pickle, mdl.cache,
+                       mdl.kv_cache]
         load_outputs = [mdl.status, mdl.load_progress, mdl.memory, mdl.context, mdl.template, gen.template, mdl.preset,
                         gen.preset, *gen.sliders]
         for button in (mdl.load, mdl.reload):
             button.click(self.load, load_inputs, load_outputs, **QUIET).then(
                 self.context_bar, [gen.chatbot, gen.system, gen.template], gen.context_bar, **QUIET)
         mdl.unload.click(self.unload, None, [mdl.status, mdl.load_progress, mdl.memory])
-        mdl.save.click(self.save_settings, [mdl.select, mdl.backend, mdl.context, mdl.template, mdl.preset, mdl.cache],
+        mdl.save.click(self.save_settings,
+                       [mdl.select, mdl.backend, mdl.context, mdl.template, mdl.preset, mdl.cache, mdl.kv_cache],
                        mdl.status)
 
     def _wire_download(self, dl: SimpleNamespace, mdl: SimpleNamespace) -> None:
